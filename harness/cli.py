@@ -1,0 +1,198 @@
+"""``codefend``: run, validate, train, list plugins, render leaderboards.
+
+User mistakes (a bad suite, an unknown plugin, missing data) end in one ``error:`` paragraph and
+exit status 2; tracebacks are for bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from harness.plugins import HOOK_KINDS, Plugins, get_plugins
+from harness.registry import RegistryError
+from harness.suite import SuiteError
+
+USER_ERRORS = (SuiteError, RegistryError, FileNotFoundError)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _store_path(location: str) -> Path:
+    path = Path(location)
+    return path / "store.sqlite" if path.is_dir() or path.suffix != ".sqlite" else path
+
+
+def _parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise RegistryError(f"--set expects KEY=VALUE, got '{pair}'")
+        params[key] = yaml.safe_load(value)
+    return params
+
+
+def cmd_plugins(args: argparse.Namespace, plugins: Plugins) -> int:
+    if args.json:
+        payload = [
+            {"plugin": p.name, "distribution": p.distribution, "version": p.version, "module": p.module,
+             "registered": p.registered, "error": p.error}
+            for p in plugins.plugins.values()
+        ]
+        print(json.dumps(payload, indent=2))
+        return 0
+    for p in plugins.plugins.values():
+        status = f"  [failed: {p.error}]" if p.error else ""
+        print(f"{p.name}  ({p.distribution} {p.version}, {p.module}){status}")
+        for kind in HOOK_KINDS.values():
+            for name in p.registered.get(kind, []):
+                entry = plugins.registry(kind).get(name)
+                print(f"    {kind:9s} {name:16s} {entry.description}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace, plugins: Plugins) -> int:
+    from harness.suite import estimate_passes, expand, load_suite
+
+    suite = load_suite(args.suite, plugins)
+    cells = expand(suite)
+    counts: dict[int, int] = {}
+    notes = []
+    for i, task in enumerate(suite.tasks):
+        if task.n is not None:
+            counts[i] = task.n
+            continue
+        instance = plugins.tasks.create(task.name, task.factory_params())
+        try:
+            counts[i] = len(instance.samples(task.split, None, suite.seed))
+        except FileNotFoundError as exc:
+            counts[i] = 0
+            notes.append(f"tasks[{i}]: sample count unknown until its data is present ({exc})")
+    print(f"suite '{suite.name}' ({args.suite}) is valid")
+    print(f"matrix: {len(suite.victims)} victim(s) x {len(suite.tasks)} task(s) x "
+          f"{sum(len(suite.threats_of(a)) for a in suite.attacks)} attack condition(s) x {len(suite.defenses)} defense(s)")
+    for cell in cells:
+        print(f"  {cell.label}")
+    estimate = estimate_passes(suite, plugins, counts)
+    samples = sum(counts[suite.tasks.index(c.task)] for c in cells)
+    print(f"{len(cells)} cells, {samples} sample evaluations")
+    print(f"estimated passes: {estimate.attack_forward} attack forward + {estimate.attack_backward} attack backward "
+          f"+ {estimate.defense} defense + {estimate.generate} generation = {estimate.total} "
+          "(oblivious attacks are computed once and shared by all defenses)")
+    for note in notes:
+        print(f"note: {note}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, plugins: Plugins) -> int:
+    from harness.runner import default_store_path, run_suite
+    from harness.store import Store
+    from harness.suite import load_suite
+
+    suite = load_suite(args.suite, plugins)
+    store_path = default_store_path(suite, args.out)
+    store = Store(store_path)
+    try:
+        summary = run_suite(suite, store, plugins=plugins, progress=not args.quiet, suite_path=str(args.suite))
+        print(f"run {summary.run_id}: {summary.cells} cells, {summary.computed_rows} rows computed, "
+              f"{summary.reused_rows} reused from {store_path}, {summary.seconds:.1f} s", file=sys.stderr)
+        text = _render(store, "markdown", plugins)
+    finally:
+        store.close()
+    out_file = store_path.parent / "leaderboard.md"
+    out_file.write_text(text)
+    print(text)
+    print(f"leaderboard written to {out_file}", file=sys.stderr)
+    return 0
+
+
+def _render(store, fmt: str, plugins: Plugins) -> str:
+    from leaderboard.aggregate import build_board
+
+    reporter = plugins.reporters.create(fmt)
+    return reporter(build_board(store))
+
+
+def cmd_leaderboard(args: argparse.Namespace, plugins: Plugins) -> int:
+    from harness.store import Store
+
+    path = _store_path(args.results)
+    if not path.exists():
+        raise FileNotFoundError(f"no result store at {path}: pass a results folder written by `codefend run` (default results/SUITE_NAME)")
+    store = Store(path)
+    try:
+        text = _render(store, args.format, plugins)
+    finally:
+        store.close()
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"leaderboard written to {args.out}", file=sys.stderr)
+    else:
+        print(text)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, plugins: Plugins) -> int:
+    params = _parse_sets(args.set)
+    victim = plugins.victims.create(args.name, params)
+    victim.load()
+    print(f"{args.name} is ready: {getattr(victim, 'cache_dir', '')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="codefend", description="Adversarial-robustness benchmarks for multimodal LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run a suite (resumes: finished rows are skipped) and print its leaderboard")
+    p.add_argument("suite", help="path of a YAML suite, e.g. suites/quickstart.yaml")
+    p.add_argument("--out", help="results folder (default results/SUITE_NAME)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("validate", help="check a suite and print its matrix, cell count and pass estimate")
+    p.add_argument("suite")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("plugins", help="list loaded plugins and what they register")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("leaderboard", help="re-render a leaderboard from a result store (no model runs)")
+    p.add_argument("results", help="results folder or store.sqlite file")
+    p.add_argument("--format", default="markdown", help="a registered reporter (see `codefend plugins`)")
+    p.add_argument("--out", help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_leaderboard)
+
+    p = sub.add_parser("train", help="train (or load from cache) a built-in model")
+    p.add_argument("name", help="a victim name, e.g. shapes-vlm")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a parameter (repeatable)")
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    warnings.showwarning = _show_warning
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args, get_plugins())
+    except USER_ERRORS as exc:
+        message = exc.args[0] if isinstance(exc, FileNotFoundError) and exc.args and isinstance(exc.args[0], str) else str(exc)
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: everything committed so far is in the store; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

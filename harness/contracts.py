@@ -1,0 +1,209 @@
+"""The typed contracts between the runner and its plugins.
+
+Everything a plugin receives or returns is declared here, once. The hook specifications
+(:mod:`harness.hookspecs`) say *how* a plugin registers; this module says *what* it registers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Mapping, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import torch
+
+Norm = Literal["linf", "l2"]
+TaskKind = Literal["vqa", "caption"]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One evaluation item, as a task hands it to the runner.
+
+    ``id`` is unique within (task, data, split): the VQA question id, the COCO image id.
+    ``image`` is uint8, H x W x 3, RGB, at the data set's own resolution (the victim resizes).
+    ``prompt`` is the task-level text (the question; for captioning a fixed instruction); the
+    victim wraps it in its own template. ``references`` are the ground-truth texts (10 annotator
+    answers for VQA, 5 captions for COCO). ``meta`` carries the rest (image_id, answer_type, ...).
+    """
+
+    id: str
+    image: np.ndarray
+    prompt: str
+    references: tuple[str, ...]
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """Where an attack may move an image: a norm ball of radius ``eps`` around the clean pixels.
+
+    The ball lives at the victim's input resolution, on [0,1] pixels (after ``Victim.prepare``).
+    ``name`` is the suite's name for it (``linf-8``; sweeps add ``@eps``).
+    """
+
+    name: str
+    norm: Norm
+    eps: float
+
+    def as_record(self) -> dict[str, Any]:
+        return {"name": self.name, "norm": self.norm, "eps": self.eps}
+
+
+CLEAN_THREAT = ThreatModel(name="clean", norm="linf", eps=0.0)
+
+
+@runtime_checkable
+class Victim(Protocol):
+    """A multimodal model under evaluation.
+
+    Contract:
+    - ``load()`` makes it ready (downloads nothing; a missing checkpoint is a clear error or, for
+      built-ins, trained on demand). Constructors stay cheap: suites instantiate plugins to
+      validate their parameters.
+    - ``prepare(images)`` is the non-differentiable step: resize/crop uint8 HxWx3 images to the
+      model's input size and return float [B,3,H,W] in [0,1]. The epsilon ball lives here.
+    - ``generate(pixels, prompts, kind)`` decodes greedily and deterministically.
+    - ``loss(pixels, prompts, targets, kind)`` is the per-sample teacher-forced cross-entropy of
+      ``targets`` given the same template as ``generate``, over target tokens only, differentiable
+      w.r.t. ``pixels`` in [0,1] (normalisation inside the graph). Shape [B].
+    - ``fingerprint`` identifies the weights (for result keys).
+    """
+
+    name: str
+    input_size: tuple[int, int]
+
+    def load(self) -> None: ...
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def prepare(self, images: Sequence[np.ndarray]) -> torch.Tensor: ...
+
+    def generate(self, pixels: torch.Tensor, prompts: Sequence[str], kind: TaskKind) -> list[str]: ...
+
+    def loss(
+        self, pixels: torch.Tensor, prompts: Sequence[str], targets: Sequence[str], kind: TaskKind
+    ) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Task(Protocol):
+    """A benchmark task over a data set in its official on-disk format.
+
+    Contract:
+    - ``kind`` is ``"vqa"`` or ``"caption"``; ``metric`` names the headline per-sample score.
+    - ``samples(split, n, seed)`` returns the first ``n`` samples of a fixed, seeded subset of the
+      split (all of it when ``n`` is None) - the same list for the same arguments, every time.
+    - ``attack_targets(sample)`` lists reference texts an untargeted attack pushes away from,
+      most important first (the most frequent VQA answer; the first caption).
+    - ``score(outputs, samples)`` returns one dict of named scores per sample. Set-level
+      statistics (CIDEr's document frequencies) come from ``samples`` as a whole, so conditions
+      are only comparable on the same sample set. The headline metric is the mean over samples
+      of ``scores[metric]``.
+    - ``describe()`` returns a short JSON-able record of the data (path, split sizes) for provenance.
+    """
+
+    name: str
+    kind: TaskKind
+    metric: str
+
+    def samples(self, split: str, n: int | None, seed: int) -> list[Sample]: ...
+
+    def attack_targets(self, sample: Sample) -> list[str]: ...
+
+    def score(self, outputs: Sequence[str], samples: Sequence[Sample]) -> list[dict[str, float]]: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+class AttackTarget(Protocol):
+    """What an attack optimises against: a victim, or (adaptive attacks) defense then victim."""
+
+    def loss(
+        self, pixels: torch.Tensor, prompts: Sequence[str], targets: Sequence[str], kind: TaskKind
+    ) -> torch.Tensor: ...
+
+    def generate(self, pixels: torch.Tensor, prompts: Sequence[str], kind: TaskKind) -> list[str]: ...
+
+
+@dataclass
+class AttackBatch:
+    """The inputs of one attack call: clean pixels at victim resolution and the texts involved."""
+
+    pixels: torch.Tensor
+    prompts: list[str]
+    targets: list[str]
+    kind: TaskKind
+
+
+@dataclass
+class AttackResult:
+    """Adversarial pixels (inside the ball, in [0,1]) and what producing them cost."""
+
+    pixels: torch.Tensor
+    forward_passes: int = 0
+    backward_passes: int = 0
+    losses: list[float] = field(default_factory=list)
+    """Mean loss per step, first to last; lets tests and reports check that it rose."""
+
+
+class Attack:
+    """Base class of attack plugins.
+
+    Subclasses take their parameters as typed keyword arguments (validated when a suite loads)
+    and implement :meth:`perturb`. ``requires`` says what access the attack needs:
+    ``"gradients"`` (white-box), ``"queries"`` (outputs only) or ``"none"``.
+    ``uses_threat`` is False for attacks that ignore the threat model (``none``).
+    """
+
+    requires: ClassVar[Literal["gradients", "queries", "none"]] = "gradients"
+    uses_threat: ClassVar[bool] = True
+
+    def perturb(
+        self,
+        target: AttackTarget,
+        batch: AttackBatch,
+        threat: ThreatModel,
+        generator: torch.Generator,
+        progress: Any = None,
+    ) -> AttackResult:
+        """Return adversarial pixels for ``batch`` within ``threat`` (L_norm <= eps, in [0,1]).
+
+        ``generator`` is the only randomness source (seeded by the runner). ``progress``, when
+        given, is a tqdm-like bar advanced once per optimisation step.
+        """
+        raise NotImplementedError
+
+    def passes_per_sample(self) -> tuple[int, int]:
+        """(forward, backward) passes one sample costs; used by ``validate`` for estimates."""
+        return (0, 0)
+
+
+class Defense:
+    """Base class of defense plugins: ``purify`` images and/or ``rewrite`` prompts.
+
+    Declarations an adaptive attack relies on:
+    - ``stochastic``: outputs depend on random draws (an adaptive attack needs EOT).
+    - ``differentiable``: ``purify`` lets exact gradients flow; if False, an adaptive attack uses
+      BPDA with ``bpda`` (``"identity"``: treat purify as the identity on the backward pass).
+    """
+
+    stochastic: ClassVar[bool] = False
+    differentiable: ClassVar[bool] = True
+    bpda: ClassVar[str | None] = None
+
+    def purify(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Map [B,3,H,W] pixels in [0,1] to purified pixels of the same shape in [0,1]."""
+        return pixels
+
+    def rewrite(self, prompts: Sequence[str]) -> list[str]:
+        """Map task prompts to defended prompts (a defensive prefix, say)."""
+        return list(prompts)
+
+    def passes_per_sample(self) -> int:
+        """Network evaluations ``purify`` costs per image (for ``validate`` estimates)."""
+        return 0

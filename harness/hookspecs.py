@@ -1,0 +1,92 @@
+"""The hooks a CoDefend Bench plugin implements.
+
+A plugin is a module (or object) exposed through the ``codefend`` entry-point group, with
+functions decorated by :data:`hookimpl`. Built-ins register exactly like third-party packages::
+
+    # pyproject.toml of your package
+    [project.entry-points.codefend]
+    my_defense = "my_package.plugin"
+
+    # my_package/plugin.py
+    from harness.hookspecs import hookimpl
+
+    @hookimpl
+    def register_defenses(register):
+        register("blur", BlurDefense, description="Gaussian blur before the victim")
+
+``register(name, factory, *, description="")`` adds one named component. ``factory`` is called
+with the suite's ``params`` as keyword arguments; its signature is the parameter schema (typed
+annotations are checked when a suite is validated, and unknown keys are reported with the allowed
+ones). Factories must be cheap: no model loading or file I/O until the component is used.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+import pluggy
+
+PROJECT = "codefend"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+class Register(Protocol):
+    def __call__(self, name: str, factory: Callable[..., Any], *, description: str = "") -> None: ...
+
+
+@hookspec
+def register_attacks(register: Register) -> None:
+    """Register attack factories. Each returns a :class:`harness.contracts.Attack`.
+
+    The attack's ``perturb`` must return pixels inside the threat model's ball (at the victim's
+    input resolution) and inside [0,1], use only the generator it is given for randomness, and
+    declare ``requires`` (gradients | queries | none).
+    """
+
+
+@hookspec
+def register_defenses(register: Register) -> None:
+    """Register defense factories. Each returns a :class:`harness.contracts.Defense`.
+
+    A defense declares ``stochastic``, ``differentiable`` and, when not differentiable, the
+    ``bpda`` approximation an adaptive attack should use. ``purify`` keeps shape and [0,1].
+    """
+
+
+@hookspec
+def register_tasks(register: Register) -> None:
+    """Register task factories. Each returns a :class:`harness.contracts.Task`.
+
+    A task reads its data in the official on-disk format and scores outputs with the official
+    metric; ``samples`` must be deterministic for a given (split, n, seed).
+    """
+
+
+@hookspec
+def register_victims(register: Register) -> None:
+    """Register victim-model factories. Each returns a :class:`harness.contracts.Victim`.
+
+    ``generate`` decodes greedily; ``loss`` is teacher-forced cross-entropy over the target tokens
+    with the same template as ``generate``, differentiable w.r.t. [0,1] pixels with
+    normalisation inside the graph.
+    """
+
+
+@hookspec
+def register_reporters(register: Register) -> None:
+    """Register leaderboard renderers: ``factory()`` returns a callable ``render(board) -> str``.
+
+    ``board`` is a :class:`leaderboard.aggregate.Board` built from the store; renderers never
+    recompute a model.
+    """
+
+
+@hookspec
+def register_executors(register: Register) -> None:
+    """Register cell executors: ``factory()`` returns an object with
+    ``map(run_cell, cells) -> Iterator[CellOutcome]``.
+
+    ``run_cell`` is a pure function of a cell spec returning rows; only the calling process
+    writes the store, so an executor may run cells anywhere.
+    """

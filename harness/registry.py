@@ -1,0 +1,148 @@
+"""Typed registries of named plugin components, with parameter validation and "did you mean".
+
+A registry maps a name (``"pgd"``) to a factory. The factory's signature is the component's
+parameter schema: :meth:`Registry.create` validates a suite's ``params`` against it with pydantic
+before calling it, so a typo or a wrong type is reported with the allowed keys rather than as a
+``TypeError`` deep inside a run.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import typing
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Annotated, Any, Callable, Generic, TypeVar
+
+import pydantic
+from pydantic import BeforeValidator
+
+T = TypeVar("T")
+
+
+def parse_fraction(value: Any) -> Any:
+    """Accept ``"8/255"`` (and other fractions written as text) wherever a float is expected."""
+    if isinstance(value, str) and "/" in value:
+        try:
+            return float(Fraction(value.replace(" ", "")))
+        except (ValueError, ZeroDivisionError) as exc:
+            raise ValueError(f"{value!r} is not a number or a fraction like 8/255") from exc
+    return value
+
+
+FloatOrFraction = Annotated[float, BeforeValidator(parse_fraction)]
+"""Use in plugin signatures for parameters users write as fractions (``step_size: 1/255``)."""
+
+
+class RegistryError(Exception):
+    """A name or a parameter a user wrote does not match what is registered."""
+
+
+class UnknownNameError(RegistryError):
+    def __init__(self, kind: str, name: str, known: list[str]):
+        self.kind, self.name, self.known = kind, name, known
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+        hint = f" — did you mean '{close[0]}'?" if close else ""
+        listing = ", ".join(sorted(known)) or "none registered"
+        super().__init__(f"unknown {kind} '{name}'{hint} (registered {kind}s: {listing})")
+
+
+class ParamError(RegistryError):
+    def __init__(self, kind: str, name: str, problems: list[tuple[str, str]], allowed: list[str]):
+        self.kind, self.name, self.problems, self.allowed = kind, name, problems, allowed
+        said = "; ".join(f"'{key}': {msg}" if key else msg for key, msg in problems)
+        allowed_text = ", ".join(allowed) if allowed else "none"
+        super().__init__(f"bad parameters for {kind} '{name}': {said} (allowed parameters: {allowed_text})")
+
+
+@dataclass(frozen=True)
+class Entry(Generic[T]):
+    """One registered component and where it came from."""
+
+    kind: str
+    name: str
+    factory: Callable[..., T]
+    description: str
+    plugin: str
+    distribution: str
+    version: str
+
+    def parameters(self) -> dict[str, inspect.Parameter]:
+        params = inspect.signature(self.factory).parameters
+        return {
+            key: p
+            for key, p in params.items()
+            if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        }
+
+    def param_model(self) -> type[pydantic.BaseModel]:
+        """A pydantic model of the factory's keyword parameters (forbids unknown keys)."""
+        target = self.factory.__init__ if inspect.isclass(self.factory) else self.factory
+        try:
+            hints = typing.get_type_hints(target, include_extras=True)
+        except Exception:  # annotations that cannot be resolved are left unchecked
+            hints = {}
+        fields: dict[str, Any] = {}
+        for key, p in self.parameters().items():
+            annotation = hints.get(key, Any)
+            if annotation is float:
+                annotation = FloatOrFraction
+            default = ... if p.default is inspect.Parameter.empty else p.default
+            fields[key] = (annotation, default)
+        config = pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+        return pydantic.create_model(f"{self.kind}_{self.name}_params", __config__=config, **fields)
+
+    def validate(self, params: dict[str, Any] | None) -> dict[str, Any]:
+        """Return ``params`` checked and coerced against the factory's signature."""
+        params = dict(params or {})
+        try:
+            validated = self.param_model().model_validate(params)
+        except pydantic.ValidationError as exc:
+            problems = []
+            for err in exc.errors():
+                key = ".".join(str(part) for part in err["loc"])
+                if err["type"] == "extra_forbidden":
+                    msg = "is not a parameter of this " + self.kind
+                elif err["type"] == "missing":
+                    msg = "is required"
+                else:
+                    msg = f"{err['msg']} (got {err.get('input')!r})"
+                problems.append((key, msg))
+            raise ParamError(self.kind, self.name, problems, sorted(self.parameters())) from None
+        return {key: getattr(validated, key) for key in params}
+
+    def create(self, params: dict[str, Any] | None = None) -> T:
+        return self.factory(**self.validate(params))
+
+
+@dataclass
+class Registry(Generic[T]):
+    """Components of one kind (attack, defense, task, victim, reporter, executor)."""
+
+    kind: str
+    entries: dict[str, Entry[T]] = field(default_factory=dict)
+
+    def add(self, entry: Entry[T]) -> None:
+        if entry.name in self.entries:
+            first = self.entries[entry.name]
+            raise RegistryError(
+                f"{self.kind} '{entry.name}' is registered by both plugin '{first.plugin}' and "
+                f"plugin '{entry.plugin}'; the first one is kept — rename one of them"
+            )
+        self.entries[entry.name] = entry
+
+    def get(self, name: str) -> Entry[T]:
+        try:
+            return self.entries[name]
+        except KeyError:
+            raise UnknownNameError(self.kind, name, list(self.entries)) from None
+
+    def create(self, name: str, params: dict[str, Any] | None = None) -> T:
+        return self.get(name).create(params)
+
+    def names(self) -> list[str]:
+        return sorted(self.entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.entries

@@ -1,0 +1,307 @@
+"""The matrix runner: plans chunks of cells, runs them through an executor, commits rows.
+
+A *chunk* is a batch of one cell's samples. :func:`run_chunk` is a pure function of a
+:class:`Chunk` that returns result rows and any new adversarial examples; only this process
+writes the store, so an executor may run chunks anywhere. Oblivious adversarial examples are
+keyed without the defense, so the first defense of an (attack, threat) computes them and every
+other defense reuses them from the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+import uuid
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from harness.contracts import AttackBatch, Sample, Task, Victim
+from harness.plugins import Plugins, get_plugins
+from harness.store import SCHEMA_VERSION, Store, digest_json
+from harness.suite import Cell, Suite, expand
+
+
+@dataclass
+class Chunk:
+    cell: Cell
+    run_id: str
+    suite: str
+    victim_fingerprint: str
+    samples: list[Sample]
+    fingerprints: list[str]
+    adversarial_keys: list[str | None]
+    cached_adversarial: dict[str, np.ndarray] = field(default_factory=dict)
+    progress: bool = False
+
+
+@dataclass
+class ChunkOutcome:
+    rows: list[dict[str, Any]]
+    adversarial: dict[str, tuple[np.ndarray, dict[str, Any]]]
+
+
+# Components are loaded once per process (a victim load can mean training it).
+_components: dict[str, Any] = {}
+
+
+def component(plugins: Plugins, kind: str, name: str, params: dict[str, Any]) -> Any:
+    key = json.dumps([kind, name, params], sort_keys=True, default=str)
+    if key not in _components:
+        _components[key] = plugins.registry(kind).create(name, params)
+    return _components[key]
+
+
+def _image_hash(image: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()[:16]
+
+
+def _seed_for(*parts: Any) -> int:
+    return int(hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:15], 16)
+
+
+def adversarial_key(cell: Cell, victim_fp: str, sample: Sample) -> str | None:
+    """Key of a sample's oblivious adversarial example; None for attacks that change nothing."""
+    if cell.attack.name == "none":
+        return None
+    return digest_json(
+        {
+            "schema": SCHEMA_VERSION,
+            "victim": victim_fp,
+            "task": cell.task.model_dump(),
+            "sample": sample.id,
+            "input": _image_hash(sample.image),
+            "attack": cell.attack.name,
+            "attack_params": cell.attack.params,
+            "adaptive": cell.attack.adaptive,
+            "threat": cell.threat.as_record(),
+            "seed": cell.seed,
+        }
+    )
+
+
+def result_fingerprint(cell: Cell, victim_fp: str, sample: Sample) -> str:
+    return digest_json(
+        {
+            "schema": SCHEMA_VERSION,
+            "victim": victim_fp,
+            "victim_params": cell.victim.params,
+            "task": cell.task.model_dump(),
+            "sample": sample.id,
+            "input": _image_hash(sample.image),
+            "attack": cell.attack.name,
+            "attack_params": cell.attack.params,
+            "adaptive": cell.attack.adaptive,
+            "threat": cell.threat.as_record(),
+            "defense": cell.defense.name,
+            "defense_params": cell.defense.params,
+            "seed": cell.seed,
+        }
+    )
+
+
+def run_chunk(chunk: Chunk, plugins: Plugins | None = None) -> ChunkOutcome:
+    """Attack (or reuse), defend, generate: the rows of one chunk, unscored."""
+    plugins = plugins or get_plugins()
+    cell = chunk.cell
+    victim: Victim = component(plugins, "victim", cell.victim.name, cell.victim.params)
+    victim.load()
+    task: Task = component(plugins, "task", cell.task.name, cell.task.factory_params())
+    attack = component(plugins, "attack", cell.attack.name, cell.attack.params)
+    defense = component(plugins, "defense", cell.defense.name, cell.defense.params)
+
+    clean = victim.prepare([s.image for s in chunk.samples]).to(victim.device)
+    prompts = [s.prompt for s in chunk.samples]
+    targets = [task.attack_targets(s)[0] for s in chunk.samples]
+    adversarial = clean.clone()
+    new_adversarial: dict[str, tuple[np.ndarray, dict[str, Any]]] = {}
+    attack_record: dict[str, Any] = {}
+
+    todo = [i for i, key in enumerate(chunk.adversarial_keys) if key is not None and key not in chunk.cached_adversarial]
+    for i, key in enumerate(chunk.adversarial_keys):
+        if key is not None and key in chunk.cached_adversarial:
+            adversarial[i] = torch.from_numpy(chunk.cached_adversarial[key]).to(clean.device)
+    if todo:
+        batch = AttackBatch(clean[todo], [prompts[i] for i in todo], [targets[i] for i in todo], task.kind)
+        generator = torch.Generator().manual_seed(_seed_for(cell.seed, chunk.adversarial_keys[todo[0]]))
+        steps = sum(attack.passes_per_sample()[1:]) or None
+        started = time.perf_counter()
+        with tqdm(total=steps, desc="  attack steps", unit="step", leave=False, disable=not chunk.progress) as bar:
+            result = attack.perturb(victim, batch, cell.threat, generator, progress=bar)
+        seconds = (time.perf_counter() - started) / len(todo)
+        adversarial[todo] = result.pixels.to(clean.dtype)
+        attack_record = {
+            "attack_seconds_per_sample": seconds,
+            "attack_forward_passes": result.forward_passes,
+            "attack_backward_passes": result.backward_passes,
+            "attack_loss_first": result.losses[0] if result.losses else None,
+            "attack_loss_last": result.losses[-1] if result.losses else None,
+            "attack_loss_best_mean": max(result.losses) if result.losses else None,
+        }
+        for i in todo:
+            key = chunk.adversarial_keys[i]
+            assert key is not None
+            new_adversarial[key] = (adversarial[i].detach().cpu().numpy(), {**attack_record, "sample": chunk.samples[i].id})
+
+    delta = (adversarial - clean).flatten(1)
+    linf = delta.abs().max(dim=1).values.tolist()
+    l2 = delta.norm(dim=1).tolist()
+
+    generator = torch.Generator().manual_seed(_seed_for(cell.seed, cell.defense.model_dump(), chunk.fingerprints[0]))
+    started = time.perf_counter()
+    with torch.no_grad():
+        purified = defense.purify(adversarial, generator)
+    defense_seconds = (time.perf_counter() - started) / len(chunk.samples)
+    started = time.perf_counter()
+    outputs = victim.generate(purified, defense.rewrite(prompts), task.kind)
+    generate_seconds = (time.perf_counter() - started) / len(chunk.samples)
+
+    rows = []
+    for i, sample in enumerate(chunk.samples):
+        key = chunk.adversarial_keys[i]
+        rows.append(
+            {
+                "fingerprint": chunk.fingerprints[i],
+                "run_id": chunk.run_id,
+                "suite": chunk.suite,
+                "victim": cell.victim.name,
+                "task": cell.task.label,
+                "metric": task.metric,
+                "attack": cell.attack.label,
+                "threat": cell.threat.name,
+                "norm": cell.threat.norm,
+                "eps": cell.threat.eps,
+                "defense": cell.defense.label,
+                "sample_id": sample.id,
+                "output": outputs[i],
+                "adversarial_key": key,
+                "record": {
+                    "attack": {"name": cell.attack.name, "params": cell.attack.params, "mode": "oblivious",
+                               "access": attack.requires, "reused": key in chunk.cached_adversarial if key else False},
+                    "threat": {**cell.threat.as_record(), "space": f"victim input {victim.input_size[0]}x{victim.input_size[1]}, [0,1]"},
+                    "perturbation": {"linf": linf[i], "l2": l2[i]},
+                    "defense": {"name": cell.defense.name, "params": cell.defense.params,
+                                "seconds_per_image": defense_seconds, "passes_per_image": defense.passes_per_sample()},
+                    "generate_seconds_per_sample": generate_seconds,
+                    "target_text": targets[i],
+                    **({"attack_cost": attack_record} if key in new_adversarial else {}),
+                    "victim_fingerprint": chunk.victim_fingerprint,
+                    "seed": cell.seed,
+                },
+            }
+        )
+    return ChunkOutcome(rows=rows, adversarial=new_adversarial)
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for package in ("codefend-bench", "torch", "transformers", "diffusers", "adversarial-robustness-toolbox",
+                    "pycocoevalcap", "pluggy", "pydantic", "numpy"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = "not installed"
+    return out
+
+
+def provenance(suite: Suite, plugins: Plugins) -> dict[str, Any]:
+    return {
+        "suite": suite.model_dump(),
+        "seed": suite.seed,
+        "packages": _versions(),
+        "plugins": {p.name: {"distribution": p.distribution, "version": p.version, "registered": p.registered}
+                    for p in plugins.plugins.values()},
+        "device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "store_schema": SCHEMA_VERSION,
+    }
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    cells: int
+    computed_rows: int
+    reused_rows: int
+    seconds: float
+
+
+def run_suite(suite: Suite, store: Store, *, plugins: Plugins | None = None, progress: bool = True,
+              suite_path: str = "") -> RunSummary:
+    """Run every cell of ``suite`` into ``store``, skipping rows that are already there."""
+    plugins = plugins or get_plugins()
+    started = time.perf_counter()
+    run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    store.begin_run(run_id, suite.name, suite_path, provenance(suite, plugins))
+    executor = plugins.executors.create(suite.executor)
+    cells = expand(suite)
+    computed = reused = 0
+    status = "failed"
+    try:
+        with tqdm(total=len(cells), desc="cells", unit="cell", disable=not progress) as cell_bar:
+            for cell in cells:
+                cell_bar.set_postfix_str(cell.label, refresh=False)
+                victim: Victim = component(plugins, "victim", cell.victim.name, cell.victim.params)
+                victim.load()
+                task: Task = component(plugins, "task", cell.task.name, cell.task.factory_params())
+                samples = task.samples(cell.task.split, cell.task.n, suite.seed)
+                fingerprints = [result_fingerprint(cell, victim.fingerprint, s) for s in samples]
+                existing = store.existing(fingerprints)
+                pending = [i for i, fp in enumerate(fingerprints) if fp not in existing]
+                reused += len(samples) - len(pending)
+                chunks = _chunks(cell, run_id, suite, victim.fingerprint, samples, fingerprints, pending, store, progress)
+                with tqdm(total=len(pending), desc="  samples", unit="sample", leave=False, disable=not progress or not pending) as bar:
+                    for outcome in executor.map(run_chunk, chunks):
+                        store.commit_chunk(outcome.rows, outcome.adversarial)
+                        computed += len(outcome.rows)
+                        bar.update(len(outcome.rows))
+                if not all(existing.get(fp, False) for fp in fingerprints):
+                    _score_cell(store, task, samples, fingerprints)
+                cell_bar.update(1)
+        status = "finished"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        seconds = time.perf_counter() - started
+        store.finish_run(run_id, status, {"seconds": round(seconds, 2), "computed_rows": computed, "reused_rows": reused})
+    return RunSummary(run_id, len(cells), computed, reused, seconds)
+
+
+def _chunks(cell: Cell, run_id: str, suite: Suite, victim_fp: str, samples: list[Sample], fingerprints: list[str],
+            pending: list[int], store: Store, progress: bool) -> Iterator[Chunk]:
+    """Chunks are built lazily so each one sees adversarial examples committed before it."""
+    for start in range(0, len(pending), suite.batch_size):
+        indices = pending[start : start + suite.batch_size]
+        keys = [adversarial_key(cell, victim_fp, samples[i]) for i in indices]
+        yield Chunk(
+            cell=cell,
+            run_id=run_id,
+            suite=suite.name,
+            victim_fingerprint=victim_fp,
+            samples=[samples[i] for i in indices],
+            fingerprints=[fingerprints[i] for i in indices],
+            adversarial_keys=keys,
+            cached_adversarial=store.adversarial(k for k in keys if k is not None),
+            progress=progress,
+        )
+
+
+def _score_cell(store: Store, task: Task, samples: list[Sample], fingerprints: list[str]) -> None:
+    """Score a complete cell at once: set-level metrics see exactly the cell's samples."""
+    outputs = store.outputs(fingerprints)
+    scores = task.score([outputs[fp] for fp in fingerprints], samples)
+    store.set_scores({fp: (s, float(s[task.metric])) for fp, s in zip(fingerprints, scores)})
+
+
+def default_store_path(suite: Suite, out: str | Path | None) -> Path:
+    return Path(out or Path("results") / suite.name) / "store.sqlite"

@@ -1,0 +1,222 @@
+"""The result store: one SQLite database (WAL) per output folder.
+
+Tables (schema version :data:`SCHEMA_VERSION`):
+
+- ``runs``: one row per ``codefend run`` — run id, suite, start/finish times, provenance JSON.
+- ``results``: one row per (cell, sample), keyed by ``fingerprint`` — a hash of everything that
+  produced it (victim weights, task + data + subset, sample id and input hash, attack + params +
+  threat + seed, defense + params, schema version). ``output`` is written as soon as the sample is
+  generated; ``scores`` (JSON) and ``headline`` once its cell is complete (set-level metrics such
+  as CIDEr need every sample of the cell). ``record`` holds timings, pass counts, the perturbation
+  norms actually stored, and the plugin parameters.
+- ``adversarial``: oblivious adversarial examples, keyed by (victim, task, sample, attack, threat,
+  seed) so every defense reuses them; pixels live in ``artifacts``.
+- ``artifacts``: content-addressed float32 arrays (``.npy`` bytes), lossless by construction.
+
+Every write is one transaction: a killed process loses at most the chunk in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY, suite TEXT NOT NULL, suite_path TEXT, started REAL NOT NULL,
+    finished REAL, status TEXT NOT NULL, provenance TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS artifacts (
+    digest TEXT PRIMARY KEY, dtype TEXT NOT NULL, shape TEXT NOT NULL, data BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS adversarial (
+    key TEXT PRIMARY KEY, digest TEXT NOT NULL REFERENCES artifacts(digest), record TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS results (
+    fingerprint TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    suite TEXT NOT NULL,
+    victim TEXT NOT NULL,
+    task TEXT NOT NULL,
+    metric TEXT NOT NULL,
+    attack TEXT NOT NULL,
+    threat TEXT NOT NULL,
+    norm TEXT NOT NULL,
+    eps REAL NOT NULL,
+    defense TEXT NOT NULL,
+    sample_id TEXT NOT NULL,
+    output TEXT NOT NULL,
+    adversarial_key TEXT,
+    scores TEXT,
+    headline REAL,
+    record TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS results_cell ON results (victim, task, attack, threat, defense);
+"""
+
+
+def digest_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    fingerprint: str
+    run_id: str
+    suite: str
+    victim: str
+    task: str
+    metric: str
+    attack: str
+    threat: str
+    norm: str
+    eps: float
+    defense: str
+    sample_id: str
+    output: str
+    adversarial_key: str | None
+    scores: dict[str, float] | None
+    headline: float | None
+    record: dict[str, Any]
+
+
+class Store:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, timeout=30.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        with self._db:
+            self._db.executescript(_SCHEMA)
+            found = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if found is None:
+                self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif int(found[0]) != SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"{self.path} was written with store schema {found[0]}, this harness reads {SCHEMA_VERSION}; "
+                    "use a new --out folder or the harness version that wrote it"
+                )
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- runs -------------------------------------------------------------------------------
+    def begin_run(self, run_id: str, suite: str, suite_path: str, provenance: dict[str, Any]) -> None:
+        with self._db:
+            self._db.execute(
+                "INSERT INTO runs VALUES (?, ?, ?, ?, NULL, 'running', ?)",
+                (run_id, suite, suite_path, time.time(), json.dumps(provenance, default=str)),
+            )
+
+    def finish_run(self, run_id: str, status: str, extra: dict[str, Any] | None = None) -> None:
+        with self._db:
+            row = self._db.execute("SELECT provenance FROM runs WHERE run_id=?", (run_id,)).fetchone()
+            provenance = {**json.loads(row[0]), **(extra or {})}
+            self._db.execute(
+                "UPDATE runs SET finished=?, status=?, provenance=? WHERE run_id=?",
+                (time.time(), status, json.dumps(provenance, default=str), run_id),
+            )
+
+    def runs(self) -> list[dict[str, Any]]:
+        cur = self._db.execute("SELECT run_id, suite, suite_path, started, finished, status, provenance FROM runs ORDER BY started")
+        return [
+            {"run_id": r[0], "suite": r[1], "suite_path": r[2], "started": r[3], "finished": r[4], "status": r[5], "provenance": json.loads(r[6])}
+            for r in cur
+        ]
+
+    # -- artifacts and adversarial examples ----------------------------------------------------
+    @staticmethod
+    def _encode(array: np.ndarray) -> tuple[str, bytes]:
+        buffer = io.BytesIO()
+        np.save(buffer, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+        data = buffer.getvalue()
+        return hashlib.sha256(data).hexdigest(), data
+
+    def adversarial(self, keys: Iterable[str]) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for key in keys:
+            row = self._db.execute(
+                "SELECT a.data FROM adversarial v JOIN artifacts a ON a.digest = v.digest WHERE v.key=?", (key,)
+            ).fetchone()
+            if row is not None:
+                out[key] = np.load(io.BytesIO(row[0]), allow_pickle=False)
+        return out
+
+    def artifact(self, digest: str) -> np.ndarray:
+        row = self._db.execute("SELECT data FROM artifacts WHERE digest=?", (digest,)).fetchone()
+        if row is None:
+            raise KeyError(digest)
+        return np.load(io.BytesIO(row[0]), allow_pickle=False)
+
+    # -- results ------------------------------------------------------------------------------
+    def existing(self, fingerprints: Iterable[str]) -> dict[str, bool]:
+        """fingerprint -> whether it is scored, for the fingerprints already stored."""
+        found: dict[str, bool] = {}
+        for fp in fingerprints:
+            row = self._db.execute("SELECT scores IS NOT NULL FROM results WHERE fingerprint=?", (fp,)).fetchone()
+            if row is not None:
+                found[fp] = bool(row[0])
+        return found
+
+    def commit_chunk(
+        self, rows: list[dict[str, Any]], adversarial: dict[str, tuple[np.ndarray, dict[str, Any]]]
+    ) -> None:
+        """Write a chunk's new adversarial examples and result rows in one transaction."""
+        now = time.time()
+        with self._db:
+            for key, (array, record) in adversarial.items():
+                digest, data = self._encode(array)
+                self._db.execute(
+                    "INSERT OR IGNORE INTO artifacts VALUES (?, 'float32', ?, ?)", (digest, json.dumps(list(array.shape)), data)
+                )
+                self._db.execute(
+                    "INSERT OR REPLACE INTO adversarial VALUES (?, ?, ?, ?)", (key, digest, json.dumps(record, default=str), now)
+                )
+            for r in rows:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,NULL,NULL,?,?)",
+                    (
+                        r["fingerprint"], r["run_id"], r["suite"], r["victim"], r["task"], r["metric"], r["attack"],
+                        r["threat"], r["norm"], r["eps"], r["defense"], r["sample_id"], r["output"],
+                        r["adversarial_key"], json.dumps(r["record"], default=str), now,
+                    ),
+                )
+
+    def set_scores(self, scored: dict[str, tuple[dict[str, float], float]]) -> None:
+        with self._db:
+            for fp, (scores, headline) in scored.items():
+                self._db.execute(
+                    "UPDATE results SET scores=?, headline=? WHERE fingerprint=?", (json.dumps(scores), headline, fp)
+                )
+
+    def outputs(self, fingerprints: Iterable[str]) -> dict[str, str]:
+        out = {}
+        for fp in fingerprints:
+            row = self._db.execute("SELECT output FROM results WHERE fingerprint=?", (fp,)).fetchone()
+            if row is not None:
+                out[fp] = row[0]
+        return out
+
+    def results(self, *, scored_only: bool = True) -> Iterator[ResultRow]:
+        query = "SELECT * FROM results" + (" WHERE scores IS NOT NULL" if scored_only else "") + " ORDER BY created"
+        for r in self._db.execute(query):
+            yield ResultRow(
+                fingerprint=r[0], run_id=r[1], suite=r[2], victim=r[3], task=r[4], metric=r[5], attack=r[6],
+                threat=r[7], norm=r[8], eps=r[9], defense=r[10], sample_id=r[11], output=r[12],
+                adversarial_key=r[13], scores=json.loads(r[14]) if r[14] else None, headline=r[15],
+                record=json.loads(r[16]),
+            )

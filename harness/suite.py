@@ -1,0 +1,359 @@
+"""Benchmark suites: YAML files validated into typed objects, and their expansion into cells.
+
+A suite names victims, tasks, named threat models, attacks and defenses; the runner crosses
+them. Every problem is reported as a :class:`SuiteError` naming the file, the key path, what was
+wrong and what is allowed — users never see a traceback for a mistake in their YAML.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from harness.contracts import CLEAN_THREAT, ThreatModel
+from harness.plugins import Plugins
+from harness.registry import ParamError, UnknownNameError, parse_fraction
+
+
+class SuiteError(Exception):
+    """A suite that cannot run, explained in one paragraph."""
+
+    def __init__(self, file: Path | str, key: str, message: str):
+        self.file, self.key, self.message = str(file), key, message
+        where = f"{self.file}: {key}: " if key else f"{self.file}: "
+        super().__init__(where + message)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class VictimSpec(_Strict):
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class TaskSpec(_Strict):
+    name: str
+    data: str | None = None
+    split: str = "test"
+    n: int | None = Field(default=None, gt=0)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    def factory_params(self) -> dict[str, Any]:
+        return {**self.params, **({"data": self.data} if self.data is not None else {})}
+
+    @property
+    def label(self) -> str:
+        data = f"[{self.data}]" if self.data and self.data != "shapes" else ""
+        return f"{self.name}{data}:{self.split}"
+
+
+def _fraction_list(value: Any) -> Any:
+    if isinstance(value, list):
+        return [parse_fraction(v) for v in value]
+    return parse_fraction(value)
+
+
+class ThreatSpec(_Strict):
+    norm: Literal["linf", "l2"]
+    eps: float | list[float]
+
+    _parse = field_validator("eps", mode="before")(_fraction_list)
+
+    @field_validator("eps")
+    @classmethod
+    def _eps_range(cls, value: float | list[float]) -> float | list[float]:
+        for eps in value if isinstance(value, list) else [value]:
+            if eps < 0:
+                raise ValueError(f"eps must be >= 0, got {eps}")
+        if isinstance(value, list) and not value:
+            raise ValueError("an eps sweep needs at least one value")
+        return value
+
+
+class AttackSpec(_Strict):
+    name: str
+    id: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    threats: list[str] = Field(default_factory=list)
+    adaptive: bool = False
+
+    @field_validator("threats", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @property
+    def label(self) -> str:
+        return self.id or self.name
+
+
+class DefenseSpec(_Strict):
+    name: str
+    id: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.id or self.name
+
+
+class Suite(_Strict):
+    name: str
+    seed: int = 0
+    batch_size: int = Field(default=32, gt=0)
+    executor: str = "local"
+    victims: list[VictimSpec] = Field(min_length=1)
+    tasks: list[TaskSpec] = Field(min_length=1)
+    threat_models: dict[str, ThreatSpec] = Field(default_factory=dict)
+    attacks: list[AttackSpec] = Field(min_length=1)
+    defenses: list[DefenseSpec] = Field(min_length=1)
+
+    def threats(self) -> dict[str, ThreatModel]:
+        """Named threat models with sweeps expanded (``linf@2/255``-style names for sweeps)."""
+        out: dict[str, ThreatModel] = {}
+        for name, spec in self.threat_models.items():
+            if isinstance(spec.eps, list):
+                for eps in spec.eps:
+                    out[f"{name}@{_eps_text(eps)}"] = ThreatModel(f"{name}@{_eps_text(eps)}", spec.norm, eps)
+            else:
+                out[name] = ThreatModel(name, spec.norm, spec.eps)
+        return out
+
+    def threats_of(self, attack: AttackSpec) -> list[ThreatModel]:
+        expanded = self.threats()
+        result: list[ThreatModel] = []
+        for ref in attack.threats:
+            sweep = [t for key, t in expanded.items() if key == ref or key.startswith(ref + "@")]
+            result.extend(sweep)
+        return result or [CLEAN_THREAT]
+
+
+def _eps_text(eps: float) -> str:
+    scaled = eps * 255
+    return f"{round(scaled)}/255" if abs(scaled - round(scaled)) < 1e-6 else f"{eps:g}"
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path, included_from: tuple[Path, ...]) -> dict[str, Any]:
+    if path in included_from:
+        chain = " -> ".join(str(p) for p in (*included_from, path))
+        raise SuiteError(path, "include", f"include cycle: {chain}; remove one of the includes")
+    if not path.is_file():
+        if included_from:
+            raise SuiteError(
+                included_from[-1], "include", f"included file '{path}' does not exist (paths are relative to the including file)"
+            )
+        raise SuiteError(path, "", "suite file does not exist; pass the path of a YAML suite (see suites/)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SuiteError(path, "", f"not valid YAML: {where}{problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SuiteError(path, "", f"the top level must be a mapping of keys (name, victims, tasks, ...), got {type(data).__name__}")
+    includes = data.pop("include", None)
+    if includes is None:
+        return data
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise SuiteError(path, "include", "must be a file path or a list of file paths")
+    merged: dict[str, Any] = {}
+    for include in includes:
+        base = _read_yaml((path.parent / include).resolve(), (*included_from, path))
+        merged = _merge(merged, base)
+    return _merge(merged, data)
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Later files win; mappings (``threat_models``) merge key by key, lists are replaced."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def _key_path(loc: tuple[Any, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the model that the error location points into."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(part))
+            if field is None:
+                return []
+            annotation = field.annotation
+            args = getattr(annotation, "__args__", ())
+            current = args[-1] if args else annotation
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _pydantic_error(path: Path, exc: pydantic.ValidationError) -> SuiteError:
+    err = exc.errors()[0]
+    loc = tuple(err["loc"])
+    key = _key_path(loc)
+    kind = err["type"]
+    if kind == "missing":
+        message = "is required but missing"
+    elif kind == "extra_forbidden":
+        allowed = _allowed_keys(Suite, loc)
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f" — did you mean '{close[0]}'?" if close else ""
+        message = f"is not a known key{hint} (allowed keys here: {', '.join(allowed)})"
+    elif kind == "literal_error":
+        message = f"got {err.get('input')!r}; {err['msg'].lower()}"
+    else:
+        message = f"{err['msg']} (got {err.get('input')!r})"
+    more = len(exc.errors()) - 1
+    if more:
+        message += f". {more} more problem(s) follow once this one is fixed"
+    return SuiteError(path, key, message)
+
+
+def load_suite(path: str | Path, plugins: Plugins) -> Suite:
+    """Read, merge includes, validate the schema and check every name and parameter."""
+    path = Path(path).resolve()
+    data = _read_yaml(path, ())
+    data.setdefault("name", path.stem)
+    try:
+        suite = Suite.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise _pydantic_error(path, exc) from None
+    _check_plugins(path, suite, plugins)
+    return suite
+
+
+def _check_plugins(path: Path, suite: Suite, plugins: Plugins) -> None:
+    def create(kind: str, name: str, params: dict[str, Any], key: str) -> Any:
+        registry = plugins.registry(kind)
+        try:
+            return registry.create(name, params)
+        except UnknownNameError as exc:
+            raise SuiteError(path, f"{key}.name", str(exc)) from None
+        except ParamError as exc:
+            first_key = exc.problems[0][0] if exc.problems else ""
+            raise SuiteError(path, f"{key}.params" + (f".{first_key}" if first_key else ""), str(exc)) from None
+        except (ValueError, TypeError) as exc:
+            raise SuiteError(path, f"{key}.params", f"{kind} '{name}' rejected its parameters: {exc}") from None
+
+    for i, victim in enumerate(suite.victims):
+        create("victim", victim.name, victim.params, f"victims[{i}]")
+    for i, task in enumerate(suite.tasks):
+        create("task", task.name, task.factory_params(), f"tasks[{i}]")
+    for i, defense in enumerate(suite.defenses):
+        create("defense", defense.name, defense.params, f"defenses[{i}]")
+    try:
+        plugins.executors.get(suite.executor)
+    except UnknownNameError as exc:
+        raise SuiteError(path, "executor", str(exc)) from None
+
+    for i, attack in enumerate(suite.attacks):
+        key = f"attacks[{i}]"
+        instance = create("attack", attack.name, attack.params, key)
+        for j, ref in enumerate(attack.threats):
+            if ref not in suite.threat_models:
+                close = difflib.get_close_matches(ref, list(suite.threat_models), n=1)
+                hint = f" — did you mean '{close[0]}'?" if close else ""
+                declared = ", ".join(suite.threat_models) or "none declared"
+                raise SuiteError(path, f"{key}.threats[{j}]", f"unknown threat model '{ref}'{hint} (declared under threat_models: {declared})")
+        if instance.uses_threat and not attack.threats:
+            raise SuiteError(path, f"{key}.threats", f"attack '{attack.name}' needs at least one threat model (names from threat_models)")
+        if not instance.uses_threat and attack.threats:
+            raise SuiteError(path, f"{key}.threats", f"attack '{attack.name}' does not use a threat model; remove 'threats'")
+        if attack.adaptive:
+            raise SuiteError(path, f"{key}.adaptive", "adaptive attacks (attacking defense∘victim) are not available yet; set adaptive: false")
+    for label, items in (("attacks", [a.label for a in suite.attacks]), ("defenses", [d.label for d in suite.defenses])):
+        dupes = {x for x in items if items.count(x) > 1}
+        if dupes:
+            raise SuiteError(path, label, f"duplicate entries {sorted(dupes)}; give repeated plugins distinct 'id's")
+
+
+# -- the matrix ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the matrix: victim x task x attack@threat x defense."""
+
+    victim: VictimSpec
+    task: TaskSpec
+    attack: AttackSpec
+    threat: ThreatModel
+    defense: DefenseSpec
+    seed: int
+
+    @property
+    def label(self) -> str:
+        threat = "" if self.threat is CLEAN_THREAT or self.threat.name == "clean" else f"@{self.threat.name}"
+        return f"{self.victim.name} | {self.task.label} | {self.attack.label}{threat} | {self.defense.label}"
+
+
+def expand(suite: Suite) -> list[Cell]:
+    cells = []
+    for victim in suite.victims:
+        for task in suite.tasks:
+            for attack in suite.attacks:
+                for threat in suite.threats_of(attack):
+                    for defense in suite.defenses:
+                        cells.append(Cell(victim, task, attack, threat, defense, suite.seed))
+    return cells
+
+
+@dataclass(frozen=True)
+class PassEstimate:
+    attack_forward: int
+    attack_backward: int
+    defense: int
+    generate: int
+
+    @property
+    def total(self) -> int:
+        return self.attack_forward + self.attack_backward + self.defense + self.generate
+
+
+def estimate_passes(suite: Suite, plugins: Plugins, sample_counts: dict[int, int]) -> PassEstimate:
+    """Forward/backward passes the suite will cost, counting shared oblivious attacks once.
+
+    ``sample_counts`` maps a task's index to its sample count (``n`` or the split size).
+    """
+    fwd = bwd = purify = gen = 0
+    defenses = [plugins.defenses.create(d.name, d.params) for d in suite.defenses]
+    for _victim in suite.victims:
+        for t_index, _task in enumerate(suite.tasks):
+            n = sample_counts[t_index]
+            for attack in suite.attacks:
+                instance = plugins.attacks.create(attack.name, attack.params)
+                for _threat in suite.threats_of(attack):
+                    f, b = instance.passes_per_sample()
+                    fwd, bwd = fwd + f * n, bwd + b * n
+                    for defense in defenses:
+                        purify += defense.passes_per_sample() * n
+                        gen += n
+    return PassEstimate(fwd, bwd, purify, gen)

@@ -1,0 +1,374 @@
+"""``shapes-vlm``: the offline world's victim, a small ViT + GPT-2 image-to-text model.
+
+It is a real transformers ``VisionEncoderDecoderModel`` built from configs, with a word-level
+tokenizer built offline by the ``tokenizers`` library, trained on the shapes world's train split
+(VQA answers and captions from one model, selected by the text prompt). Training is deterministic
+for a seed and cached as safetensors under ``$CODEFEND_HOME/models``.
+
+The prompt template (:func:`ShapesVLM._sequence_ids`) is shared by ``loss`` and ``generate``, so
+an attack optimises exactly the text the model is asked to produce.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from harness.contracts import Sample, TaskKind
+from harness.paths import codefend_home
+
+PAD, BOS, SEP, EOS, UNK = "[PAD]", "[BOS]", "[SEP]", "[EOS]", "[UNK]"
+SPECIAL_TOKENS = [PAD, BOS, SEP, EOS, UNK]
+MODEL_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ShapesVLMConfig:
+    """Everything that determines the trained weights (and so the cache key)."""
+
+    seed: int = 0
+    image_size: int = 32
+    patch_size: int = 4
+    hidden: int = 128
+    encoder_layers: int = 4
+    decoder_layers: int = 2
+    heads: int = 4
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 1e-3
+    max_target_tokens: int = 16
+
+    def fingerprint(self) -> str:
+        blob = json.dumps({"format": MODEL_FORMAT_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _build_tokenizer(texts: Sequence[str]):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    words: set[str] = set()
+    pre = pre_tokenizers.Whitespace()
+    for text in texts:
+        words.update(piece for piece, _ in pre.pre_tokenize_str(text.lower()))
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + sorted(words))}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre
+    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK, sep_token=SEP
+    )
+
+
+def _build_model(config: ShapesVLMConfig, vocab_size: int, special_ids: dict[str, int]):
+    from transformers import GPT2Config, ViTConfig, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
+
+    encoder = ViTConfig(
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        hidden_size=config.hidden,
+        num_hidden_layers=config.encoder_layers,
+        num_attention_heads=config.heads,
+        intermediate_size=config.hidden * 2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    decoder = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=64,
+        n_embd=config.hidden,
+        n_layer=config.decoder_layers,
+        n_head=config.heads,
+        n_inner=config.hidden * 2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        add_cross_attention=True,
+        is_decoder=True,
+        bos_token_id=special_ids[BOS],
+        eos_token_id=special_ids[EOS],
+        pad_token_id=special_ids[PAD],
+    )
+    vcfg = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    vcfg.decoder_start_token_id = special_ids[BOS]
+    vcfg.pad_token_id = special_ids[PAD]
+    vcfg.eos_token_id = special_ids[EOS]
+    return VisionEncoderDecoderModel(config=vcfg)
+
+
+class ShapesVLM:
+    """The built-in victim. Parameters select (and if needed train) a cached checkpoint."""
+
+    name = "shapes-vlm"
+    # The model normalises inside its graph; attacks see [0,1] pixels.
+    MEAN = (0.5, 0.5, 0.5)
+    STD = (0.5, 0.5, 0.5)
+
+    def __init__(self, *, seed: int = 0, steps: int = 3000, checkpoint: str | None = None):
+        self.config = ShapesVLMConfig(seed=seed, steps=steps)
+        self.checkpoint = Path(checkpoint).expanduser() if checkpoint else None
+        self.input_size = (self.config.image_size, self.config.image_size)
+        self._model = None
+        self._tokenizer = None
+
+    # -- loading ---------------------------------------------------------------------------
+    @property
+    def cache_dir(self) -> Path:
+        if self.checkpoint is not None:
+            return self.checkpoint
+        return codefend_home() / "models" / f"shapes-vlm-{self.config.fingerprint()}"
+
+    def is_trained(self) -> bool:
+        return (self.cache_dir / "model.safetensors").exists() and (self.cache_dir / "tokenizer.json").exists()
+
+    def load(self, *, progress: bool = True) -> None:
+        if self._model is not None:
+            return
+        if not self.is_trained():
+            if self.checkpoint is not None:
+                raise FileNotFoundError(
+                    f"shapes-vlm checkpoint not found: looked for model.safetensors and tokenizer.json in "
+                    f"{self.checkpoint}. Remove 'checkpoint' to train one, or run `codefend train shapes-vlm`."
+                )
+            train_shapes_vlm(self.config, self.cache_dir, progress=progress)
+        from transformers import PreTrainedTokenizerFast, VisionEncoderDecoderModel
+
+        self._tokenizer = PreTrainedTokenizerFast.from_pretrained(self.cache_dir)
+        self._model = VisionEncoderDecoderModel.from_pretrained(self.cache_dir).eval()
+        for p in self._model.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def model(self):
+        self.load()
+        return self._model
+
+    @property
+    def tokenizer(self):
+        self.load()
+        return self._tokenizer
+
+    @property
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        with open(self.cache_dir / "model.safetensors", "rb") as fh:
+            digest.update(fh.read())
+        return f"shapes-vlm:{digest.hexdigest()[:16]}"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- the victim contract ---------------------------------------------------------------
+    def prepare(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        size = self.input_size[::-1]
+        arrays = []
+        for image in images:
+            pil = Image.fromarray(np.asarray(image, dtype=np.uint8))
+            if pil.size != size:
+                pil = pil.resize(size, Image.BICUBIC)
+            arrays.append(np.asarray(pil.convert("RGB"), dtype=np.float32) / 255.0)
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+    def _normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.MEAN, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.STD, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+        return (pixels - mean) / std
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        tok = self.tokenizer
+        return [tok.bos_token_id, *tok.encode(prompt, add_special_tokens=False), tok.sep_token_id]
+
+    def _sequence_ids(self, prompt: str, target: str) -> tuple[list[int], int]:
+        """Token ids of ``[BOS] prompt [SEP] target [EOS]`` and where the target starts."""
+        prefix = self._prompt_ids(prompt)
+        target_ids = self.tokenizer.encode(target, add_special_tokens=False)[: self.config.max_target_tokens]
+        return prefix + target_ids + [self.tokenizer.eos_token_id], len(prefix)
+
+    def loss(
+        self, pixels: torch.Tensor, prompts: Sequence[str], targets: Sequence[str], kind: TaskKind = "vqa"
+    ) -> torch.Tensor:
+        sequences = [self._sequence_ids(p, t) for p, t in zip(prompts, targets)]
+        input_ids, labels, attention = _teacher_forcing_batch(sequences, self.tokenizer.pad_token_id)
+        logits = self.model(
+            pixel_values=self._normalise(pixels),
+            decoder_input_ids=input_ids.to(pixels.device),
+            decoder_attention_mask=attention.to(pixels.device),
+        ).logits
+        return _per_sample_cross_entropy(logits, labels.to(pixels.device))
+
+    @torch.no_grad()
+    def generate(self, pixels: torch.Tensor, prompts: Sequence[str], kind: TaskKind = "vqa") -> list[str]:
+        outputs: list[str] = [""] * len(prompts)
+        # Prompts of equal length decode together: GPT-2 positions stay those of training.
+        groups: dict[int, list[int]] = {}
+        prefixes = [self._prompt_ids(p) for p in prompts]
+        for i, prefix in enumerate(prefixes):
+            groups.setdefault(len(prefix), []).append(i)
+        normalised = self._normalise(pixels)
+        for indices in groups.values():
+            prefix = torch.tensor([prefixes[i] for i in indices], device=pixels.device)
+            generated = self.model.generate(
+                pixel_values=normalised[indices],
+                decoder_input_ids=prefix,
+                decoder_attention_mask=torch.ones_like(prefix),
+                max_new_tokens=self.config.max_target_tokens + 1,
+                do_sample=False,
+                num_beams=1,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+            texts = self.tokenizer.batch_decode(generated[:, prefix.shape[1] :], skip_special_tokens=True)
+            for i, text in zip(indices, texts):
+                outputs[i] = text.strip()
+        return outputs
+
+    def embed_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled encoder features, for feature-space attacks and alignment losses."""
+        return self.model.encoder(pixel_values=self._normalise(pixels)).last_hidden_state.mean(dim=1)
+
+
+def _teacher_forcing_batch(
+    sequences: Sequence[tuple[list[int], int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs (sequence minus its last token), labels (-100 outside the target) and mask."""
+    width = max(len(seq) for seq, _ in sequences) - 1
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(sequences), width), -100, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, (seq, start) in enumerate(sequences):
+        n = len(seq) - 1
+        input_ids[row, :n] = torch.tensor(seq[:-1])
+        attention[row, :n] = 1
+        # label at position j is token j+1; target tokens are seq[start:]
+        labels[row, start - 1 : n] = torch.tensor(seq[start:])
+    return input_ids, labels, attention
+
+
+def _per_sample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    token_loss = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=-100, reduction="none")
+    counts = (labels != -100).sum(dim=1).clamp(min=1)
+    return token_loss.sum(dim=1) / counts
+
+
+# -- training -----------------------------------------------------------------------------------
+
+
+def _training_samples(config: ShapesVLMConfig) -> tuple[list[Sample], list[Sample]]:
+    from tasks.coco_captions import CocoCaptionsTask
+    from tasks.vqav2 import VQAv2Task
+
+    vqa = VQAv2Task(data="shapes")
+    captions = CocoCaptionsTask(data="shapes")
+    return vqa.samples("train", None, seed=config.seed), captions.samples("train", None, seed=config.seed)
+
+
+def train_shapes_vlm(config: ShapesVLMConfig, out_dir: Path, *, progress: bool = True) -> dict[str, Any]:
+    """Train shapes-vlm from ``config`` (deterministic for its seed) and save it to ``out_dir``.
+
+    A step takes ``batch_size`` images and every text of each (its questions and its first
+    caption): the encoder runs once per image, which makes CPU training several times faster.
+    """
+    from tqdm.auto import tqdm
+    from transformers.modeling_outputs import BaseModelOutput
+
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    vqa_samples, caption_samples = _training_samples(config)
+    texts_by_image: dict[Any, list[tuple[str, str]]] = {}
+    images: dict[Any, np.ndarray] = {}
+    for s in caption_samples:
+        # One model, both tasks: the prompt tells it which. Captions train on the first reference.
+        images[s.meta["image_id"]] = s.image
+        texts_by_image.setdefault(s.meta["image_id"], []).append((s.prompt, s.references[0]))
+    for s in vqa_samples:
+        images.setdefault(s.meta["image_id"], s.image)
+        texts_by_image.setdefault(s.meta["image_id"], []).append((s.prompt, _majority_answer(s.references)))
+    image_ids = sorted(images)
+    tokenizer = _build_tokenizer([t for pairs in texts_by_image.values() for pair in pairs for t in pair])
+    special = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
+    model = _build_model(config, len(tokenizer), special)
+    model.train()
+
+    # Train through the victim's own template and normalisation code: one code path.
+    victim = ShapesVLM(seed=config.seed, steps=config.steps)
+    victim.config, victim._tokenizer, victim._model = config, tokenizer, model
+    pixels = victim.prepare([images[i] for i in image_ids])
+    owner: list[int] = []
+    sequences: list[tuple[list[int], int]] = []
+    for row, image_id in enumerate(image_ids):
+        for prompt, target in texts_by_image[image_id]:
+            owner.append(row)
+            sequences.append(victim._sequence_ids(prompt, target))
+    input_ids, labels, attention = _teacher_forcing_batch(sequences, tokenizer.pad_token_id)
+    owner_t = torch.tensor(owner)
+    rows_of_image = [torch.nonzero(owner_t == row).flatten() for row in range(len(image_ids))]
+
+    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
+    warmup = max(1, config.steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser,
+        lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, config.steps) / config.steps)),
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    bar = tqdm(range(config.steps), desc="train shapes-vlm", unit="step", disable=not progress, mininterval=1.0)
+    running = None
+    for step in bar:
+        batch_images = torch.randint(0, len(image_ids), (config.batch_size,), generator=generator)
+        seq_index = torch.cat([rows_of_image[i] for i in batch_images.tolist()])
+        local_owner = torch.repeat_interleave(
+            torch.arange(config.batch_size), torch.tensor([len(rows_of_image[i]) for i in batch_images.tolist()])
+        )
+        encoded = model.encoder(pixel_values=victim._normalise(pixels[batch_images])).last_hidden_state
+        logits = model(
+            encoder_outputs=BaseModelOutput(last_hidden_state=encoded[local_owner]),
+            decoder_input_ids=input_ids[seq_index],
+            decoder_attention_mask=attention[seq_index],
+        ).logits
+        loss = _per_sample_cross_entropy(logits, labels[seq_index]).mean()
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimiser.step()
+        schedule.step()
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{running:.3f}")
+
+    model.eval()
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    record = {
+        "config": asdict(config),
+        "images": len(image_ids),
+        "texts": len(sequences),
+        "final_loss": running,
+        "seconds": round(time.perf_counter() - started, 1),
+        "torch": torch.__version__,
+    }
+    (tmp / "training.json").write_text(json.dumps(record, indent=2))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)  # atomic: a killed training never leaves a half-written checkpoint
+    return record
+
+
+def _majority_answer(answers: Sequence[str]) -> str:
+    counts: dict[str, int] = {}
+    for a in answers:
+        counts[a] = counts.get(a, 0) + 1
+    return max(counts, key=lambda a: (counts[a], -answers.index(a)))

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# All set-up on a fresh machine: a venv in .venv with a CPU torch and this project (editable).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+# torch first and pinned: 2.13.0 is a CPU build on these machines; a bare requirement pulls CUDA.
+.venv/bin/pip install --quiet --disable-pip-version-check torch==2.13.0
+.venv/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
+if ! command -v java >/dev/null 2>&1; then
+  echo "note: java not found: caption metrics need it (PTB tokenizer, METEOR); install a JRE (Debian: default-jre-headless)" >&2
+fi

@@ -1,0 +1,173 @@
+"""The COCO captioning task, scored with the COCO caption metrics (headline: CIDEr x100).
+
+Reads the official ``captions_{split}.json`` (from the built-in shapes world or a COCO folder) or,
+for ``karpathy_train``/``karpathy_val``/``karpathy_test``, Karpathy's ``dataset_coco.json`` - the
+split most captioning papers report on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from harness.contracts import Sample, TaskKind
+from tasks._common import (
+    SHAPES_DATA,
+    find_image,
+    first_existing,
+    load_rgb,
+    not_found,
+    resolve_root,
+    seeded_subset,
+    split_image_dirs,
+)
+from tasks.caption_metrics import score_captions
+
+__all__ = ["CAPTION_PROMPT", "CocoCaptionsTask"]
+
+#: The task-level instruction (RobustVLM's LLaVA captioning prompt); victims wrap it in a template.
+CAPTION_PROMPT = "Provide a short caption for this image."
+REFERENCES_PER_IMAGE = 5
+
+#: Karpathy split name -> the "split" values of dataset_coco.json it covers ("restval" is the part
+#: of val2014 that Karpathy's split adds to training).
+KARPATHY_SPLITS: dict[str, tuple[str, ...]] = {
+    "karpathy_train": ("train", "restval"),
+    "karpathy_val": ("val",),
+    "karpathy_test": ("test",),
+}
+
+
+@dataclass(frozen=True)
+class _Image:
+    image_id: int
+    file_name: str
+    image_dirs: list[Path]
+    references: tuple[str, ...]
+
+
+class CocoCaptionsTask:
+    """COCO captioning; per-sample CIDEr (x100), BLEU-4, ROUGE-L and, when Java allows, METEOR.
+
+    ``data``: ``"shapes"`` for the built-in offline world, or the path of a COCO folder (with
+    ``annotations/captions_<split>.json`` and, for Karpathy splits, ``dataset_coco.json``).
+    ``images``: the folder of the split's images when they are not at ``<data>/<split>/`` (COCO)
+    or ``<data>/images/<split>/`` (shapes).
+    ``meteor``: also compute METEOR; it starts a JVM that loads a paraphrase table (~7 s per
+    ``score`` call), so quick suites may turn it off. The headline CIDEr does not depend on it.
+    """
+
+    name: str = "coco_captions"
+    kind: TaskKind = "caption"
+    metric: str = "cider"
+
+    def __init__(self, *, data: str = SHAPES_DATA, images: str | None = None, meteor: bool = True) -> None:
+        self.data = data
+        self.images = images
+        self.meteor = meteor
+        self._root: Path | None = None
+        self._splits: dict[str, dict[int, _Image]] = {}
+
+    @property
+    def root(self) -> Path:
+        if self._root is None:
+            self._root = resolve_root(self.data)
+        return self._root
+
+    def samples(self, split: str, n: int | None, seed: int) -> list[Sample]:
+        index = self._split(split)
+        out = []
+        for image_id in seeded_subset(list(index), n, seed):
+            item = index[image_id]
+            out.append(
+                Sample(
+                    id=str(image_id),
+                    image=load_rgb(find_image(item.image_dirs, item.file_name)),
+                    prompt=CAPTION_PROMPT,
+                    references=item.references,
+                    meta={"image_id": image_id, "file_name": item.file_name},
+                )
+            )
+        return out
+
+    def attack_targets(self, sample: Sample) -> list[str]:
+        return list(sample.references)
+
+    def score(self, outputs: Sequence[str], samples: Sequence[Sample]) -> list[dict[str, float]]:
+        """Scores over exactly ``samples``: CIDEr's document frequencies come from their references."""
+        if len(outputs) != len(samples):
+            raise ValueError(f"got {len(outputs)} outputs for {len(samples)} samples")
+        ids = [s.id for s in samples]
+        if len(set(ids)) != len(ids):
+            raise ValueError("samples must have distinct ids: CIDEr scores each image once")
+        _, per_sample = score_captions(
+            {s.id: output for s, output in zip(samples, outputs)},
+            {s.id: list(s.references) for s in samples},
+            meteor=self.meteor,
+        )
+        return [per_sample[i] for i in ids]
+
+    def describe(self) -> dict[str, Any]:
+        return {"data": self.data, "root": str(self.root), "images": self.images, "meteor": self.meteor}
+
+    def _split(self, split: str) -> dict[int, _Image]:
+        if split not in self._splits:
+            loader = _load_karpathy if split in KARPATHY_SPLITS else _load_coco
+            self._splits[split] = loader(self.root, split, self.images)
+        return self._splits[split]
+
+
+def _load_coco(root: Path, split: str, images: str | None) -> dict[int, _Image]:
+    candidates = [root / "annotations" / f"captions_{split}.json", root / f"captions_{split}.json"]
+    path = first_existing(candidates)
+    if path is None:
+        raise not_found(
+            f"COCO captions for split {split!r}",
+            candidates,
+            "Point `data:` at your COCO folder (holding annotations/captions_<split>.json, e.g. "
+            f"captions_val2014.json), or use `data: {SHAPES_DATA}` for the built-in offline world.",
+        )
+    coco = json.loads(path.read_text())
+    captions: dict[int, list[str]] = defaultdict(list)
+    for annotation in coco["annotations"]:
+        captions[int(annotation["image_id"])].append(annotation["caption"])
+    dirs = split_image_dirs(root, split, images)
+    return {
+        int(image["id"]): _Image(
+            image_id=int(image["id"]),
+            file_name=image["file_name"],
+            image_dirs=dirs,
+            references=tuple(captions[int(image["id"])][:REFERENCES_PER_IMAGE]),
+        )
+        for image in coco["images"]
+        if captions.get(int(image["id"]))  # unannotated images (a test set) cannot be scored
+    }
+
+
+def _load_karpathy(root: Path, split: str, images: str | None) -> dict[int, _Image]:
+    candidates = [root / "dataset_coco.json", root / "annotations" / "dataset_coco.json"]
+    path = first_existing(candidates)
+    if path is None:
+        raise not_found(
+            f"Karpathy split file for {split!r}",
+            candidates,
+            "Put Karpathy's dataset_coco.json in your COCO folder (or its annotations/), with the "
+            "images in <coco>/train2014 and <coco>/val2014, or set `images:` to one folder holding them all.",
+        )
+    wanted = KARPATHY_SPLITS[split]
+    out: dict[int, _Image] = {}
+    for entry in json.loads(path.read_text())["images"]:
+        if entry["split"] not in wanted:
+            continue
+        filepath = entry.get("filepath", "")
+        dirs = [Path(images).expanduser()] if images is not None else [root / filepath, root / "images" / filepath]
+        out[int(entry["cocoid"])] = _Image(
+            image_id=int(entry["cocoid"]),
+            file_name=entry["filename"],
+            image_dirs=dirs,
+            references=tuple(s["raw"] for s in entry["sentences"][:REFERENCES_PER_IMAGE]),
+        )
+    return out

@@ -1,0 +1,164 @@
+"""The VQAv2 task: questions about images, scored with the official VQA accuracy.
+
+Reads the official files (``v2_OpenEnded_mscoco_{split}_questions.json`` and
+``v2_mscoco_{split}_annotations.json``) from the built-in shapes world or a real VQAv2 folder,
+flat (as the official zips unpack) or under ``questions/`` and ``annotations/``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from harness.contracts import Sample, TaskKind
+from tasks._common import (
+    SHAPES_DATA,
+    find_image,
+    first_existing,
+    load_rgb,
+    not_found,
+    resolve_root,
+    seeded_subset,
+    split_image_dirs,
+)
+from tasks.vqa_eval import vqa_accuracy
+
+__all__ = ["VQAv2Task"]
+
+#: COCO's image naming; the shapes world records its own pattern in world.json.
+COCO_IMAGE_FILE = "COCO_{split}_{image_id:012d}.jpg"
+
+
+@dataclass(frozen=True)
+class _VQASplit:
+    split: str  # the on-disk split name ("val2014", "val")
+    questions: dict[int, dict[str, Any]]
+    annotations: dict[int, dict[str, Any]]
+    image_dirs: list[Path]
+    image_file: str
+
+
+class VQAv2Task:
+    """VQAv2 open-ended questions; the headline metric is the official VQA accuracy.
+
+    ``data``: ``"shapes"`` for the built-in offline world, or the path of a VQAv2 folder.
+    ``images``: the folder of the split's images, when they are not at ``<data>/<split>/`` (real
+    COCO, e.g. ``<coco>/val2014``) or ``<data>/images/<split>/`` (shapes).
+    Split names are the data set's own: ``train``/``val``/``test`` for shapes, ``val2014`` for
+    VQAv2; ``train`` and ``val`` fall back to ``train2014``/``val2014`` when only those exist.
+    """
+
+    name: str = "vqav2"
+    kind: TaskKind = "vqa"
+    metric: str = "vqa_accuracy"
+
+    def __init__(self, *, data: str = SHAPES_DATA, images: str | None = None) -> None:
+        self.data = data
+        self.images = images
+        self._root: Path | None = None
+        self._splits: dict[str, _VQASplit] = {}
+
+    @property
+    def root(self) -> Path:
+        if self._root is None:
+            self._root = resolve_root(self.data)
+        return self._root
+
+    def samples(self, split: str, n: int | None, seed: int) -> list[Sample]:
+        index = self._split(split)
+        cache: dict[int, np.ndarray] = {}
+        out = []
+        for question_id in seeded_subset(list(index.questions), n, seed):
+            question = index.questions[question_id]
+            annotation = index.annotations[question_id]
+            image_id = int(question["image_id"])
+            if image_id not in cache:
+                file_name = index.image_file.format(split=index.split, image_id=image_id)
+                cache[image_id] = load_rgb(find_image(index.image_dirs, file_name))
+            out.append(
+                Sample(
+                    id=str(question_id),
+                    image=cache[image_id],
+                    prompt=question["question"],
+                    references=tuple(answer["answer"] for answer in annotation["answers"]),
+                    meta={
+                        "image_id": image_id,
+                        "question_type": annotation.get("question_type"),
+                        "answer_type": annotation.get("answer_type"),
+                        "multiple_choice_answer": annotation.get("multiple_choice_answer"),
+                    },
+                )
+            )
+        return out
+
+    def attack_targets(self, sample: Sample) -> list[str]:
+        """Distinct answers, most frequent first; ties keep the annotators' order."""
+        counts = Counter(sample.references)  # keys in first-seen order; sorted() is stable
+        return sorted(counts, key=lambda answer: -counts[answer])
+
+    def score(self, outputs: Sequence[str], samples: Sequence[Sample]) -> list[dict[str, float]]:
+        if len(outputs) != len(samples):
+            raise ValueError(f"got {len(outputs)} outputs for {len(samples)} samples")
+        return [{"vqa_accuracy": vqa_accuracy(o, s.references)} for o, s in zip(outputs, samples)]
+
+    def describe(self) -> dict[str, Any]:
+        return {"data": self.data, "root": str(self.root), "images": self.images}
+
+    def _split(self, split: str) -> _VQASplit:
+        if split not in self._splits:
+            self._splits[split] = self._load(split)
+        return self._splits[split]
+
+    def _load(self, split: str) -> _VQASplit:
+        name, question_file, annotation_file = _find_files(self.root, split)
+        annotations = {int(a["question_id"]): a for a in json.loads(annotation_file.read_text())["annotations"]}
+        # Only annotated questions can be scored (VQAv2's test questions have no public answers).
+        questions = {
+            int(q["question_id"]): q
+            for q in json.loads(question_file.read_text())["questions"]
+            if int(q["question_id"]) in annotations
+        }
+        return _VQASplit(
+            split=name,
+            questions=questions,
+            annotations=annotations,
+            image_dirs=split_image_dirs(self.root, name, self.images),
+            image_file=_image_file_pattern(self.root),
+        )
+
+
+def _find_files(root: Path, split: str) -> tuple[str, Path, Path]:
+    """(on-disk split name, questions file, annotations file), or an error listing every path tried."""
+    names = [split] + ([f"{split}2014"] if split in ("train", "val") else [])
+    looked: list[Path] = []
+    for name in names:
+        question_files = [
+            root / folder / f"v2_OpenEnded_mscoco_{name}_questions.json" for folder in ("questions", "Questions", ".")
+        ]
+        annotation_files = [
+            root / folder / f"v2_mscoco_{name}_annotations.json" for folder in ("annotations", "Annotations", ".")
+        ]
+        looked += question_files + annotation_files
+        question_file, annotation_file = first_existing(question_files), first_existing(annotation_files)
+        if question_file is not None and annotation_file is not None:
+            return name, question_file, annotation_file
+    raise not_found(
+        f"VQAv2 questions and annotations for split {split!r}",
+        looked,
+        "Point `data:` at your VQAv2 folder (holding v2_OpenEnded_mscoco_<split>_questions.json and "
+        "v2_mscoco_<split>_annotations.json, flat or under questions/ and annotations/), "
+        f"or use `data: {SHAPES_DATA}` for the built-in offline world.",
+    )
+
+
+def _image_file_pattern(root: Path) -> str:
+    """The world's own image naming when it declares one (shapes), else COCO's."""
+    world = root / "world.json"
+    if world.is_file():
+        return str(json.loads(world.read_text()).get("image_file", COCO_IMAGE_FILE))
+    return COCO_IMAGE_FILE
