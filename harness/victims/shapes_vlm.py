@@ -40,8 +40,10 @@ class ShapesVLMConfig:
     seed: int = 0
     image_size: int = 32
     patch_size: int = 4
-    hidden: int = 128
-    encoder_layers: int = 4
+    # Chosen with benchmarks/victim_sweep.py: the smallest config that reaches >= 0.95 clean VQA
+    # accuracy on the shapes test split (0.975 on GPU) while training in ~5 min on 2 CPU cores.
+    hidden: int = 96
+    encoder_layers: int = 3
     decoder_layers: int = 2
     heads: int = 4
     steps: int = 3000
@@ -116,8 +118,9 @@ class ShapesVLM:
     MEAN = (0.5, 0.5, 0.5)
     STD = (0.5, 0.5, 0.5)
 
-    def __init__(self, *, seed: int = 0, steps: int = 3000, checkpoint: str | None = None):
+    def __init__(self, *, seed: int = 0, steps: int = 3000, checkpoint: str | None = None, device: str | None = None):
         self.config = ShapesVLMConfig(seed=seed, steps=steps)
+        self._device_name = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.checkpoint = Path(checkpoint).expanduser() if checkpoint else None
         self.input_size = (self.config.image_size, self.config.image_size)
         self._model = None
@@ -142,11 +145,11 @@ class ShapesVLM:
                     f"shapes-vlm checkpoint not found: looked for model.safetensors and tokenizer.json in "
                     f"{self.checkpoint}. Remove 'checkpoint' to train one, or run `codefend train shapes-vlm`."
                 )
-            train_shapes_vlm(self.config, self.cache_dir, progress=progress)
+            train_shapes_vlm(self.config, self.cache_dir, progress=progress, device=self._device_name)
         from transformers import PreTrainedTokenizerFast, VisionEncoderDecoderModel
 
         self._tokenizer = PreTrainedTokenizerFast.from_pretrained(self.cache_dir)
-        self._model = VisionEncoderDecoderModel.from_pretrained(self.cache_dir).eval()
+        self._model = VisionEncoderDecoderModel.from_pretrained(self.cache_dir).eval().to(self._device_name)
         for p in self._model.parameters():
             p.requires_grad_(False)
 
@@ -275,7 +278,9 @@ def _training_samples(config: ShapesVLMConfig) -> tuple[list[Sample], list[Sampl
     return vqa.samples("train", None, seed=config.seed), captions.samples("train", None, seed=config.seed)
 
 
-def train_shapes_vlm(config: ShapesVLMConfig, out_dir: Path, *, progress: bool = True) -> dict[str, Any]:
+def train_shapes_vlm(
+    config: ShapesVLMConfig, out_dir: Path, *, progress: bool = True, device: str = "cpu"
+) -> dict[str, Any]:
     """Train shapes-vlm from ``config`` (deterministic for its seed) and save it to ``out_dir``.
 
     A step takes ``batch_size`` images and every text of each (its questions and its first
@@ -299,7 +304,7 @@ def train_shapes_vlm(config: ShapesVLMConfig, out_dir: Path, *, progress: bool =
     image_ids = sorted(images)
     tokenizer = _build_tokenizer([t for pairs in texts_by_image.values() for pair in pairs for t in pair])
     special = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
-    model = _build_model(config, len(tokenizer), special)
+    model = _build_model(config, len(tokenizer), special).to(device)
     model.train()
 
     # Train through the victim's own template and normalisation code: one code path.
@@ -313,6 +318,7 @@ def train_shapes_vlm(config: ShapesVLMConfig, out_dir: Path, *, progress: bool =
             owner.append(row)
             sequences.append(victim._sequence_ids(prompt, target))
     input_ids, labels, attention = _teacher_forcing_batch(sequences, tokenizer.pad_token_id)
+    pixels, input_ids, labels, attention = (t.to(device) for t in (pixels, input_ids, labels, attention))
     owner_t = torch.tensor(owner)
     rows_of_image = [torch.nonzero(owner_t == row).flatten() for row in range(len(image_ids))]
 
@@ -327,10 +333,11 @@ def train_shapes_vlm(config: ShapesVLMConfig, out_dir: Path, *, progress: bool =
     running = None
     for step in bar:
         batch_images = torch.randint(0, len(image_ids), (config.batch_size,), generator=generator)
-        seq_index = torch.cat([rows_of_image[i] for i in batch_images.tolist()])
+        seq_index = torch.cat([rows_of_image[i] for i in batch_images.tolist()]).to(device)
         local_owner = torch.repeat_interleave(
             torch.arange(config.batch_size), torch.tensor([len(rows_of_image[i]) for i in batch_images.tolist()])
-        )
+        ).to(device)
+        batch_images = batch_images.to(device)
         encoded = model.encoder(pixel_values=victim._normalise(pixels[batch_images])).last_hidden_state
         logits = model(
             encoder_outputs=BaseModelOutput(last_hidden_state=encoded[local_owner]),
@@ -347,7 +354,7 @@ def train_shapes_vlm(config: ShapesVLMConfig, out_dir: Path, *, progress: bool =
         if step % 50 == 0:
             bar.set_postfix(loss=f"{running:.3f}")
 
-    model.eval()
+    model.eval().cpu()
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -360,6 +367,7 @@ def train_shapes_vlm(config: ShapesVLMConfig, out_dir: Path, *, progress: bool =
         "final_loss": running,
         "seconds": round(time.perf_counter() - started, 1),
         "torch": torch.__version__,
+        "device": device,
     }
     (tmp / "training.json").write_text(json.dumps(record, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)

@@ -1,0 +1,285 @@
+"""Suites: every mistake is one ``error:`` paragraph naming the file and the key; good suites expand.
+
+Most cases call ``harness.cli.main`` in-process (the same code the console script runs, minus the
+interpreter start-up); a few go through the real ``codefend`` executable.
+"""
+
+from __future__ import annotations
+
+import shutil
+import textwrap
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from harness import cli
+from harness.plugins import load_plugins
+from harness.suite import SuiteError, expand, load_suite
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Bad:
+    id: str
+    yaml: str
+    key: str  # the key path the message must name ("" when the problem is the file itself)
+    says: tuple[str, ...]  # fragments the message must contain (what was wrong, what is allowed)
+    extra_files: tuple[tuple[str, str], ...] = ()
+    blamed: str = "suite.yaml"  # the file the message must name
+
+
+CASES = [
+    Bad("unknown-defense", "include: base.yaml\ndefenses: [{name: none}, {name: jepg}]",
+        "defenses[1].name", ("unknown defense 'jepg'", "did you mean 'jpeg'?", "registered defenses:")),
+    Bad("unknown-attack", "include: base.yaml\nattacks: [{name: none}, {name: pdg, threats: [linf-8]}]",
+        "attacks[1].name", ("unknown attack 'pdg'", "did you mean 'pgd'?")),
+    Bad("unknown-victim", "include: base.yaml\nvictims: [{name: shapes-vml}]",
+        "victims[0].name", ("unknown victim 'shapes-vml'", "did you mean 'shapes-vlm'?")),
+    Bad("eps-not-a-number", "include: base.yaml\nthreat_models:\n  linf-8: {norm: linf, eps: eight/255}",
+        "threat_models.linf-8.eps", ("'eight/255'", "not a number or a fraction like 8/255")),
+    Bad("eps-negative", "include: base.yaml\nthreat_models:\n  linf-8: {norm: linf, eps: -8/255}",
+        "threat_models.linf-8.eps", ("eps must be >= 0",)),
+    Bad("eps-sweep-bad-entry", "include: base.yaml\nthreat_models:\n  linf-8: {norm: linf, eps: [2/255, two/255]}",
+        "threat_models.linf-8.eps", ("'two/255'", "fraction like 8/255")),
+    Bad("missing-tasks", "name: x\nvictims: [{name: shapes-vlm}]\nattacks: [{name: none}]\ndefenses: [{name: none}]",
+        "tasks", ("is required but missing",)),
+    Bad("missing-victim-name", "include: base.yaml\nvictims: [{params: {steps: 100}}]",
+        "victims[0].name", ("is required but missing",)),
+    Bad("n-not-an-int", "include: base.yaml\ntasks: [{name: vqav2, data: shapes, n: many}]",
+        "tasks[0].n", ("valid integer", "'many'")),
+    Bad("n-zero", "include: base.yaml\ntasks: [{name: vqav2, data: shapes, n: 0}]",
+        "tasks[0].n", ("greater than 0",)),
+    Bad("batch-size-negative", "include: base.yaml\nbatch_size: -1",
+        "batch_size", ("greater than 0", "-1")),
+    Bad("victims-not-a-list", "include: base.yaml\nvictims: shapes-vlm",
+        "victims", ("valid list", "'shapes-vlm'")),
+    Bad("include-missing", "include: nowhere/base.yaml\nname: x",
+        "include", ("nowhere/base.yaml", "does not exist", "relative to the including file")),
+    Bad("include-not-a-path", "include: {file: base.yaml}\nname: x",
+        "include", ("must be a file path or a list of file paths",)),
+    Bad("include-cycle", "include: cycle.yaml\nname: x",
+        "include", ("include cycle", "suite.yaml -> ", "cycle.yaml"),
+        extra_files=(("cycle.yaml", "include: suite.yaml\nseed: 3\n"),)),
+    Bad("top-level-typo-with-include", "include: base.yaml\ndefences: [{name: none}]",
+        "defences", ("is not a known key", "did you mean 'defenses'?", "allowed keys here:")),
+    Bad("attack-param-typo", "include: base.yaml\nattacks:\n  - {name: none}\n  - {name: pgd, threats: [linf-8], params: {stepz: 3}}",
+        "attacks[1].params.stepz", ("is not a parameter of this attack", "allowed parameters: random_start, step_size, steps")),
+    Bad("attack-param-type", "include: base.yaml\nattacks:\n  - {name: none}\n  - {name: pgd, threats: [linf-8], params: {steps: lots}}",
+        "attacks[1].params.steps", ("valid integer", "'lots'")),
+    Bad("attack-param-value", "include: base.yaml\nattacks:\n  - {name: none}\n  - {name: pgd, threats: [linf-8], params: {steps: 0}}",
+        "attacks[1].params", ("steps must be at least 1",)),
+    Bad("task-param-typo", "include: base.yaml\ntasks: [{name: coco_captions, data: shapes, n: 4, params: {meteorr: false}}]",
+        "tasks[0].params.meteorr", ("allowed parameters:", "meteor")),
+    Bad("undeclared-threat", "include: base.yaml\nattacks:\n  - {name: none}\n  - {name: pgd, threats: [linf-16]}",
+        "attacks[1].threats[0]", ("unknown threat model 'linf-16'", "did you mean 'linf-8'?", "declared under threat_models: linf-8")),
+    Bad("attack-without-threat", "include: base.yaml\nattacks:\n  - {name: none}\n  - {name: pgd}",
+        "attacks[1].threats", ("needs at least one threat model",)),
+    Bad("clean-attack-with-threat", "include: base.yaml\nattacks:\n  - {name: none, threats: [linf-8]}",
+        "attacks[0].threats", ("does not use a threat model",)),
+    Bad("adaptive", "include: base.yaml\nattacks:\n  - {name: none}\n  - {name: pgd, threats: [linf-8], adaptive: true}",
+        "attacks[1].adaptive", ("set adaptive: false",)),
+    Bad("duplicate-defense", "include: base.yaml\ndefenses: [{name: jpeg}, {name: jpeg, params: {quality: 50}}]",
+        "defenses", ("duplicate entries ['jpeg']", "distinct 'id'")),
+    Bad("unknown-executor", "include: base.yaml\nexecutor: locl",
+        "executor", ("unknown executor 'locl'", "did you mean 'local'?")),
+    Bad("bad-norm", "include: base.yaml\nthreat_models:\n  linf-8: {norm: linf2, eps: 8/255}",
+        "threat_models.linf-8.norm", ("'linf2'", "'linf' or 'l2'")),
+    Bad("invalid-yaml", "name: x\nvictims: [{name: shapes-vlm}\ntasks: []\n",
+        "", ("not valid YAML", "line 3")),
+    Bad("top-level-list", "- name: x\n- victims: []\n",
+        "", ("top level must be a mapping", "got list")),
+    Bad("invalid-yaml-in-include", "include: broken.yaml\nname: x",
+        "", ("not valid YAML",), extra_files=(("broken.yaml", "seed: [1, 2\n"),), blamed="broken.yaml"),
+]
+
+
+def _write(tmp_path: Path, case: Bad) -> Path:
+    shutil.copy(FIXTURES / "suites" / "base.yaml", tmp_path / "base.yaml")
+    for name, text in case.extra_files:
+        (tmp_path / name).write_text(text)
+    path = tmp_path / "suite.yaml"
+    path.write_text(case.yaml)
+    return path
+
+
+def _run_main(argv: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # cli.main replaces it
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_paragraph_error(stderr: str, file: Path, key: str, says: tuple[str, ...]) -> None:
+    text = stderr.strip()
+    assert text.startswith("error: "), stderr
+    assert "Traceback" not in text, stderr
+    assert all(line.strip() for line in text.splitlines()), f"not one paragraph:\n{stderr}"
+    assert text.count("error:") == 1, stderr
+    where = f"error: {file}: {key}: " if key else f"error: {file}: "
+    assert text.startswith(where), f"expected the message to start with {where!r}:\n{stderr}"
+    for fragment in says:
+        assert fragment in text, f"{fragment!r} missing from:\n{stderr}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_malformed_suite_is_one_paragraph_naming_the_key(case: Bad, tmp_path: Path, capsys, monkeypatch) -> None:
+    path = _write(tmp_path, case)
+    code, out, err = _run_main(["validate", str(path)], capsys, monkeypatch)
+    assert code == 2, (out, err)
+    assert out == ""
+    assert_one_paragraph_error(err, (tmp_path / case.blamed).resolve(), case.key, case.says)
+
+
+TYPO_OF_REQUIRED_KEY = {
+    "top-level": ("defences", "did you mean 'defenses'?", textwrap.dedent("""\
+        name: typo
+        victims: [{name: shapes-vlm}]
+        tasks: [{name: vqav2, data: shapes, n: 4}]
+        attacks: [{name: none}]
+        defences: [{name: none}]
+    """)),
+    "nested": ("threat_models.linf-8.epsilon", "did you mean 'eps'?",
+               "include: base.yaml\nthreat_models:\n  linf-8: {norm: linf, epsilon: 8/255}\n"),
+}
+
+
+@pytest.mark.parametrize("where", list(TYPO_OF_REQUIRED_KEY))
+def test_typo_of_a_required_key_names_the_typo(where: str, tmp_path: Path, capsys, monkeypatch) -> None:
+    """A user who writes ``defences:`` (or ``epsilon:``) must hear about that key, with 'did you mean'.
+
+    The typo makes pydantic report two problems: the required key is missing, and the typed key
+    is unknown. The typo is the actual mistake; the message must name it (today it names only the
+    missing key, says nothing about the typo and offers no suggestion).
+    """
+    key, hint, text = TYPO_OF_REQUIRED_KEY[where]
+    shutil.copy(FIXTURES / "suites" / "base.yaml", tmp_path / "base.yaml")
+    path = tmp_path / "suite.yaml"
+    path.write_text(text)
+    code, _, err = _run_main(["validate", str(path)], capsys, monkeypatch)
+    assert code == 2
+    assert_one_paragraph_error(err, path.resolve(), key, (hint,))
+
+
+def test_missing_suite_file(tmp_path: Path, capsys, monkeypatch) -> None:
+    path = tmp_path / "nope.yaml"
+    code, _, err = _run_main(["validate", str(path)], capsys, monkeypatch)
+    assert code == 2
+    assert_one_paragraph_error(err, path.resolve(), "", ("suite file does not exist",))
+
+
+def test_run_reports_suite_errors_before_any_compute(tmp_path: Path, capsys, monkeypatch) -> None:
+    path = _write(tmp_path, CASES[0])
+    out = tmp_path / "out"
+    code, _, err = _run_main(["run", str(path), "--out", str(out), "--quiet"], capsys, monkeypatch)
+    assert code == 2
+    assert_one_paragraph_error(err, path.resolve(), "defenses[1].name", ("did you mean 'jpeg'?",))
+    assert not out.exists(), "a suite that does not validate must not create a result store"
+
+
+@pytest.mark.parametrize("case_id", ["unknown-defense", "eps-not-a-number", "invalid-yaml", "include-cycle"])
+def test_console_script_exit_status_and_stderr(case_id: str, tmp_path: Path, run_cli) -> None:
+    case = next(c for c in CASES if c.id == case_id)
+    path = _write(tmp_path, case)
+    result = run_cli("validate", path)
+    assert result.returncode == 2, result
+    assert result.stdout == ""
+    assert_one_paragraph_error(result.stderr, (tmp_path / case.blamed).resolve(), case.key, case.says)
+
+
+# -- suites that are valid ----------------------------------------------------------------------------
+
+
+def test_quickstart_validates_with_cells_and_pass_estimate(run_cli) -> None:
+    result = run_cli("validate", "suites/quickstart.yaml", cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "suite 'quickstart' (suites/quickstart.yaml) is valid" in out
+    assert "matrix: 1 victim(s) x 2 task(s) x 3 attack condition(s) x 2 defense(s)" in out
+    cells = [line.strip() for line in out.splitlines() if line.startswith("  shapes-vlm | ")]
+    assert len(cells) == 12 and len(set(cells)) == 12
+    assert "shapes-vlm | coco_captions:test | pgd@linf-8 | jpeg" in cells
+    assert "12 cells, 2400 sample evaluations" in out
+    # 400 samples x 2 threat models x PGD-20 (21 forward, 20 backward), shared by both defenses;
+    # one generation per cell and sample.
+    assert ("estimated passes: 16800 attack forward + 16000 attack backward + 0 defense + "
+            "2400 generation = 35200") in out
+    assert result.stderr.strip() == ""
+
+
+@pytest.fixture(scope="module")
+def plugins():
+    return load_plugins()
+
+
+def test_eps_sweep_expands_into_one_threat_model_per_value(tmp_path: Path, plugins, capsys, monkeypatch) -> None:
+    shutil.copy(FIXTURES / "suites" / "base.yaml", tmp_path / "base.yaml")
+    path = tmp_path / "sweep.yaml"
+    path.write_text(textwrap.dedent("""\
+        include: base.yaml
+        threat_models:
+          linf: {norm: linf, eps: [2/255, 4/255]}
+          l2-half: {norm: l2, eps: 0.5}
+        attacks:
+          - name: none
+          - {name: pgd, threats: [linf, l2-half], params: {steps: 2}}
+    """))
+    suite = load_suite(path, plugins)
+    threats = suite.threats()
+    assert {k: (t.norm, t.eps) for k, t in threats.items() if k != "linf-8"} == {
+        "linf@2/255": ("linf", pytest.approx(2 / 255)),
+        "linf@4/255": ("linf", pytest.approx(4 / 255)),
+        "l2-half": ("l2", 0.5),
+    }
+    assert [t.name for t in suite.threats_of(suite.attacks[1])] == ["linf@2/255", "linf@4/255", "l2-half"]
+    cells = expand(suite)
+    assert len(cells) == (1 + 3) * 2
+    assert sum(c.threat.name.startswith("linf@") for c in cells) == 4
+
+    code, out, _ = _run_main(["validate", str(path)], capsys, monkeypatch)
+    assert code == 0
+    assert "shapes-vlm | vqav2:test | pgd@linf@2/255 | jpeg" in out
+    assert "shapes-vlm | vqav2:test | pgd@linf@4/255 | none" in out
+    assert "x 4 attack condition(s) x" in out and "8 cells" in out
+
+
+def test_include_keys_are_overridden_by_the_including_file(tmp_path: Path, plugins) -> None:
+    (tmp_path / "common").mkdir()
+    shutil.copy(FIXTURES / "suites" / "base.yaml", tmp_path / "common" / "base.yaml")
+    # an include inside common/ is resolved relative to common/, not to the top-level suite
+    (tmp_path / "common" / "more.yaml").write_text("include: base.yaml\nseed: 5\nbatch_size: 3\n")
+    path = tmp_path / "child.yaml"
+    path.write_text(textwrap.dedent("""\
+        include: common/more.yaml
+        name: child
+        batch_size: 7
+        threat_models:
+          linf-4: {norm: linf, eps: 4/255}
+        defenses:
+          - name: jpeg
+            params: {quality: 50}
+    """))
+    suite = load_suite(path, plugins)
+    assert suite.name == "child"
+    assert suite.batch_size == 7  # child beats more.yaml beats base.yaml
+    assert suite.seed == 5  # more.yaml beats base.yaml
+    assert suite.victims[0].params == {"steps": 100}  # only in base.yaml
+    assert set(suite.threat_models) == {"linf-8", "linf-4"}  # mappings merge by name
+    assert [(d.name, d.params) for d in suite.defenses] == [("jpeg", {"quality": 50})]  # lists are replaced
+
+
+def test_suite_name_defaults_to_the_file_stem(tmp_path: Path, plugins) -> None:
+    path = tmp_path / "my-suite.yaml"
+    path.write_text((FIXTURES / "suites" / "base.yaml").read_text().replace("name: base\n", ""))
+    assert load_suite(path, plugins).name == "my-suite"
+
+
+def test_suite_error_carries_file_and_key(tmp_path: Path, plugins) -> None:
+    path = _write(tmp_path, next(c for c in CASES if c.id == "attack-param-typo"))
+    with pytest.raises(SuiteError) as info:
+        load_suite(path, plugins)
+    assert info.value.file == str(path.resolve())
+    assert info.value.key == "attacks[1].params.stepz"
