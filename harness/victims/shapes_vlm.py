@@ -125,6 +125,7 @@ class ShapesVLM:
         self.input_size = (self.config.image_size, self.config.image_size)
         self._model = None
         self._tokenizer = None
+        self._fingerprint: str | None = None
 
     # -- loading ---------------------------------------------------------------------------
     @property
@@ -165,10 +166,12 @@ class ShapesVLM:
 
     @property
     def fingerprint(self) -> str:
-        digest = hashlib.sha256()
-        with open(self.cache_dir / "model.safetensors", "rb") as fh:
-            digest.update(fh.read())
-        return f"shapes-vlm:{digest.hexdigest()[:16]}"
+        """Hash of the weights file: results key on the exact model, not on its name."""
+        if self._fingerprint is None:
+            self.load()
+            digest = hashlib.sha256((self.cache_dir / "model.safetensors").read_bytes())
+            self._fingerprint = f"shapes-vlm:{digest.hexdigest()[:16]}"
+        return self._fingerprint
 
     @property
     def device(self) -> torch.device:
