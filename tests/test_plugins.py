@@ -133,6 +133,7 @@ def test_entry_point_plugin_parameters_are_validated(run_cli, blur_site: Path, t
     assert "allowed parameters: sigma" in result.stderr
 
 
+@pytest.mark.usefixtures("fresh_plugins")
 def test_third_party_float_parameters_accept_fractions(blur_site: Path, monkeypatch) -> None:
     monkeypatch.syspath_prepend(str(blur_site))
     monkeypatch.delitem(sys.modules, "thirdparty_blur", raising=False)
@@ -179,6 +180,25 @@ def test_broken_plugins_do_not_stop_a_suite(run_cli, broken_site: Path) -> None:
     assert "warning: plugin 'broken_import'" in result.stderr
 
 
+def test_entry_point_name_clash_does_not_knock_out_the_builtins(run_cli, tmp_path: Path) -> None:
+    """Entry-point names are only unique within a distribution. A third-party package that exposes
+    its plugin as ``defenses = ...`` (mirroring the built-ins' own entry-point names) must not
+    unregister the built-in defenses, and every component must be attributed to its real
+    distribution."""
+    site = _install(tmp_path / "site", "shadow-dist", "2.0.0", ["thirdparty_blur"], {"defenses": "thirdparty_blur"})
+    env = {"PYTHONPATH": str(site)}
+    result = run_cli("plugins", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    registered: dict[str, str] = {}  # defense -> distribution that registered it
+    for plugin in json.loads(result.stdout):
+        for name in plugin["registered"].get("defense", []):
+            registered[name] = plugin["distribution"]
+    assert registered.get("none") == "codefend-bench" and registered.get("jpeg") == "codefend-bench", registered
+    assert registered.get("blur", "shadow-dist") == "shadow-dist", registered
+    validated = run_cli("validate", FIXTURES / "suites" / "base.yaml", env=env)
+    assert validated.returncode == 0, validated.stderr
+
+
 def _failing_plugin() -> types.ModuleType:
     module = types.ModuleType("inproc_failing")
 
@@ -190,6 +210,7 @@ def _failing_plugin() -> types.ModuleType:
     return module
 
 
+@pytest.mark.usefixtures("fresh_plugins")
 def test_in_process_load_warns_for_each_broken_plugin(broken_site: Path, monkeypatch) -> None:
     monkeypatch.syspath_prepend(str(broken_site))
     for name in ("broken_import", "broken_register"):

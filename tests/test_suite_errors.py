@@ -18,6 +18,9 @@ from harness import cli
 from harness.plugins import load_plugins
 from harness.suite import SuiteError, expand, load_suite
 
+# cli.main uses the process-wide plugin set: load it afresh for each test
+pytestmark = pytest.mark.usefixtures("fresh_plugins")
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 REPO = Path(__file__).resolve().parents[1]
 
@@ -162,6 +165,20 @@ def test_typo_of_a_required_key_names_the_typo(where: str, tmp_path: Path, capsy
     code, _, err = _run_main(["validate", str(path)], capsys, monkeypatch)
     assert code == 2
     assert_one_paragraph_error(err, path.resolve(), key, (hint,))
+
+
+def test_threat_model_named_clean_is_rejected(tmp_path: Path, capsys, monkeypatch) -> None:
+    """``clean`` is the name of the no-attack condition (CLEAN_THREAT): rows of an attack on a
+    threat model called ``clean`` are indistinguishable from clean rows (``condition_of`` maps
+    them to the clean column, overwriting the real clean scores) and the cell label drops the
+    threat. The suite must be refused, naming the key."""
+    shutil.copy(FIXTURES / "suites" / "base.yaml", tmp_path / "base.yaml")
+    path = tmp_path / "suite.yaml"
+    path.write_text("include: base.yaml\nthreat_models:\n  clean: {norm: linf, eps: 8/255}\n"
+                    "attacks:\n  - {name: none}\n  - {name: pgd, threats: [clean]}\n")
+    code, out, err = _run_main(["validate", str(path)], capsys, monkeypatch)
+    assert code == 2, out
+    assert_one_paragraph_error(err, path.resolve(), "threat_models.clean", ("clean",))
 
 
 def test_missing_suite_file(tmp_path: Path, capsys, monkeypatch) -> None:

@@ -1,0 +1,164 @@
+"""Leaderboards from hand-written store rows: per-sample worst case, sorting, formatting."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+
+from harness import cli
+from harness.store import Store
+from leaderboard.aggregate import build_board
+from leaderboard.markdown import render_markdown
+
+# cli.main uses the process-wide plugin set: load it afresh for each test
+pytestmark = pytest.mark.usefixtures("fresh_plugins")
+
+VICTIM, TASK = "shapes-vlm", "vqav2:test"
+EPS = 8 / 255
+
+# defense -> condition -> sample -> headline score. For jpeg, sample s1 is broken only by attack A
+# and s2 only by attack B: every condition averages >= 0.5, yet each sample has a 0.0 somewhere,
+# so the per-sample worst case is 0.0. none is uniformly mediocre: min of averages 0.3 < 0.5 but a
+# worst case of 0.3 > 0.0, so sorting by worst case puts none first and by min-of-averages last.
+SCORES = {
+    "jpeg": {"clean": {"s1": 1.0, "s2": 1.0}, "A": {"s1": 0.0, "s2": 1.0}, "B": {"s1": 1.0, "s2": 0.0}},
+    "none": {"clean": {"s1": 1.0, "s2": 1.0}, "A": {"s1": 0.3, "s2": 0.3}, "B": {"s1": 0.3, "s2": 0.3}},
+}
+
+
+def _row(defense: str, condition: str, sample: str, *, task: str = TASK, metric: str = "vqa_accuracy",
+         run_id: str = "run-1") -> dict:
+    clean = condition == "clean"
+    return {
+        "fingerprint": f"{task}|{defense}|{condition}|{sample}",
+        "run_id": run_id,
+        "suite": "hand-written",
+        "victim": VICTIM,
+        "task": task,
+        "metric": metric,
+        "attack": "none" if clean else condition,
+        "threat": "clean" if clean else "linf-8",
+        "norm": "linf",
+        "eps": 0.0 if clean else EPS,
+        "defense": defense,
+        "sample_id": sample,
+        "output": "yes",
+        "adversarial_key": None if clean else f"adv|{condition}|{sample}",
+        "record": {"note": "hand-written"},
+    }
+
+
+def _fill(store: Store, scores: dict, *, task: str = TASK, metric: str = "vqa_accuracy") -> None:
+    rows, scored = [], {}
+    for defense, by_condition in scores.items():
+        for condition, by_sample in by_condition.items():
+            for sample, value in by_sample.items():
+                row = _row(defense, condition, sample, task=task, metric=metric)
+                rows.append(row)
+                scored[row["fingerprint"]] = ({metric: value}, value)
+    store.commit_chunk(rows, {})
+    store.set_scores(scored)
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    store = Store(tmp_path / "results" / "store.sqlite")
+    store.begin_run("run-1", "hand-written", "", {"note": "test"})
+    _fill(store, SCORES)
+    store.finish_run("run-1", "finished")
+    yield store
+    store.close()
+
+
+def _table_lines(markdown: str) -> list[str]:
+    return [line for line in markdown.splitlines() if line.startswith("|")]
+
+
+def test_board_uses_the_per_sample_worst_case(store: Store) -> None:
+    board = build_board(store)
+    (table,) = board.tables
+    assert (table.victim, table.task, table.metric) == (VICTIM, TASK, "vqa_accuracy")
+    assert table.conditions == ["clean", "A@linf-8", "B@linf-8"]
+    rows = {row.defense: row for row in table.rows}
+    jpeg = rows["jpeg"]
+    assert {c: s.mean for c, s in jpeg.scores.items()} == {"clean": 1.0, "A@linf-8": 0.5, "B@linf-8": 0.5}
+    assert min(s.mean for s in jpeg.scores.values()) == 0.5  # the min of averages ...
+    assert jpeg.worst_case.mean == 0.0 and jpeg.worst_case.n == 2  # ... is not the worst case
+    assert rows["none"].worst_case.mean == pytest.approx(0.3)
+    assert [row.defense for row in table.rows] == ["none", "jpeg"]
+    assert [r["run_id"] for r in board.runs] == ["run-1"]
+
+
+def test_markdown_shows_worst_case_and_sorts_by_it(store: Store) -> None:
+    markdown = render_markdown(build_board(store))
+    assert "## shapes-vlm · vqav2:test — vqa_accuracy (n=2)" in markdown
+    assert _table_lines(markdown) == [
+        "| defense | clean | A@linf-8 | B@linf-8 | worst case |",
+        "|---|---:|---:|---:|---:|",
+        "| none | 1.000 | 0.300 | 0.300 | 0.300 |",
+        "| jpeg | 1.000 | 0.500 | 0.500 | 0.000 |",
+    ]
+
+
+def test_worst_case_counts_only_samples_seen_under_every_condition(store: Store) -> None:
+    # s3 was only evaluated clean (a run killed before its attacks): it must not enter the worst case
+    _fill(store, {"jpeg": {"clean": {"s3": 1.0}}})
+    table = build_board(store).tables[0]
+    jpeg = next(row for row in table.rows if row.defense == "jpeg")
+    assert jpeg.scores["clean"].n == 3 and jpeg.scores["clean"].mean == 1.0
+    assert (jpeg.worst_case.mean, jpeg.worst_case.n) == (0.0, 2)
+
+
+def test_unscored_rows_are_left_out(store: Store) -> None:
+    store.commit_chunk([_row("pending", "clean", "s1")], {})  # written, never scored
+    markdown = render_markdown(build_board(store))
+    assert "pending" not in markdown
+    assert len(_table_lines(markdown)) == 4
+
+
+def test_condition_order_and_one_table_per_task(store: Store) -> None:
+    caption = "coco_captions:test"
+    _fill(store, {"none": {"clean": {"c1": 170.54, "c2": 100.0}, "A": {"c1": 12.0, "c2": 30.0}}},
+          task=caption, metric="cider")
+    # a smaller eps of the same attack sorts before the larger one
+    small = {**_row("none", "A", "c1", task=caption, metric="cider"), "threat": "linf-4", "eps": 4 / 255,
+             "fingerprint": "small-1"}
+    store.commit_chunk([small], {})
+    store.set_scores({"small-1": ({"cider": 50.0}, 50.0)})
+    board = build_board(store)
+    assert [t.task for t in board.tables] == [caption, TASK]
+    assert board.tables[0].conditions == ["clean", "A@linf-4", "A@linf-8"]
+    markdown = render_markdown(board)
+    assert "## shapes-vlm · coco_captions:test — cider (n=2)" in markdown
+    # CIDEr with one decimal; the c1-only linf-4 condition leaves the worst case over c1: min(170.54, 12, 50)
+    assert "| none | 135.3 | 50.0 | 21.0 | 12.0 |" in markdown
+
+
+def test_empty_store_says_so(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store.sqlite")
+    try:
+        markdown = render_markdown(build_board(store))
+    finally:
+        store.close()
+    assert "No scored results" in markdown and "|" not in markdown
+
+
+def test_leaderboard_command_renders_the_store(store: Store, tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+    expected = render_markdown(build_board(store))
+    assert cli.main(["leaderboard", str(store.path.parent)]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    out_file = tmp_path / "board.md"
+    assert cli.main(["leaderboard", str(store.path), "--out", str(out_file)]) == 0
+    assert out_file.read_text() == expected
+    assert capsys.readouterr().err == f"leaderboard written to {out_file}\n"
+
+    assert cli.main(["leaderboard", str(tmp_path / "nothing-here")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no result store at ") and "codefend run" in err
+    assert not (tmp_path / "nothing-here").exists(), "a missing store must not be created"
+
+    assert cli.main(["leaderboard", str(store.path.parent), "--format", "markdwn"]) == 2
+    assert "did you mean 'markdown'?" in capsys.readouterr().err

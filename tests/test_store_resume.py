@@ -1,0 +1,212 @@
+"""The result store: killed runs resume to the same board, oblivious attacks are shared, boards re-render.
+
+All runs go through the real ``codefend`` executable on fixtures/suites/store_resume.yaml:
+tiny victim, VQAv2 n=8 + COCO captions n=4, {none, PGD-3@linf-8} x {none, jpeg}, batch_size 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harness.store import Store
+from tasks.coco_captions import CocoCaptionsTask
+from tasks.vqav2 import VQAv2Task
+
+REPO = Path(__file__).resolve().parents[1]
+SUITE = Path(__file__).resolve().parent / "fixtures" / "suites" / "store_resume.yaml"
+CELLS = 8  # 2 tasks x (clean + pgd@linf-8) x 2 defenses
+ROWS = 2 * (8 + 4) * 2  # per task: n samples x 2 attack conditions x 2 defenses
+ADVERSARIAL = 8 + 4  # one PGD example per sample, shared by both defenses
+EPS = 8 / 255
+SUMMARY = re.compile(r"^run \S+: (\d+) cells, (\d+) rows computed, (\d+) reused from (.+), [\d.]+ s$", re.M)
+
+
+@dataclass
+class Run:
+    out: Path
+    result: subprocess.CompletedProcess
+    seconds: float
+
+    @property
+    def store(self) -> Path:
+        return self.out / "store.sqlite"
+
+    @property
+    def board(self) -> str:
+        return (self.out / "leaderboard.md").read_text()
+
+    def summary(self) -> tuple[int, int, int]:
+        match = SUMMARY.search(self.result.stderr)
+        assert match, f"no run summary on stderr:\n{self.result.stderr}"
+        return int(match[1]), int(match[2]), int(match[3])
+
+
+def _run(run_cli, out: Path) -> Run:
+    started = time.perf_counter()
+    result = run_cli("run", SUITE, "--out", out, "--quiet")
+    return Run(out, result, time.perf_counter() - started)
+
+
+@pytest.fixture(scope="module")
+def run_a(trained_home, run_cli, tmp_path_factory) -> Run:
+    run = _run(run_cli, tmp_path_factory.mktemp("store") / "A")
+    assert run.result.returncode == 0, run.result.stderr
+    return run
+
+
+def _count(db_path: Path, where: str = "1") -> int:
+    if not db_path.exists():
+        return 0
+    db = sqlite3.connect(db_path, timeout=10)
+    try:
+        return db.execute(f"SELECT count(*) FROM results WHERE {where}").fetchone()[0]
+    except sqlite3.OperationalError:  # tables not created yet
+        return 0
+    finally:
+        db.close()
+
+
+def _query(db_path: Path, sql: str) -> list[tuple]:
+    db = sqlite3.connect(db_path)
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
+def test_uninterrupted_run(run_a: Run) -> None:
+    assert run_a.summary() == (CELLS, ROWS, 0)
+    assert run_a.board + "\n" in run_a.result.stdout
+    assert _count(run_a.store) == ROWS
+    assert _count(run_a.store, "scores IS NULL OR headline IS NULL") == 0
+    tables = [line for line in run_a.board.splitlines() if line.startswith("## ")]
+    assert tables == ["## shapes-vlm · coco_captions:test — cider (n=4)", "## shapes-vlm · vqav2:test — vqa_accuracy (n=8)"]
+    assert run_a.board.count("| defense | clean | pgd@linf-8 | worst case |") == 2
+    ((status, provenance),) = _query(run_a.store, "SELECT status, provenance FROM runs")
+    assert status == "finished"
+    assert json.loads(provenance)["computed_rows"] == ROWS
+
+
+def test_killed_run_resumes_to_the_same_board(run_a: Run, codefend_cmd, tmp_path: Path, run_cli) -> None:
+    out = tmp_path / "B"
+    db = out / "store.sqlite"
+    log = tmp_path / "killed.log"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen([*codefend_cmd, "run", str(SUITE), "--out", str(out), "--quiet"],
+                                   cwd=REPO, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            deadline = time.monotonic() + 240
+            # kill it in the middle of the attack: once at least one PGD row is committed
+            while _count(db, "attack = 'pgd'") == 0:
+                assert process.poll() is None, f"the run ended before it could be killed:\n{log.read_text()}"
+                assert time.monotonic() < deadline, "no PGD row was committed in time"
+                time.sleep(0.02)
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert process.returncode == -signal.SIGKILL
+
+    committed = _count(db)
+    assert 0 < committed < ROWS, f"{committed} rows: the kill should land mid-run"
+    assert _query(db, "PRAGMA integrity_check") == [("ok",)]
+    ((status,),) = _query(db, "SELECT status FROM runs")
+    assert status != "finished"
+
+    resumed = _run(run_cli, out)
+    assert resumed.result.returncode == 0, resumed.result.stderr
+    assert resumed.summary() == (CELLS, ROWS - committed, committed)
+    assert _count(db) == ROWS and _count(db, "scores IS NULL") == 0
+    assert resumed.board == run_a.board  # byte-identical tables
+    assert _query(db, "SELECT count(*) FROM adversarial") == [(ADVERSARIAL,)]
+
+
+def test_rerun_reuses_every_row(run_a: Run, run_cli) -> None:
+    board = run_a.board
+    again = _run(run_cli, run_a.out)
+    assert again.result.returncode == 0, again.result.stderr
+    assert again.summary() == (CELLS, 0, ROWS)
+    assert again.seconds < 60
+    assert again.board == board
+    assert _count(run_a.store) == ROWS
+
+
+def _rows_by_condition(store: Path) -> dict[tuple[str, str, str, str, str], tuple[str | None, dict]]:
+    rows = _query(store, "SELECT task, attack, threat, defense, sample_id, adversarial_key, record FROM results")
+    return {(t, a, th, d, s): (key, json.loads(record)) for t, a, th, d, s, key, record in rows}
+
+
+def test_oblivious_adversarial_examples_are_computed_once_and_reused(run_a: Run) -> None:
+    rows = _rows_by_condition(run_a.store)
+    pgd_jpeg = {k: v for k, v in rows.items() if k[1] == "pgd" and k[3] == "jpeg"}
+    assert len(pgd_jpeg) == ADVERSARIAL
+    for (task, attack, threat, _, sample), (key, record) in pgd_jpeg.items():
+        none_key, none_record = rows[(task, attack, threat, "none", sample)]
+        assert key is not None and key == none_key
+        assert record["attack"]["reused"] is True and "attack_cost" not in record
+        assert none_record["attack"]["reused"] is False
+        assert none_record["attack_cost"]["attack_backward_passes"] == 3
+        assert record["perturbation"] == pytest.approx(none_record["perturbation"])
+        assert record["threat"]["space"] == "victim input 32x32, [0,1]"
+    clean_rows = [v for k, v in rows.items() if k[1] == "none"]
+    assert clean_rows and all(key is None and record["perturbation"]["linf"] == 0 for key, record in clean_rows)
+    assert _query(run_a.store, "SELECT count(*) FROM adversarial") == [(ADVERSARIAL,)]
+
+
+def test_stored_adversarial_examples_are_lossless_and_inside_the_ball(run_a: Run, tiny_victim) -> None:
+    samples = {("vqav2:test", s.id): s for s in VQAv2Task(data="shapes").samples("test", 8, 0)}
+    samples |= {("coco_captions:test", s.id): s for s in CocoCaptionsTask(data="shapes", meteor=False).samples("test", 4, 0)}
+    rows = _rows_by_condition(run_a.store)
+    digests = dict(_query(run_a.store, "SELECT key, digest FROM adversarial"))
+    store = Store(run_a.store)
+    try:
+        checked = 0
+        for (task, attack, _, defense, sample_id), (key, record) in rows.items():
+            if attack != "pgd" or defense != "none":
+                continue
+            adversarial = store.adversarial([key])[key]
+            assert np.array_equal(adversarial, store.artifact(digests[key]))
+            assert adversarial.dtype == np.float32
+            assert adversarial.shape == (3, *tiny_victim.input_size)
+            clean = tiny_victim.prepare([samples[(task, sample_id)].image])[0].numpy()
+            distance = np.abs(adversarial - clean).max()
+            assert 0 < distance <= EPS + 1e-6
+            assert adversarial.min() >= 0 and adversarial.max() <= 1
+            # lossless: the stored pixels give back exactly the perturbation measured at run time
+            assert distance == pytest.approx(record["perturbation"]["linf"], abs=1e-6)
+            l2 = float(np.linalg.norm((adversarial - clean).ravel()))
+            assert l2 == pytest.approx(record["perturbation"]["l2"], rel=1e-5)
+            checked += 1
+    finally:
+        store.close()
+    assert checked == ADVERSARIAL
+
+
+def test_leaderboard_rerenders_without_a_model(run_a: Run, run_cli, tmp_path: Path) -> None:
+    empty_home = tmp_path / "empty-home"  # no trained model here: loading one would mean training
+    board = run_a.board
+    started = time.perf_counter()
+    result = run_cli("leaderboard", run_a.out, env={"CODEFEND_HOME": str(empty_home)})
+    seconds = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == board + "\n"
+    assert seconds < 20
+    assert not (empty_home / "models").exists() and not (empty_home / "data").exists()
+
+    to_file = tmp_path / "board.md"
+    result = run_cli("leaderboard", run_a.store, "--out", to_file, env={"CODEFEND_HOME": str(empty_home)})
+    assert result.returncode == 0, result.stderr
+    assert to_file.read_text() == board
