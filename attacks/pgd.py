@@ -25,7 +25,14 @@ def project(delta: torch.Tensor, clean: torch.Tensor, norm: Norm, eps: float) ->
     return (clean + delta).clamp(0.0, 1.0) - clean
 
 
-def random_start(clean: torch.Tensor, norm: Norm, eps: float, generator: torch.Generator) -> torch.Tensor:
+def random_start(
+    clean: torch.Tensor, norm: Norm, eps: float, generator: torch.Generator, seeds: list[int] | None = None
+) -> torch.Tensor:
+    """A uniform draw from the ball; from per-sample ``seeds`` when given, else from ``generator``."""
+    if seeds is not None:
+        return torch.cat(
+            [random_start(clean[i : i + 1], norm, eps, torch.Generator().manual_seed(seed)) for i, seed in enumerate(seeds)]
+        )
     if norm == "linf":
         delta = (torch.rand(clean.shape, generator=generator, dtype=clean.dtype) * 2 - 1) * eps
     else:
@@ -76,7 +83,7 @@ class PGD(Attack):
             return AttackResult(pixels=clean.clone())
         step_size = self.step_size if self.step_size is not None else 2.5 * threat.eps / self.steps
         delta = (
-            random_start(clean, threat.norm, threat.eps, generator)
+            random_start(clean, threat.norm, threat.eps, generator, batch.seeds)
             if self.random_start
             else torch.zeros_like(clean)
         )

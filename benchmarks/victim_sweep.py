@@ -2,7 +2,8 @@
 
 Used to choose the built-in victim's defaults (a benchmark, not a test). On an H200 (300 test
 questions; clean / after PGD-20 at 8/255): default 0.975 / 0.426; h128-e4 0.950 / 0.406;
-s2000 (h128-e4) 0.897 / 0.499; s1000 (h128-e4) 0.781 / 0.597; patch 2 at 2000 steps 0.783 / 0.541.
+h128-e4-s2000 0.897 / 0.499; h128-e4-s1000 0.781 / 0.597; -lr2e-3 0.789 / 0.486; -bs64 0.951 / 0.402;
+-p2 0.783 / 0.541.
 
     python benchmarks/victim_sweep.py [--device cuda] [--configs default,lr2e-3,...]
 """
@@ -34,12 +35,12 @@ from tasks.vqav2 import VQAv2Task
 CONFIGS = {
     "smoke": {"steps": 5},
     "default": {},
-    "s1000": {"steps": 1000},
-    "s2000": {"steps": 2000},
-    "s2000-lr2e-3": {"steps": 2000, "lr": 2e-3},
-    "s2000-bs64": {"steps": 2000, "batch_size": 64},
     "h128-e4": {"hidden": 128, "encoder_layers": 4},
-    "s2000-p2": {"steps": 2000, "patch_size": 2},
+    "h128-e4-s1000": {"hidden": 128, "encoder_layers": 4, "steps": 1000},
+    "h128-e4-s2000": {"hidden": 128, "encoder_layers": 4, "steps": 2000},
+    "h128-e4-s2000-lr2e-3": {"hidden": 128, "encoder_layers": 4, "steps": 2000, "lr": 2e-3},
+    "h128-e4-s2000-bs64": {"hidden": 128, "encoder_layers": 4, "steps": 2000, "batch_size": 64},
+    "h128-e4-s2000-p2": {"hidden": 128, "encoder_layers": 4, "steps": 2000, "patch_size": 2},
 }
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+from typing import Annotated
 
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import Field
 
 from harness.contracts import Defense
 
@@ -25,7 +27,7 @@ class JpegDefense(Defense):
     differentiable = False
     bpda = "identity"
 
-    def __init__(self, *, quality: int = 75):
+    def __init__(self, *, quality: Annotated[int, Field(ge=1, le=95)] = 75):
         if not 1 <= quality <= 95:
             raise ValueError("quality must be between 1 and 95 (PIL's useful range)")
         self.quality = quality

@@ -138,6 +138,9 @@ class AttackBatch:
     prompts: list[str]
     targets: list[str]
     kind: TaskKind
+    seeds: list[int] | None = None
+    """Per-sample seeds. When given, per-sample randomness (random starts) must come from them, so
+    an adversarial example does not depend on which samples shared its batch."""
 
 
 @dataclass

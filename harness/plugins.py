@@ -18,6 +18,7 @@ from harness import hookspecs
 from harness.registry import Entry, Registry, RegistryError
 
 ENTRY_POINT_GROUP = "codefend"
+BUILTIN_DISTRIBUTION = "codefend-bench"
 
 #: hook name -> registry kind, in the order ``codefend plugins`` lists them.
 HOOK_KINDS: dict[str, str] = {
@@ -80,7 +81,7 @@ class Plugins:
 
 
 def _describe_error(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
 def load_plugins(
@@ -93,7 +94,9 @@ def load_plugins(
 
     sources: list[tuple[str, Callable[[], object], str, str, str]] = []
     if use_entry_points:
-        for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        # Built-ins first, so that they keep their plain names if a third party reuses one.
+        eps = entry_points(group=ENTRY_POINT_GROUP)
+        for ep in sorted(eps, key=lambda e: (getattr(e.dist, "name", "") != BUILTIN_DISTRIBUTION, e.name)):
             dist = ep.dist
             sources.append(
                 (ep.name, ep.load, dist.name if dist else "?", dist.version if dist else "?", ep.value)
@@ -102,6 +105,12 @@ def load_plugins(
         sources.append((name, (lambda m=module: m), "(in-process)", "-", getattr(module, "__name__", name)))
 
     for name, load, dist_name, version, module_path in sources:
+        # Entry-point names are unique only within a distribution.
+        if name in infos:
+            name = f"{dist_name}:{name}"
+        if name in infos:
+            warnings.warn(f"plugin '{name}' ({module_path}) is declared twice; the second is skipped", PluginLoadWarning, stacklevel=2)
+            continue
         info = PluginInfo(name=name, distribution=dist_name, version=version, module=module_path)
         infos[name] = info
         try:

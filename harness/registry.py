@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import types
 import typing
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -33,6 +34,15 @@ def parse_fraction(value: Any) -> Any:
 
 FloatOrFraction = Annotated[float, BeforeValidator(parse_fraction)]
 """Use in plugin signatures for parameters users write as fractions (``step_size: 1/255``)."""
+
+
+def _accept_fractions(annotation: Any) -> Any:
+    """``float`` -> :data:`FloatOrFraction`, also inside unions such as ``float | None``."""
+    if annotation is float:
+        return FloatOrFraction
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.Union[tuple(_accept_fractions(arg) for arg in typing.get_args(annotation))]
+    return annotation
 
 
 class RegistryError(Exception):
@@ -85,9 +95,7 @@ class Entry(Generic[T]):
             hints = {}
         fields: dict[str, Any] = {}
         for key, p in self.parameters().items():
-            annotation = hints.get(key, Any)
-            if annotation is float:
-                annotation = FloatOrFraction
+            annotation = _accept_fractions(hints.get(key, Any))
             default = ... if p.default is inspect.Parameter.empty else p.default
             fields[key] = (annotation, default)
         config = pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=True)

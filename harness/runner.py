@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -75,7 +77,8 @@ def adversarial_key(cell: Cell, victim_fp: str, sample: Sample) -> str | None:
         {
             "schema": SCHEMA_VERSION,
             "victim": victim_fp,
-            "task": cell.task.model_dump(),
+            # not n: an adversarial example depends on its sample, not on the subset around it
+            "task": cell.task.model_dump(exclude={"n"}),
             "sample": sample.id,
             "input": _image_hash(sample.image),
             "attack": cell.attack.name,
@@ -129,8 +132,9 @@ def run_chunk(chunk: Chunk, plugins: Plugins | None = None) -> ChunkOutcome:
         if key is not None and key in chunk.cached_adversarial:
             adversarial[i] = torch.from_numpy(chunk.cached_adversarial[key]).to(clean.device)
     if todo:
-        batch = AttackBatch(clean[todo], [prompts[i] for i in todo], [targets[i] for i in todo], task.kind)
-        generator = torch.Generator().manual_seed(_seed_for(cell.seed, chunk.adversarial_keys[todo[0]]))
+        seeds = [_seed_for(cell.seed, chunk.adversarial_keys[i]) for i in todo]
+        batch = AttackBatch(clean[todo], [prompts[i] for i in todo], [targets[i] for i in todo], task.kind, seeds)
+        generator = torch.Generator().manual_seed(seeds[0])
         steps = sum(attack.passes_per_sample()[1:]) or None
         started = time.perf_counter()
         with tqdm(total=steps, desc="  attack steps", unit="step", leave=False, disable=not chunk.progress) as bar:
@@ -221,6 +225,8 @@ def provenance(suite: Suite, plugins: Plugins) -> dict[str, Any]:
         "device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
         "platform": platform.platform(),
         "store_schema": SCHEMA_VERSION,
     }

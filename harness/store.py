@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import socket
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -66,6 +68,18 @@ CREATE TABLE IF NOT EXISTS results (
 );
 CREATE INDEX IF NOT EXISTS results_cell ON results (victim, task, attack, threat, defense);
 """
+
+
+def _process_alive(pid: Any) -> bool:
+    if not isinstance(pid, int):
+        return True  # unknown: leave the row alone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def digest_json(value: Any) -> str:
@@ -116,11 +130,21 @@ class Store:
 
     # -- runs -------------------------------------------------------------------------------
     def begin_run(self, run_id: str, suite: str, suite_path: str, provenance: dict[str, Any]) -> None:
+        self._mark_dead_runs()
         with self._db:
             self._db.execute(
                 "INSERT INTO runs VALUES (?, ?, ?, ?, NULL, 'running', ?)",
                 (run_id, suite, suite_path, time.time(), json.dumps(provenance, default=str)),
             )
+
+    def _mark_dead_runs(self) -> None:
+        """A run killed outright never finishes its row: mark those whose process is gone."""
+        host = socket.gethostname()
+        with self._db:
+            for run_id, text in self._db.execute("SELECT run_id, provenance FROM runs WHERE status='running'").fetchall():
+                recorded = json.loads(text)
+                if recorded.get("host") == host and not _process_alive(recorded.get("pid")):
+                    self._db.execute("UPDATE runs SET status='killed' WHERE run_id=?", (run_id,))
 
     def finish_run(self, run_id: str, status: str, extra: dict[str, Any] | None = None) -> None:
         with self._db:

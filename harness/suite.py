@@ -8,6 +8,7 @@ wrong and what is allowed — users never see a traceback for a mistake in their
 from __future__ import annotations
 
 import difflib
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -105,6 +106,9 @@ class DefenseSpec(_Strict):
         return self.id or self.name
 
 
+RESERVED_THREAT_NAMES = ("clean",)
+
+
 class Suite(_Strict):
     name: str
     seed: int = 0
@@ -200,15 +204,18 @@ def _key_path(loc: tuple[Any, ...]) -> str:
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """The field names of the model that the error location points into."""
     current: Any = model
+    mapping_key_next = False
     for part in loc[:-1]:
-        if isinstance(part, int):
+        if isinstance(part, int) or mapping_key_next:
+            mapping_key_next = False
             continue
         if isinstance(current, type) and issubclass(current, BaseModel):
             field = current.model_fields.get(str(part))
             if field is None:
                 return []
             annotation = field.annotation
-            args = getattr(annotation, "__args__", ())
+            mapping_key_next = typing.get_origin(annotation) is dict
+            args = typing.get_args(annotation)
             current = args[-1] if args else annotation
     if isinstance(current, type) and issubclass(current, BaseModel):
         return list(current.model_fields)
@@ -216,7 +223,10 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 
 
 def _pydantic_error(path: Path, exc: pydantic.ValidationError) -> SuiteError:
-    err = exc.errors()[0]
+    # A misspelt key shows up twice: as an unknown key and as a missing one. Name the typo.
+    rank = {"extra_forbidden": 0, "missing": 2}
+    errors = sorted(exc.errors(), key=lambda e: rank.get(e["type"], 1))
+    err = errors[0]
     loc = tuple(err["loc"])
     key = _key_path(loc)
     kind = err["type"]
@@ -263,6 +273,13 @@ def _check_plugins(path: Path, suite: Suite, plugins: Plugins) -> None:
         except (ValueError, TypeError) as exc:
             raise SuiteError(path, f"{key}.params", f"{kind} '{name}' rejected its parameters: {exc}") from None
 
+    for name in suite.threat_models:
+        if name in RESERVED_THREAT_NAMES or "@" in name:
+            raise SuiteError(
+                path, f"threat_models.{name}",
+                f"the name '{name}' is reserved ('clean' is the unattacked condition, '@' marks sweep members); "
+                "rename it, e.g. 'linf-8'",
+            )
     for i, victim in enumerate(suite.victims):
         create("victim", victim.name, victim.params, f"victims[{i}]")
     for i, task in enumerate(suite.tasks):

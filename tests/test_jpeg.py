@@ -85,7 +85,7 @@ def test_quality_bounds_are_accepted(quality: int, pixels: torch.Tensor) -> None
 
 @pytest.mark.parametrize(
     ("value", "key", "says"),
-    [(150, "defenses[1].params", "quality must be between 1 and 95"),
+    [(150, "defenses[1].params.quality", "less than or equal to 95"),
      ("high", "defenses[1].params.quality", "valid integer")],
     ids=["out-of-range", "not-an-int"],
 )
