@@ -7,7 +7,7 @@ Everything a plugin receives or returns is declared here, once. The hook specifi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, ClassVar, Literal, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -91,6 +91,15 @@ class Victim(Protocol):
 
 
 @runtime_checkable
+class EmbeddingVictim(Protocol):
+    """A victim that also exposes image features (for feature-space and transfer attacks)."""
+
+    def embed_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B,3,H,W] pixels in [0,1] -> [B,D] features, differentiable w.r.t. pixels."""
+        ...
+
+
+@runtime_checkable
 class Task(Protocol):
     """A benchmark task over a data set in its official on-disk format.
 
@@ -141,6 +150,13 @@ class AttackBatch:
     seeds: list[int] | None = None
     """Per-sample seeds. When given, per-sample randomness (random starts) must come from them, so
     an adversarial example does not depend on which samples shared its batch."""
+    references: list[list[str]] | None = None
+    """Every attack target of each sample, most important first (``Task.attack_targets``):
+    ``targets`` holds the first of each. Ensembles attack several of them."""
+    scorer: Callable[[Sequence[str], Sequence[int]], list[float]] | None = None
+    """``scorer(outputs, indices)`` scores outputs of the batch's samples ``indices`` with the
+    task's headline metric (higher is better for the victim), for attacks that keep the per-sample
+    worst case or stop early."""
 
 
 @dataclass
@@ -150,6 +166,8 @@ class AttackResult:
     pixels: torch.Tensor
     forward_passes: int = 0
     backward_passes: int = 0
+    queries: int = 0
+    """Victim outputs the attack looked at (query attacks count every one)."""
     losses: list[float] = field(default_factory=list)
     """Mean loss per step, first to last; lets tests and reports check that it rose."""
 
@@ -159,12 +177,16 @@ class Attack:
 
     Subclasses take their parameters as typed keyword arguments (validated when a suite loads)
     and implement :meth:`perturb`. ``requires`` says what access the attack needs:
-    ``"gradients"`` (white-box), ``"queries"`` (outputs only) or ``"none"``.
+    ``"gradients"`` (white-box), ``"queries"`` (outputs only), ``"transfer"`` (gradients of a
+    surrogate model only) or ``"none"``.
     ``uses_threat`` is False for attacks that ignore the threat model (``none``).
     """
 
-    requires: ClassVar[Literal["gradients", "queries", "none"]] = "gradients"
+    requires: ClassVar[Literal["gradients", "queries", "transfer", "none"]] = "gradients"
     uses_threat: ClassVar[bool] = True
+    target_text: str | None = None
+    """Targeted attacks set this: the text the victim should be made to say. The runner records,
+    per sample, whether the output contains it."""
 
     def perturb(
         self,

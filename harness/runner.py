@@ -69,43 +69,39 @@ def _seed_for(*parts: Any) -> int:
     return int(hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:15], 16)
 
 
+def _attacked_input(cell: Cell, victim_fp: str, sample: Sample) -> dict[str, Any]:
+    """Everything that determines a sample's attacked image (the defense does not, when oblivious)."""
+    return {
+        "schema": SCHEMA_VERSION,
+        "victim": victim_fp,
+        # not n: an adversarial example depends on its sample, not on the subset around it
+        "task": cell.task.model_dump(exclude={"n"}),
+        "sample": sample.id,
+        "input": _image_hash(sample.image),
+        "attack": cell.attack.name,
+        "attack_params": cell.attack.params,
+        "adaptive": cell.attack.adaptive,
+        "threat": cell.threat.as_record(),
+        "seed": cell.seed,
+    }
+
+
 def adversarial_key(cell: Cell, victim_fp: str, sample: Sample) -> str | None:
     """Key of a sample's oblivious adversarial example; None for attacks that change nothing."""
     if cell.attack.name == "none":
         return None
-    return digest_json(
-        {
-            "schema": SCHEMA_VERSION,
-            "victim": victim_fp,
-            # not n: an adversarial example depends on its sample, not on the subset around it
-            "task": cell.task.model_dump(exclude={"n"}),
-            "sample": sample.id,
-            "input": _image_hash(sample.image),
-            "attack": cell.attack.name,
-            "attack_params": cell.attack.params,
-            "adaptive": cell.attack.adaptive,
-            "threat": cell.threat.as_record(),
-            "seed": cell.seed,
-        }
-    )
+    return digest_json(_attacked_input(cell, victim_fp, sample))
 
 
 def result_fingerprint(cell: Cell, victim_fp: str, sample: Sample) -> str:
     return digest_json(
         {
-            "schema": SCHEMA_VERSION,
-            "victim": victim_fp,
-            "victim_params": cell.victim.params,
+            **_attacked_input(cell, victim_fp, sample),
+            # with n: set-level metrics (CIDEr) score a sample against the whole subset
             "task": cell.task.model_dump(),
-            "sample": sample.id,
-            "input": _image_hash(sample.image),
-            "attack": cell.attack.name,
-            "attack_params": cell.attack.params,
-            "adaptive": cell.attack.adaptive,
-            "threat": cell.threat.as_record(),
+            "victim_params": cell.victim.params,
             "defense": cell.defense.name,
             "defense_params": cell.defense.params,
-            "seed": cell.seed,
         }
     )
 
