@@ -214,12 +214,16 @@ class Defense:
     Declarations an adaptive attack relies on:
     - ``stochastic``: outputs depend on random draws (an adaptive attack needs EOT).
     - ``differentiable``: ``purify`` lets exact gradients flow; if False, an adaptive attack uses
-      BPDA with ``bpda`` (``"identity"``: treat purify as the identity on the backward pass).
+      BPDA with ``bpda``: ``"identity"`` (purify is the identity on the backward pass) or
+      ``"approximate"`` (the backward pass goes through the defense's ``approximate(pixels)``).
+    See :mod:`harness.adaptive`.
     """
 
     stochastic: ClassVar[bool] = False
     differentiable: ClassVar[bool] = True
     bpda: ClassVar[str | None] = None
+    eot_samples: ClassVar[int] = 1
+    """Draws an adaptive attack averages over when ``stochastic`` (a suite's ``eot`` overrides)."""
 
     def purify(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Map [B,3,H,W] pixels in [0,1] to purified pixels of the same shape in [0,1]."""

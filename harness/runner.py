@@ -19,12 +19,13 @@ import uuid
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from harness.adaptive import DefendedTarget, gradient_route
 from harness.contracts import AttackBatch, Sample, Task, Victim
 from harness.plugins import Plugins, get_plugins
 from harness.store import SCHEMA_VERSION, Store, digest_json
@@ -69,9 +70,18 @@ def _seed_for(*parts: Any) -> int:
     return int(hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:15], 16)
 
 
+_ACCESS = {"gradients": "white-box", "queries": "query", "transfer": "transfer", "none": "none"}
+
+
 def _attacked_input(cell: Cell, victim_fp: str, sample: Sample) -> dict[str, Any]:
-    """Everything that determines a sample's attacked image (the defense does not, when oblivious)."""
+    """Everything that determines a sample's attacked image (the defense only when adaptive)."""
+    adaptive = (
+        {"defense": cell.defense.name, "defense_params": cell.defense.params, "eot": cell.attack.eot}
+        if cell.attack.adaptive
+        else {}
+    )
     return {
+        **adaptive,
         "schema": SCHEMA_VERSION,
         "victim": victim_fp,
         # not n: an adversarial example depends on its sample, not on the subset around it
@@ -118,10 +128,14 @@ def run_chunk(chunk: Chunk, plugins: Plugins | None = None) -> ChunkOutcome:
 
     clean = victim.prepare([s.image for s in chunk.samples]).to(victim.device)
     prompts = [s.prompt for s in chunk.samples]
-    targets = [task.attack_targets(s)[0] for s in chunk.samples]
+    references = [task.attack_targets(s) for s in chunk.samples]
+    targets = [refs[0] for refs in references]
     adversarial = clean.clone()
     new_adversarial: dict[str, tuple[np.ndarray, dict[str, Any]]] = {}
     attack_record: dict[str, Any] = {}
+    defense_generator = torch.Generator().manual_seed(_seed_for(cell.seed, cell.defense.model_dump(), chunk.fingerprints[0]))
+    route = gradient_route(defense, cell.attack.eot) if cell.attack.adaptive else None
+    attack_target = DefendedTarget(victim, defense, route, defense_generator) if route else victim
 
     todo = [i for i, key in enumerate(chunk.adversarial_keys) if key is not None and key not in chunk.cached_adversarial]
     for i, key in enumerate(chunk.adversarial_keys):
@@ -129,21 +143,30 @@ def run_chunk(chunk: Chunk, plugins: Plugins | None = None) -> ChunkOutcome:
             adversarial[i] = torch.from_numpy(chunk.cached_adversarial[key]).to(clean.device)
     if todo:
         seeds = [_seed_for(cell.seed, chunk.adversarial_keys[i]) for i in todo]
-        batch = AttackBatch(clean[todo], [prompts[i] for i in todo], [targets[i] for i in todo], task.kind, seeds)
-        generator = torch.Generator().manual_seed(seeds[0])
+
+        def scorer(outputs: Sequence[str], indices: Sequence[int]) -> list[float]:
+            # Per-sample scores over the attacked subset only (CIDEr's document frequencies then
+            # come from that subset: good enough to rank candidates, not a reported number).
+            picked = [chunk.samples[todo[j]] for j in indices]
+            return [float(s[task.metric]) for s in task.score(list(outputs), picked)]
+
+        batch = AttackBatch(
+            clean[todo], [prompts[i] for i in todo], [targets[i] for i in todo], task.kind,
+            seeds=seeds, references=[list(references[i]) for i in todo], scorer=scorer,
+        )
         steps = sum(attack.passes_per_sample()[1:]) or None
         started = time.perf_counter()
         with tqdm(total=steps, desc="  attack steps", unit="step", leave=False, disable=not chunk.progress) as bar:
-            result = attack.perturb(victim, batch, cell.threat, generator, progress=bar)
+            result = attack.perturb(attack_target, batch, cell.threat, torch.Generator().manual_seed(seeds[0]), progress=bar)
         seconds = (time.perf_counter() - started) / len(todo)
         adversarial[todo] = result.pixels.to(clean.dtype)
         attack_record = {
-            "attack_seconds_per_sample": seconds,
-            "attack_forward_passes": result.forward_passes,
-            "attack_backward_passes": result.backward_passes,
-            "attack_loss_first": result.losses[0] if result.losses else None,
-            "attack_loss_last": result.losses[-1] if result.losses else None,
-            "attack_loss_best_mean": max(result.losses) if result.losses else None,
+            "seconds_per_sample": seconds,
+            "forward_passes": result.forward_passes,
+            "backward_passes": result.backward_passes,
+            "queries": result.queries,
+            "loss_first": result.losses[0] if result.losses else None,
+            "loss_last": result.losses[-1] if result.losses else None,
         }
         for i in todo:
             key = chunk.adversarial_keys[i]
@@ -154,18 +177,30 @@ def run_chunk(chunk: Chunk, plugins: Plugins | None = None) -> ChunkOutcome:
     linf = delta.abs().max(dim=1).values.tolist()
     l2 = delta.norm(dim=1).tolist()
 
-    generator = torch.Generator().manual_seed(_seed_for(cell.seed, cell.defense.model_dump(), chunk.fingerprints[0]))
     started = time.perf_counter()
     with torch.no_grad():
-        purified = defense.purify(adversarial, generator)
+        purified = defense.purify(adversarial, defense_generator)
     defense_seconds = (time.perf_counter() - started) / len(chunk.samples)
     started = time.perf_counter()
     outputs = victim.generate(purified, defense.rewrite(prompts), task.kind)
     generate_seconds = (time.perf_counter() - started) / len(chunk.samples)
 
+    attack_info = {
+        "name": cell.attack.name,
+        "params": cell.attack.params,
+        "mode": "adaptive" if route else "oblivious",
+        **(route.as_record() if route else {}),
+        "access": _ACCESS[attack.requires],
+        **({"surrogate": attack.surrogate} if getattr(attack, "surrogate", None) else {}),
+    }
     rows = []
     for i, sample in enumerate(chunk.samples):
         key = chunk.adversarial_keys[i]
+        targeted = (
+            {"targeted": {"text": attack.target_text, "success": attack.target_text.lower() in outputs[i].lower()}}
+            if attack.target_text
+            else {}
+        )
         rows.append(
             {
                 "fingerprint": chunk.fingerprints[i],
@@ -183,14 +218,17 @@ def run_chunk(chunk: Chunk, plugins: Plugins | None = None) -> ChunkOutcome:
                 "output": outputs[i],
                 "adversarial_key": key,
                 "record": {
-                    "attack": {"name": cell.attack.name, "params": cell.attack.params, "mode": "oblivious",
-                               "access": attack.requires, "reused": key in chunk.cached_adversarial if key else False},
-                    "threat": {**cell.threat.as_record(), "space": f"victim input {victim.input_size[0]}x{victim.input_size[1]}, [0,1]"},
+                    "attack": {**attack_info, "reused": key in chunk.cached_adversarial if key else False, **targeted},
+                    "threat": {
+                        **cell.threat.as_record(),
+                        "bounded": attack.uses_threat,
+                        "space": f"victim input {victim.input_size[0]}x{victim.input_size[1]}, [0,1]",
+                    },
                     "perturbation": {"linf": linf[i], "l2": l2[i]},
                     "defense": {"name": cell.defense.name, "params": cell.defense.params,
                                 "seconds_per_image": defense_seconds, "passes_per_image": defense.passes_per_sample()},
                     "generate_seconds_per_sample": generate_seconds,
-                    "target_text": targets[i],
+                    "reference_attacked": targets[i],
                     **({"attack_cost": attack_record} if key in new_adversarial else {}),
                     "victim_fingerprint": chunk.victim_fingerprint,
                     "seed": cell.seed,

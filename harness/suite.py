@@ -85,6 +85,7 @@ class AttackSpec(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     threats: list[str] = Field(default_factory=list)
     adaptive: bool = False
+    eot: int | None = Field(default=None, gt=0)
 
     @field_validator("threats", mode="before")
     @classmethod
@@ -93,7 +94,7 @@ class AttackSpec(_Strict):
 
     @property
     def label(self) -> str:
-        return self.id or self.name
+        return self.id or (f"{self.name}-adaptive" if self.adaptive else self.name)
 
 
 class DefenseSpec(_Strict):
@@ -304,8 +305,14 @@ def _check_plugins(path: Path, suite: Suite, plugins: Plugins) -> None:
             raise SuiteError(path, f"{key}.threats", f"attack '{attack.name}' needs at least one threat model (names from threat_models)")
         if not instance.uses_threat and attack.threats:
             raise SuiteError(path, f"{key}.threats", f"attack '{attack.name}' does not use a threat model; remove 'threats'")
-        if attack.adaptive:
-            raise SuiteError(path, f"{key}.adaptive", "adaptive attacks (attacking defense∘victim) are not available yet; set adaptive: false")
+        if attack.adaptive and instance.requires not in ("gradients", "queries"):
+            raise SuiteError(
+                path, f"{key}.adaptive",
+                f"attack '{attack.name}' needs {instance.requires!r} access, so it cannot adapt to a defense; "
+                "adaptive mode applies to gradient and query attacks",
+            )
+        if attack.eot is not None and not attack.adaptive:
+            raise SuiteError(path, f"{key}.eot", "eot (expectation over transformation) only applies with adaptive: true")
     for label, items in (("attacks", [a.label for a in suite.attacks]), ("defenses", [d.label for d in suite.defenses])):
         dupes = {x for x in items if items.count(x) > 1}
         if dupes:

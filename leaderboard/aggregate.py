@@ -29,12 +29,31 @@ class BoardRow:
 
 
 @dataclass
+class Condition:
+    """What a column means: how its attack reached the model, and what it achieved."""
+
+    name: str
+    access: str  # white-box | transfer | query | none
+    mode: str  # oblivious | adaptive
+    gradient: str | None  # adaptive only: exact | bpda-identity | bpda-approximate
+    eot: int | None
+    bounded: bool
+    eps: float
+    max_linf: float
+    """Largest L∞ perturbation measured on the stored pixels (≤ eps for bounded attacks)."""
+    target_text: str | None = None
+    target_success: dict[str, float] = field(default_factory=dict)
+    """defense -> share of samples whose output contains the target text (targeted attacks)."""
+
+
+@dataclass
 class Table:
     victim: str
     task: str
     metric: str
     conditions: list[str]
     rows: list[BoardRow] = field(default_factory=list)
+    details: dict[str, Condition] = field(default_factory=dict)
 
 
 @dataclass
@@ -63,7 +82,8 @@ def build_board(store: Store) -> Board:
         for r in rows:
             assert r.headline is not None
             per_defense[r.defense][condition_of(r)][r.sample_id] = r.headline
-        table = Table(victim=victim, task=task, metric=rows[0].metric, conditions=conditions)
+        table = Table(victim=victim, task=task, metric=rows[0].metric, conditions=conditions,
+                      details={c: _condition(c, [r for r in rows if condition_of(r) == c]) for c in conditions})
         for defense, by_condition in per_defense.items():
             scores = {c: Score(sum(v.values()) / len(v), len(v)) for c, v in by_condition.items()}
             common = set.intersection(*(set(v) for v in by_condition.values()))
@@ -75,3 +95,27 @@ def build_board(store: Store) -> Board:
         table.rows.sort(key=lambda r: (-(r.worst_case.mean if r.worst_case else float("-inf")), r.defense))
         tables.append(table)
     return Board(tables=tables, runs=store.runs())
+
+
+def _condition(name: str, rows: list[ResultRow]) -> Condition:
+    attack = rows[0].record.get("attack", {})
+    threat = rows[0].record.get("threat", {})
+    success: dict[str, list[bool]] = defaultdict(list)
+    target_text = None
+    for r in rows:
+        targeted = r.record.get("attack", {}).get("targeted")
+        if targeted:
+            target_text = targeted["text"]
+            success[r.defense].append(bool(targeted["success"]))
+    return Condition(
+        name=name,
+        access=attack.get("access", "none"),
+        mode=attack.get("mode", "oblivious"),
+        gradient=attack.get("gradient"),
+        eot=attack.get("eot"),
+        bounded=threat.get("bounded", True),
+        eps=rows[0].eps,
+        max_linf=max(r.record.get("perturbation", {}).get("linf", 0.0) for r in rows),
+        target_text=target_text,
+        target_success={d: sum(v) / len(v) for d, v in sorted(success.items())},
+    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from leaderboard.aggregate import Board, Score
+from leaderboard.aggregate import Board, Condition, Score
 
 # Papers report CIDEr x100 (already scaled by the task) with one decimal; accuracies with three.
 _DECIMALS = {"cider": 1, "bleu4": 3, "rouge_l": 3, "meteor": 3}
@@ -12,6 +12,18 @@ def _fmt(score: Score | None, metric: str) -> str:
     if score is None:
         return "–"
     return f"{score.mean:.{_DECIMALS.get(metric, 3)}f}"
+
+
+def _describe(c: Condition) -> str:
+    how = c.mode
+    if c.mode == "adaptive":
+        how += f" ({c.gradient}" + (f", EOT {c.eot}" if c.eot and c.eot > 1 else "") + ")"
+    ball = f"ε={c.eps * 255:.3g}/255, max measured L∞ {c.max_linf * 255:.3g}/255" if c.bounded else "unbounded"
+    text = f"`{c.name}`: {c.access}, {how}, {ball}"
+    if c.target_text:
+        rates = ", ".join(f"{d} {rate:.0%}" for d, rate in c.target_success.items())
+        text += f"; targeted '{c.target_text}', output contains it: {rates}"
+    return text
 
 
 def render_markdown(board: Board) -> str:
@@ -28,9 +40,13 @@ def render_markdown(board: Board) -> str:
             cells = [_fmt(row.scores.get(c), table.metric) for c in table.conditions]
             lines.append("| " + " | ".join([row.defense, *cells, _fmt(row.worst_case, table.metric)]) + " |")
         lines.append("")
+        notes = [_describe(table.details[c]) for c in table.conditions if c != "clean"]
+        if notes:
+            lines += [f"- {note}" for note in notes] + [""]
     lines.append(
-        "Attacks are oblivious (computed against the undefended victim, reused for every defense). "
-        "Worst case: per sample, the lowest score over all conditions (clean included), then averaged."
+        "Oblivious attacks are computed against the undefended victim and reused for every defense; "
+        "adaptive ones attack defense∘victim. Worst case: per sample, the lowest score over all "
+        "conditions (clean included), then averaged."
     )
     return "\n".join(lines) + "\n"
 

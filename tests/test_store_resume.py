@@ -158,7 +158,7 @@ def test_oblivious_adversarial_examples_are_computed_once_and_reused(run_a: Run)
         assert key is not None and key == none_key
         assert record["attack"]["reused"] is True and "attack_cost" not in record
         assert none_record["attack"]["reused"] is False
-        assert none_record["attack_cost"]["attack_backward_passes"] == 3
+        assert none_record["attack_cost"]["backward_passes"] == 3
         assert record["perturbation"] == pytest.approx(none_record["perturbation"])
         assert record["threat"]["space"] == "victim input 32x32, [0,1]"
     clean_rows = [v for k, v in rows.items() if k[1] == "none"]

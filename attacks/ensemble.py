@@ -1,0 +1,111 @@
+"""``ensemble``: the per-sample worst case over member attacks and over a sample's references.
+
+RobustVLM's protocol: start from the clean image; run each member against each of the top
+``references`` reference texts (the most frequent VQA answers; the captions); after every run,
+keep for each sample the adversarial image with the lowest task score so far; stop attacking a
+sample once its score falls below ``stop_below``. Members are any registered attacks, targeted
+ones included (RobustVLM's VQA ensemble adds targeted runs to "maybe" and "word").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from attacks.pgd import project
+from harness.contracts import Attack, AttackBatch, AttackResult, AttackTarget, ThreatModel
+
+
+class Member(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class Ensemble(Attack):
+    """Per-sample worst case over ``members`` x top-``references`` targets."""
+
+    requires = "gradients"
+
+    def __init__(self, *, members: list[Member], references: int = 1, stop_below: float | None = None):
+        from harness.plugins import get_plugins  # the registry holds the members' factories
+
+        if not members:
+            raise ValueError("an ensemble needs at least one member attack")
+        if references < 1:
+            raise ValueError("references must be at least 1")
+        registry = get_plugins().attacks
+        self.members: list[tuple[str, Attack]] = []
+        for member in members:
+            if member.name == "ensemble":
+                raise ValueError("an ensemble cannot contain another ensemble")
+            attack = registry.create(member.name, member.params)
+            if not attack.uses_threat:
+                raise ValueError(f"member '{member.name}' ignores the threat model; an ensemble keeps every member inside one ball")
+            self.members.append((member.name, attack))
+        self.references = references
+        self.stop_below = stop_below
+        if any(attack.requires == "queries" for _, attack in self.members):
+            self.requires = "queries"
+        if all(attack.requires == "transfer" for _, attack in self.members):
+            self.requires = "transfer"
+
+    def passes_per_sample(self) -> tuple[int, int]:
+        forward = backward = 0
+        for _, attack in self.members:
+            f, b = attack.passes_per_sample()
+            runs = 1 if attack.target_text else self.references
+            forward, backward = forward + runs * f, backward + runs * b
+        return forward, backward
+
+    def perturb(
+        self,
+        target: AttackTarget,
+        batch: AttackBatch,
+        threat: ThreatModel,
+        generator: torch.Generator,
+        progress: Any = None,
+    ) -> AttackResult:
+        if batch.scorer is None:
+            raise ValueError("the ensemble needs batch.scorer to keep the per-sample worst case")
+        references = batch.references or [[t] for t in batch.targets]
+        clean = batch.pixels.detach()
+        n = clean.shape[0]
+        best = clean.clone()
+        best_score = torch.tensor(batch.scorer(target.generate(clean, batch.prompts, batch.kind), list(range(n))))
+        result = AttackResult(pixels=best, forward_passes=1, queries=n)
+
+        for _, attack in self.members:
+            # A targeted member aims at its own text: one run covers every reference.
+            runs = 1 if attack.target_text else self.references
+            for r in range(runs):
+                active = [
+                    i for i in range(n)
+                    if r < len(references[i]) and (self.stop_below is None or best_score[i] >= self.stop_below)
+                ]
+                if not active:
+                    continue
+                sub = AttackBatch(
+                    clean[active],
+                    [batch.prompts[i] for i in active],
+                    [references[i][r] for i in active],
+                    batch.kind,
+                    seeds=[batch.seeds[i] + r for i in active] if batch.seeds else None,
+                    references=[references[i] for i in active],
+                    scorer=lambda outputs, idx, active=active: batch.scorer(outputs, [active[j] for j in idx]),
+                )
+                run = attack.perturb(target, sub, threat, generator, progress)
+                outputs = target.generate(run.pixels, sub.prompts, batch.kind)
+                scores = torch.tensor(batch.scorer(outputs, active))
+                for j, i in enumerate(active):
+                    if scores[j] < best_score[i]:
+                        best_score[i] = scores[j]
+                        best[i] = run.pixels[j]
+                result.forward_passes += run.forward_passes + 1
+                result.backward_passes += run.backward_passes
+                result.queries += run.queries + len(active)
+                result.losses.extend(run.losses[-1:])
+        result.pixels = (clean + project(best - clean, clean, threat.norm, threat.eps)).detach()
+        return result

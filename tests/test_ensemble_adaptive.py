@@ -1,0 +1,134 @@
+"""The ensemble's per-sample worst case, and adaptive attacks through defenses (exact, BPDA, EOT)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import pytest
+import torch
+
+from attacks.ensemble import Ensemble, Member
+from attacks.pgd import PGD
+from defenses.basic import JpegDefense
+from harness.adaptive import DefendedTarget, gradient_route
+from harness.contracts import AttackBatch, Defense, ThreatModel
+from tasks.vqa_eval import vqa_accuracy
+
+LINF8 = ThreatModel("linf-8", "linf", 8 / 255)
+
+
+@pytest.fixture(scope="module")
+def samples(vqa_task):
+    return vqa_task.samples("test", 24, 0)
+
+
+def _batch(victim, task, samples) -> AttackBatch:
+    references = [task.attack_targets(s) for s in samples]
+
+    def scorer(outputs: Sequence[str], indices: Sequence[int]) -> list[float]:
+        return [vqa_accuracy(o, samples[i].references) for o, i in zip(outputs, indices)]
+
+    return AttackBatch(
+        victim.prepare([s.image for s in samples]), [s.prompt for s in samples], [r[0] for r in references], "vqa",
+        seeds=list(range(len(samples))), references=references, scorer=scorer,
+    )
+
+
+def _scores(victim, batch: AttackBatch, pixels: torch.Tensor) -> list[float]:
+    return batch.scorer(victim.generate(pixels, batch.prompts, "vqa"), list(range(len(batch.prompts))))
+
+
+def test_ensemble_is_per_sample_at_least_as_strong_as_each_member(tiny_victim, vqa_task, samples) -> None:
+    batch = _batch(tiny_victim, vqa_task, samples)
+    generator = torch.Generator().manual_seed(0)
+    members = [Member(name="pgd", params={"steps": 5}), Member(name="pgd", params={"steps": 5, "step_size": "4/255"})]
+    ensemble = Ensemble(members=members, references=2).perturb(tiny_victim, batch, LINF8, generator)
+    worst = _scores(tiny_victim, batch, ensemble.pixels)
+    clean = _scores(tiny_victim, batch, batch.pixels)
+    for params in ({"steps": 5}, {"steps": 5, "step_size": 4 / 255}):
+        member = PGD(**params).perturb(tiny_victim, batch, LINF8, torch.Generator().manual_seed(0))
+        member_scores = _scores(tiny_victim, batch, member.pixels)
+        assert all(w <= m + 1e-9 for w, m in zip(worst, member_scores)), (worst, member_scores)
+    assert all(w <= c + 1e-9 for w, c in zip(worst, clean))
+    assert sum(worst) < sum(clean)
+    assert (ensemble.pixels - batch.pixels).abs().max() <= 8 / 255 + 1e-6
+    assert ensemble.forward_passes > 2 * 5 and ensemble.backward_passes == 4 * 5  # 2 members x 2 references
+
+
+def test_ensemble_early_stop_skips_broken_samples(tiny_victim, vqa_task, samples) -> None:
+    batch = _batch(tiny_victim, vqa_task, samples)
+    members = [Member(name="pgd", params={"steps": 3})]
+    full = Ensemble(members=members, references=3).perturb(tiny_victim, batch, LINF8, torch.Generator())
+    stopped = Ensemble(members=members, references=3, stop_below=0.5).perturb(tiny_victim, batch, LINF8, torch.Generator())
+    assert stopped.backward_passes < full.backward_passes
+
+
+def test_ensemble_rejects_unbounded_members() -> None:
+    with pytest.raises(ValueError, match="ignores the threat model"):
+        Ensemble(members=[Member(name="none")])
+
+
+class _Zeroing(Defense):
+    """A gradient-masking toy: differentiable, but its output does not depend on the input."""
+
+    def purify(self, pixels, generator):
+        return pixels * 0 + 0.5
+
+
+class _Noise(Defense):
+    stochastic = True
+    eot_samples = 4
+
+    def purify(self, pixels, generator):
+        noise = torch.randn(pixels.shape, generator=generator) * 0.05
+        return (pixels + noise).clamp(0, 1)
+
+
+def test_gradient_routes_follow_the_defense_declarations() -> None:
+    assert gradient_route(JpegDefense(), None).as_record() == {"gradient": "bpda-identity", "eot": 1}
+    assert gradient_route(_Zeroing(), None).as_record() == {"gradient": "exact", "eot": 1}
+    assert gradient_route(_Noise(), None).eot == 4
+    assert gradient_route(_Noise(), 7).eot == 7
+
+
+def test_exact_gradient_through_a_masking_defense_is_zero_and_bpda_is_not(tiny_victim, vqa_task, samples) -> None:
+    batch = _batch(tiny_victim, vqa_task, samples[:4])
+    pixels = batch.pixels.clone().requires_grad_(True)
+    exact = DefendedTarget(tiny_victim, _Zeroing(), gradient_route(_Zeroing(), None), torch.Generator())
+    (grad,) = torch.autograd.grad(exact.loss(pixels, batch.prompts, batch.targets, "vqa").sum(), pixels)
+    assert grad.abs().max() == 0
+    jpeg = JpegDefense(quality=50)
+    bpda = DefendedTarget(tiny_victim, jpeg, gradient_route(jpeg, None), torch.Generator())
+    loss = bpda.loss(pixels, batch.prompts, batch.targets, "vqa")
+    (grad,) = torch.autograd.grad(loss.sum(), pixels)
+    assert torch.isfinite(grad).all() and grad.abs().max() > 0
+    # the forward pass is the real JPEG
+    jpeg_pixels = jpeg.purify(batch.pixels, torch.Generator())
+    assert torch.allclose(loss, tiny_victim.loss(jpeg_pixels, batch.prompts, batch.targets, "vqa"), atol=1e-5)
+
+
+def test_adaptive_bpda_pgd_beats_oblivious_pgd_against_jpeg(tiny_victim, vqa_task, samples) -> None:
+    batch = _batch(tiny_victim, vqa_task, samples)
+    jpeg = JpegDefense(quality=75)
+    target = DefendedTarget(tiny_victim, jpeg, gradient_route(jpeg, None), torch.Generator())
+    attack = PGD(steps=10)
+    oblivious = attack.perturb(tiny_victim, batch, LINF8, torch.Generator().manual_seed(0))
+    adaptive = attack.perturb(target, batch, LINF8, torch.Generator().manual_seed(0))
+    through_jpeg = lambda px: target.loss(px, batch.prompts, batch.targets, "vqa").mean().item()  # noqa: E731
+    assert through_jpeg(adaptive.pixels) > through_jpeg(oblivious.pixels)
+    assert adaptive.losses[-1] > adaptive.losses[0]
+
+
+def test_eot_averages_draws_of_a_stochastic_defense(tiny_victim, vqa_task, samples) -> None:
+    batch = _batch(tiny_victim, vqa_task, samples[:4])
+    calls = []
+
+    class Counting(_Noise):
+        def purify(self, pixels, generator):
+            calls.append(1)
+            return super().purify(pixels, generator)
+
+    defense = Counting()
+    target = DefendedTarget(tiny_victim, defense, gradient_route(defense, None), torch.Generator().manual_seed(0))
+    target.loss(batch.pixels, batch.prompts, batch.targets, "vqa")
+    assert len(calls) == 4
