@@ -41,7 +41,7 @@ class Chunk:
     samples: list[Sample]
     fingerprints: list[str]
     adversarial_keys: list[str | None]
-    cached_adversarial: dict[str, np.ndarray] = field(default_factory=dict)
+    cached_adversarial: dict[str, tuple[np.ndarray, dict[str, Any]]] = field(default_factory=dict)
     progress: bool = False
 
 
@@ -68,6 +68,13 @@ def _image_hash(image: np.ndarray) -> str:
 
 def _seed_for(*parts: Any) -> int:
     return int(hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:15], 16)
+
+
+def _attack_cost(key: str, new: dict[str, tuple[np.ndarray, dict[str, Any]]],
+                 cached: dict[str, tuple[np.ndarray, dict[str, Any]]]) -> dict[str, Any]:
+    """What producing this row's adversarial example cost (its batch's totals), computed or reused."""
+    record = (new.get(key) or cached[key])[1]
+    return {k: v for k, v in record.items() if k != "sample"}
 
 
 _ACCESS = {"gradients": "white-box", "queries": "query", "transfer": "transfer", "none": "none"}
@@ -140,7 +147,7 @@ def run_chunk(chunk: Chunk, plugins: Plugins | None = None) -> ChunkOutcome:
     todo = [i for i, key in enumerate(chunk.adversarial_keys) if key is not None and key not in chunk.cached_adversarial]
     for i, key in enumerate(chunk.adversarial_keys):
         if key is not None and key in chunk.cached_adversarial:
-            adversarial[i] = torch.from_numpy(chunk.cached_adversarial[key]).to(clean.device)
+            adversarial[i] = torch.from_numpy(chunk.cached_adversarial[key][0]).to(clean.device)
     if todo:
         seeds = [_seed_for(cell.seed, chunk.adversarial_keys[i]) for i in todo]
 
@@ -229,7 +236,7 @@ def run_chunk(chunk: Chunk, plugins: Plugins | None = None) -> ChunkOutcome:
                                 "seconds_per_image": defense_seconds, "passes_per_image": defense.passes_per_sample()},
                     "generate_seconds_per_sample": generate_seconds,
                     "reference_attacked": targets[i],
-                    **({"attack_cost": attack_record} if key in new_adversarial else {}),
+                    **({"attack_cost": _attack_cost(key, new_adversarial, chunk.cached_adversarial)} if key else {}),
                     "victim_fingerprint": chunk.victim_fingerprint,
                     "seed": cell.seed,
                 },

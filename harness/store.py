@@ -170,14 +170,15 @@ class Store:
         data = buffer.getvalue()
         return hashlib.sha256(data).hexdigest(), data
 
-    def adversarial(self, keys: Iterable[str]) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
+    def adversarial(self, keys: Iterable[str]) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
+        """key -> (pixels, the record of the attack run that made them), for the keys stored."""
+        out: dict[str, tuple[np.ndarray, dict[str, Any]]] = {}
         for key in keys:
             row = self._db.execute(
-                "SELECT a.data FROM adversarial v JOIN artifacts a ON a.digest = v.digest WHERE v.key=?", (key,)
+                "SELECT a.data, v.record FROM adversarial v JOIN artifacts a ON a.digest = v.digest WHERE v.key=?", (key,)
             ).fetchone()
             if row is not None:
-                out[key] = np.load(io.BytesIO(row[0]), allow_pickle=False)
+                out[key] = (np.load(io.BytesIO(row[0]), allow_pickle=False), json.loads(row[1]))
         return out
 
     def artifact(self, digest: str) -> np.ndarray:
