@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from attacks.pgd import project
+from attacks.pgd import project_pixels
 from harness.contracts import Attack, AttackBatch, AttackResult, AttackTarget, ThreatModel
 
 
@@ -107,5 +107,5 @@ class Ensemble(Attack):
                 result.backward_passes += run.backward_passes
                 result.queries += run.queries + len(active)
                 result.losses.extend(run.losses[-1:])
-        result.pixels = (clean + project(best - clean, clean, threat.norm, threat.eps)).detach()
+        result.pixels = project_pixels(best, clean, threat.norm, threat.eps).detach()
         return result

@@ -25,6 +25,16 @@ def project(delta: torch.Tensor, clean: torch.Tensor, norm: Norm, eps: float) ->
     return (clean + delta).clamp(0.0, 1.0) - clean
 
 
+def project_pixels(x: torch.Tensor, clean: torch.Tensor, norm: Norm, eps: float) -> torch.Tensor:
+    """Pixels ``x`` projected into the ``norm`` ball around ``clean`` and into [0,1].
+
+    :func:`attacks.pgd.project` on pixels rather than on a perturbation. The final clamp only removes
+    the float round-off of ``clean + ((clean + delta).clamp(0, 1) - clean)``; it never leaves the ball
+    (``clean`` is in [0,1]).
+    """
+    return (clean + project(x - clean, clean, norm, eps)).clamp(0.0, 1.0)
+
+
 def random_start(
     clean: torch.Tensor, norm: Norm, eps: float, generator: torch.Generator, seeds: list[int] | None = None
 ) -> torch.Tensor:
@@ -96,21 +106,21 @@ class PGD(Attack):
             loss = target.loss(clean + delta, batch.prompts, batch.targets, batch.kind)
             (grad,) = torch.autograd.grad(loss.sum(), delta)
             with torch.no_grad():
-                best, best_loss = _keep_best(best, best_loss, clean + delta, loss)
+                best, best_loss = keep_best(best, best_loss, clean + delta, loss)
                 losses.append(loss.mean().item())
                 delta = project(delta + ascent_step(grad, threat.norm, step_size), clean, threat.norm, threat.eps)
             if progress is not None:
                 progress.update(1)
         with torch.no_grad():
             final_loss = target.loss(clean + delta, batch.prompts, batch.targets, batch.kind)
-            best, best_loss = _keep_best(best, best_loss, clean + delta, final_loss)
+            best, best_loss = keep_best(best, best_loss, clean + delta, final_loss)
             losses.append(final_loss.mean().item())
         return AttackResult(
             pixels=best.detach(), forward_passes=self.steps + 1, backward_passes=self.steps, losses=losses
         )
 
 
-def _keep_best(
+def keep_best(
     best: torch.Tensor, best_loss: torch.Tensor, candidate: torch.Tensor, loss: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     better = loss.detach() > best_loss

@@ -87,7 +87,7 @@ def cmd_validate(args: argparse.Namespace, plugins: Plugins) -> int:
     print(f"{len(cells)} cells, {samples} sample evaluations")
     print(f"estimated passes: {estimate.attack_forward} attack forward + {estimate.attack_backward} attack backward "
           f"+ {estimate.defense} defense + {estimate.generate} generation = {estimate.total} "
-          "(oblivious attacks are computed once and shared by all defenses)")
+          "(oblivious attacks are computed once and shared by all defenses; adaptive ones once per defense)")
     for note in notes:
         print(f"note: {note}")
     return 0

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import socket
 import time
 import uuid
@@ -68,6 +69,11 @@ def _image_hash(image: np.ndarray) -> str:
 
 def _seed_for(*parts: Any) -> int:
     return int(hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:15], 16)
+
+
+def said(text: str, output: str) -> bool:
+    """Whether ``output`` contains ``text`` as whole words ("3" is not in "13"), ignoring case."""
+    return re.search(rf"(?<!\w){re.escape(text.strip().lower())}(?!\w)", output.lower()) is not None
 
 
 def _attack_cost(key: str, new: dict[str, tuple[np.ndarray, dict[str, Any]]],
@@ -204,7 +210,7 @@ def run_chunk(chunk: Chunk, plugins: Plugins | None = None) -> ChunkOutcome:
     for i, sample in enumerate(chunk.samples):
         key = chunk.adversarial_keys[i]
         targeted = (
-            {"targeted": {"text": attack.target_text, "success": attack.target_text.lower() in outputs[i].lower()}}
+            {"targeted": {"text": attack.target_text, "success": said(attack.target_text, outputs[i])}}
             if attack.target_text
             else {}
         )

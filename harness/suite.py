@@ -374,9 +374,11 @@ def estimate_passes(suite: Suite, plugins: Plugins, sample_counts: dict[int, int
             n = sample_counts[t_index]
             for attack in suite.attacks:
                 instance = plugins.attacks.create(attack.name, attack.params)
+                # adaptive attacks run once per defense; oblivious ones once, shared by all
+                runs = len(defenses) if attack.adaptive else 1
                 for _threat in suite.threats_of(attack):
                     f, b = instance.passes_per_sample()
-                    fwd, bwd = fwd + f * n, bwd + b * n
+                    fwd, bwd = fwd + f * n * runs, bwd + b * n * runs
                     for defense in defenses:
                         purify += defense.passes_per_sample() * n
                         gen += n

@@ -1,0 +1,175 @@
+"""Auto-PGD (Croce & Hein, ICML 2020) on the victim's teacher-forced loss, with RobustVLM's settings.
+
+APGD is PGD with a step-size schedule that needs no tuning: it starts with a large step (ε by
+default, no random start), adds momentum (α = 0.75) and, at checkpoints (after 22% of the
+iterations, then at intervals that shrink by 3% of the iterations to at least 6%), halves a
+sample's step size and restarts it from its best point when
+
+1. the objective increased in at most ρ = 75% of the steps since the last checkpoint, or
+2. the step size was not halved at the last checkpoint and the best objective has not improved
+   since then.
+
+The state (step size, best point, best objective) is per sample, so a batch is B independent runs.
+The returned pixels are each sample's best iterate. This follows the RobustVLM evaluation code
+(chs20/RobustVLM ``vlm_eval/attacks/apgd.py``, from fra31/robust-finetuning) batched over samples,
+with one deliberate difference: the first checkpoint's oscillation count compares the first step
+with the starting point, where the reference reads an unfilled row of its loss buffer (zeros),
+which counts the first step as an increase for any positive loss and never for a negative one.
+
+Untargeted, APGD maximises the loss of ``batch.targets``; targeted (``target``), it minimises the
+loss of the target text for every sample: internally it maximises ``-loss``, with the same
+algorithm. :attr:`AttackResult.losses` holds the mean *victim loss* per step (``steps + 1``
+values: the start and every iterate), i.e. for a targeted attack the target's loss that falls.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from attacks.pgd import ascent_step, keep_best, project_pixels, random_start
+from harness.contracts import Attack, AttackBatch, AttackResult, AttackTarget, Norm, ThreatModel
+
+FIRST_CHECKPOINT = 0.22
+"""The first checkpoint, as a fraction of the iterations (``n_iter_2`` in the reference)."""
+MIN_CHECKPOINT_INTERVAL = 0.06
+"""Checkpoint intervals never get shorter than this fraction of the iterations."""
+CHECKPOINT_DECREMENT = 0.03
+"""Each checkpoint interval is this fraction of the iterations shorter than the one before."""
+
+
+class APGD(Attack):
+    """``apgd``: Auto-PGD, L∞ or L2, on the teacher-forced loss (untargeted or targeted).
+
+    ``steps`` iterations (RobustVLM: 100); the first step is ``step_size_factor``·ε (RobustVLM: 1;
+    AutoAttack's classifier default is 2); ``alpha`` is the momentum weight of the gradient step;
+    ``rho`` the share of steps that must increase the objective between checkpoints for the step
+    size to stay. ``random_start`` draws the start uniformly from the ball (per-sample seeds when
+    the batch has them). ``target``: make every sample say this text (minimise its loss).
+    Costs ``steps + 1`` forward and ``steps`` backward passes per sample.
+    """
+
+    requires = "gradients"
+
+    def __init__(
+        self,
+        *,
+        steps: int = 100,
+        step_size_factor: float = 1.0,
+        alpha: float = 0.75,
+        rho: float = 0.75,
+        random_start: bool = False,
+        target: str | None = None,
+    ):
+        if steps < 1:
+            raise ValueError("steps must be at least 1")
+        if step_size_factor <= 0:
+            raise ValueError("step_size_factor must be positive")
+        if not 0 < alpha <= 1:
+            raise ValueError("alpha (momentum) must be in (0, 1]")
+        if not 0 < rho <= 1:
+            raise ValueError("rho must be in (0, 1]")
+        if target is not None and not target.strip():
+            raise ValueError("target must be a non-empty text (or omitted for an untargeted attack)")
+        self.steps = steps
+        self.step_size_factor = step_size_factor
+        self.alpha = alpha
+        self.rho = rho
+        self.random_start = random_start
+        self.target_text = target
+
+    def passes_per_sample(self) -> tuple[int, int]:
+        # the last iterate's gradient is never used: one backward pass is saved
+        return (self.steps + 1, self.steps)
+
+    def perturb(
+        self,
+        target: AttackTarget,
+        batch: AttackBatch,
+        threat: ThreatModel,
+        generator: torch.Generator,
+        progress: Any = None,
+    ) -> AttackResult:
+        clean = batch.pixels.detach()
+        if threat.eps == 0:
+            return AttackResult(pixels=clean.clone())
+        norm, eps, n = threat.norm, threat.eps, clean.shape[0]
+        targeted = self.target_text is not None
+        texts = [self.target_text] * n if targeted else list(batch.targets)
+        sign = -1.0 if targeted else 1.0
+
+        def evaluate(x: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """Victim loss [B] at ``x`` and, if asked, the gradient of the objective sign·loss."""
+            if not with_grad:
+                with torch.no_grad():
+                    return target.loss(x, batch.prompts, texts, batch.kind).detach(), None
+            x = x.detach().requires_grad_(True)
+            loss = target.loss(x, batch.prompts, texts, batch.kind)
+            (grad,) = torch.autograd.grad((sign * loss).sum(), x)
+            return loss.detach(), grad.detach()
+
+        steps = self.steps
+        interval = max(int(FIRST_CHECKPOINT * steps), 1)
+        min_interval = max(int(MIN_CHECKPOINT_INTERVAL * steps), 1)
+        decrement = max(int(CHECKPOINT_DECREMENT * steps), 1)
+        step_size = torch.full((n, 1, 1, 1), self.step_size_factor * eps, dtype=clean.dtype, device=clean.device)
+
+        delta = (
+            random_start(clean, norm, eps, generator, batch.seeds) if self.random_start else torch.zeros_like(clean)
+        )
+        x_adv = project_pixels(clean + delta, clean, norm, eps)
+        loss, grad = evaluate(x_adv, with_grad=True)
+        assert grad is not None
+        objective = sign * loss
+        losses = [loss.mean().item()]
+        best, best_objective = x_adv.clone(), objective.clone()
+        grad_best = grad.clone()
+        # objective_steps[j] is the objective of iterate j (0: the start)
+        objective_steps = torch.empty((steps + 1, n), dtype=objective.dtype, device=objective.device)
+        objective_steps[0] = objective
+        best_at_last_check = best_objective.clone()
+        reduced_at_last_check = torch.ones(n, dtype=torch.bool, device=clean.device)
+        since_check = 0
+        x_previous = x_adv.clone()
+
+        for i in range(steps):
+            with torch.no_grad():
+                momentum = x_adv - x_previous
+                x_previous = x_adv
+                a = self.alpha if i > 0 else 1.0
+                z = project_pixels(x_adv + ascent_step(grad, norm, step_size), clean, norm, eps)
+                x_adv = project_pixels(x_adv + (z - x_adv) * a + momentum * (1 - a), clean, norm, eps)
+
+            loss, new_grad = evaluate(x_adv, with_grad=i < steps - 1)
+            if new_grad is not None:
+                grad = new_grad
+            with torch.no_grad():
+                objective = sign * loss
+                losses.append(loss.mean().item())
+                objective_steps[i + 1] = objective
+                improved = objective > best_objective
+                grad_best = torch.where(improved.view(-1, 1, 1, 1), grad, grad_best)
+                best, best_objective = keep_best(best, best_objective, x_adv, objective)
+
+                since_check += 1
+                if since_check == interval:
+                    window = objective_steps[i + 1 - interval : i + 2]  # interval comparisons
+                    increases = (window[1:] > window[:-1]).sum(dim=0)
+                    oscillating = increases <= interval * self.rho
+                    stalled = ~reduced_at_last_check & (best_at_last_check >= best_objective)
+                    halve = oscillating | stalled
+                    reduced_at_last_check = halve
+                    best_at_last_check = best_objective.clone()
+                    if halve.any():
+                        step_size = torch.where(halve.view(-1, 1, 1, 1), step_size / 2, step_size)
+                        x_adv = torch.where(halve.view(-1, 1, 1, 1), best, x_adv)
+                        grad = torch.where(halve.view(-1, 1, 1, 1), grad_best, grad)
+                    since_check = 0
+                    interval = max(interval - decrement, min_interval)
+            if progress is not None:
+                progress.update(1)
+
+        return AttackResult(
+            pixels=best.detach(), forward_passes=steps + 1, backward_passes=steps, losses=losses
+        )
