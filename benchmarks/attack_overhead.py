@@ -47,7 +47,7 @@ def main() -> None:
     task = VQAv2Task(data="shapes")
     samples = task.samples("test", args.n, 0)
     batch = AttackBatch(
-        victim.prepare([s.image for s in samples]), [s.prompt for s in samples],
+        victim.prepare([s.image for s in samples]).to(victim.device), [s.prompt for s in samples],
         [task.attack_targets(s)[0] for s in samples], "vqa", seeds=list(range(args.n)),
     )
     threat = ThreatModel("linf-8", "linf", 8 / 255)

@@ -63,7 +63,11 @@ class Board:
 
 
 def condition_of(row: ResultRow) -> str:
-    return CLEAN if row.threat == CLEAN else f"{row.attack}@{row.threat}"
+    """A column: ``clean`` for the no-attack rows; attacks without an ε ball (typographic) by
+    their own name; bounded attacks as ``attack@threat``."""
+    if row.threat != CLEAN:
+        return f"{row.attack}@{row.threat}"
+    return CLEAN if row.record.get("attack", {}).get("name", "none") == "none" else row.attack
 
 
 def _condition_order(condition: str, eps: dict[str, float]) -> tuple:

@@ -162,3 +162,24 @@ def test_leaderboard_command_renders_the_store(store: Store, tmp_path: Path, cap
 
     assert cli.main(["leaderboard", str(store.path.parent), "--format", "markdwn"]) == 2
     assert "did you mean 'markdown'?" in capsys.readouterr().err
+
+
+def test_an_unbounded_attack_gets_its_own_column_and_leaves_clean_alone(tmp_path: Path) -> None:
+    """Typographic rows carry the clean threat (no ε ball); they must not overwrite clean scores."""
+    store = Store(tmp_path / "store.sqlite")
+    rows, scored = [], {}
+    for attack, score in (("none", 1.0), ("typographic", 0.0)):
+        for sample in ("s1", "s2"):
+            row = _row("none", "clean", sample)
+            row.update(fingerprint=f"{attack}|{sample}", attack=attack,
+                       record={"attack": {"name": attack, "access": "none"}, "threat": {"bounded": attack == "none"}})
+            rows.append(row)
+            scored[row["fingerprint"]] = ({"vqa_accuracy": score}, score)
+    store.commit_chunk(rows, {})
+    store.set_scores(scored)
+    table = build_board(store).tables[0]
+    assert table.conditions == ["clean", "typographic"]
+    (row,) = table.rows
+    assert row.scores["clean"].mean == 1.0 and row.scores["typographic"].mean == 0.0
+    assert row.worst_case is not None and row.worst_case.mean == 0.0
+    assert "`typographic`: none, oblivious, unbounded" in render_markdown(build_board(store))

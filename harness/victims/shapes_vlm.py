@@ -146,7 +146,8 @@ class ShapesVLM:
                     f"shapes-vlm checkpoint not found: looked for model.safetensors and tokenizer.json in "
                     f"{self.checkpoint}. Remove 'checkpoint' to train one, or run `codefend train shapes-vlm`."
                 )
-            train_shapes_vlm(self.config, self.cache_dir, progress=progress, device=self._device_name)
+            with torch.enable_grad():  # load() may first be reached from generate(), under no_grad
+                train_shapes_vlm(self.config, self.cache_dir, progress=progress, device=self._device_name)
         from transformers import PreTrainedTokenizerFast, VisionEncoderDecoderModel
 
         self._tokenizer = PreTrainedTokenizerFast.from_pretrained(self.cache_dir)
