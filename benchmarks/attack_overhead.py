@@ -9,6 +9,10 @@ Prints, in one run:
     python benchmarks/attack_overhead.py [--n 64] [--steps 20] [--repeats 3]
 
 Uses the cached default shapes-vlm (trained on first use).
+
+Measured 2026-11-26 on one H200 (64 samples, 20 steps): raw forward+backward 13.3 ms, native PGD
+13.2 ms/step (0.99x); native PGD 0.26 s vs ART PGD 0.34 s (1.29x: the 3x goal is not met — ART's
+per-step cost over native is one host round-trip of a 64x3x32x32 array, small next to the model).
 """
 
 from __future__ import annotations

@@ -1,0 +1,287 @@
+"""``diffpure``: diffusion purification (Nie et al., "Diffusion Models for Adversarial
+Purification", ICML 2022; code: NVlabs/DiffPure).
+
+The input is diffused to a noise level t* in closed form, which drowns a small adversarial
+perturbation in Gaussian noise, and the diffusion model's reverse process maps it back to a clean
+image. Everything is written in torch, so gradients flow through every reverse step (exact-gradient
+adaptive attacks, Lee & Kim ICCV 2023, Chen et al. ICML 2024), and every random draw comes from the
+``torch.Generator`` that ``purify`` is given (the same seed gives the same purification).
+
+Also here: :func:`purification_quality` (PSNR and SSIM with ``data_range`` explicit).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from harness.contracts import Defense
+
+from defenses.diffusion import BACKBONES, Backbone, check_backbone_params, load_backbone
+
+Sampler = Literal["sde", "ddpm", "ddim"]
+SAMPLERS = ("sde", "ddpm", "ddim")
+SDE_DT = 1e-3
+"""DiffPure's Euler–Maruyama step in SDE time t ∈ [0,1]."""
+SDE_T_END = 1e-5
+"""DiffPure integrates the reverse SDE down to t = 1e-5, not to 0 (where the score blows up)."""
+DDIM_DEFAULT_STEPS = 5
+
+
+class DiffPure(Defense):
+    r"""Diffuse to t*, then run the reverse process back to t = 0 with ``sampler``.
+
+    Notation: N = ``num_train_timesteps`` (1000), ᾱ_k = ∏_{j≤k}(1 − β_j) the scheduler's
+    ``alphas_cumprod``, K = round(t*·N) the number of discrete steps t* covers. In model space
+    (pixels: x = 2p − 1):
+
+    **Forward** (closed form, as DiffPure): x_{t*} = √ᾱ_{K−1}·x_0 + √(1 − ᾱ_{K−1})·ε, ε ~ N(0, I).
+
+    **sampler="sde"** — DiffPure's own reverse VP-SDE (Song et al. 2021), as in
+    ``NVlabs/DiffPure`` ``runners/diffpure_sde.py`` (``RevVPSDE``): with β(t) = β_0 + t(β_1 − β_0),
+    β_0 = N·β_start = 0.1, β_1 = N·β_end = 20 (the continuous limit of the linear DDPM betas) and
+    ᾱ(t) = exp(−½(β_1 − β_0)t² − β_0 t), the forward SDE is dx = −½β(t)x dt + √β(t) dw and its
+    reverse
+
+        dx = [−½β(t)x − β(t)·∇ₓlog p_t(x)] dt + √β(t) dw̄,   ∇ₓlog p_t(x) ≈ −ε̂(x, t)/√(1 − ᾱ(t)),
+
+    integrated from t* down to 1e-5 by Euler–Maruyama with step h = 1e-3 (the last step shorter):
+
+        x ← x + [½β(t)x − β(t)ε̂(x,t)/√(1 − ᾱ(t))]·h + √(β(t)h)·z,   z ~ N(0, I),
+
+    so t* = 0.1 costs 100 UNet calls. The UNet is evaluated at the discrete index
+    k(t) = round(t·N) − 1, whose ᾱ_k matches ᾱ(t) (DiffPure's code passes ⌊t·N⌋, one index later; the
+    difference is far below the model's resolution). Needs a linear β schedule. ``steps`` replaces
+    h by a uniform grid of ``steps`` steps (a cheaper surrogate, as Lee & Kim use for memory).
+
+    **sampler="ddpm"** — ancestral DDPM steps k = K−1, …, 0 (K UNet calls), exactly DiffPure's
+    guided-diffusion variant (``image_editing_denoising_step_flexible_mask``): with the
+    "fixed-large" variance σ²_k = β_k,
+
+        x_{k−1} = (x_k − β_k/√(1 − ᾱ_k)·ε̂(x_k, k))/√(1 − β_k) + σ_k z   (no noise on the last step).
+
+    ``steps`` = S < K strides the chain over k_i = round(K(S−i)/S) − 1 with the same formula for
+    the jump k → k' (β_{k|k'} = 1 − ᾱ_k/ᾱ_{k'}).
+
+    **sampler="ddim"** — deterministic DDIM (η = 0, Song et al. 2021) over the same stride with
+    S = ``steps`` (default 5): x̂_0 = (x_k − √(1 − ᾱ_k)ε̂)/√ᾱ_k, x_{k'} = √ᾱ_{k'}x̂_0 + √(1 − ᾱ_{k'})ε̂,
+    ending with ᾱ = 1. Only the forward noise is random.
+
+    The purified image is ``from_model_space(x_0)`` clamped to [0,1]. Intermediate predictions are
+    not clipped (DiffPure does not clip either), which keeps gradients informative.
+
+    The backbone is loaded (and ``shapes-ddpm`` trained, if not cached) on the first ``purify``
+    and runs on the input's device. ``backbone``: ``"shapes-ddpm"`` (built in; ``backbone_params``
+    go to :class:`~defenses.diffusion.ShapesDDPM`: seed, steps, batch_size, channels, checkpoint,
+    device), ``"pixel"`` or ``"latent"`` with ``model_id`` (a local folder or a model id already in
+    the Hugging Face cache, e.g. ``google/ddpm-cifar10-32``). ``model_id`` with the default backbone
+    loads a pixel model.
+    """
+
+    stochastic = True  # the forward noise (and the sde/ddpm reverse noise) is drawn per call
+    differentiable = True  # exact gradients through every reverse step
+    bpda = None
+    eot_samples = 4
+
+    def __init__(
+        self,
+        *,
+        t_star: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1,
+        sampler: Sampler = "ddpm",
+        steps: Annotated[int, Field(ge=1)] | None = None,
+        backbone: Literal["shapes-ddpm", "pixel", "latent"] = "shapes-ddpm",
+        backbone_params: dict[str, Any] | None = None,
+        model_id: str | None = None,
+    ):
+        if isinstance(t_star, bool) or not isinstance(t_star, (int, float)) or not 0.0 < float(t_star) <= 1.0:
+            raise ValueError(f"t_star must be in (0, 1] (the diffusion time to purify at), got {t_star!r}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"steps must be an integer >= 1 (or omitted for the sampler's default), got {steps!r}")
+        if backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}, got {backbone!r}")
+        self.t_star = float(t_star)
+        self.sampler = sampler
+        self.steps = steps
+        self.backbone = backbone
+        self.backbone_params = dict(backbone_params or {})
+        self.model_id = model_id
+        check_backbone_params(backbone, self.backbone_params, model_id)
+        self._model: Backbone | None = None
+
+    @classmethod
+    def from_backbone(cls, model: Backbone, **params: Any) -> "DiffPure":
+        """A DiffPure over an already-built backbone (programmatic use, tests)."""
+        defense = cls(**params)
+        defense._model = model
+        return defense
+
+    # -- the model ------------------------------------------------------------------------------
+    def load(self, *, progress: bool = True) -> Backbone:
+        if self._model is None:
+            self._model = load_backbone(self.backbone, self.backbone_params, self.model_id, progress=progress)
+        return self._model
+
+    def _backbone_on(self, device: torch.device) -> Backbone:
+        model = self.load()
+        if model.device != device:
+            model.to(device)
+        return model
+
+    def _num_train_timesteps(self) -> int:
+        if self._model is not None:
+            return int(self._model.scheduler.config.num_train_timesteps)
+        return 1000
+
+    # -- schedules ------------------------------------------------------------------------------
+    def start_index(self, n: int | None = None) -> int:
+        """K = round(t*·N) (at least 1): the forward process uses ᾱ_{K−1}."""
+        n = n or self._num_train_timesteps()
+        return max(1, min(n, round(self.t_star * n)))
+
+    def discrete_schedule(self, n: int | None = None) -> list[int]:
+        """The timesteps the ddpm/ddim samplers evaluate, first to last."""
+        k = self.start_index(n)
+        s = self.steps if self.steps is not None else (k if self.sampler == "ddpm" else DDIM_DEFAULT_STEPS)
+        s = min(s, k)
+        return sorted({round(k * (s - i) / s) - 1 for i in range(s)}, reverse=True)
+
+    def sde_times(self) -> list[float]:
+        """SDE times t_0 = t* > t_1 > … > t_M = 1e-5 (M Euler–Maruyama steps)."""
+        end = min(SDE_T_END, self.t_star / 2)
+        if self.steps is not None:
+            return torch.linspace(self.t_star, end, self.steps + 1, dtype=torch.float64).tolist()
+        n = max(1, math.ceil((self.t_star - end) / SDE_DT - 1e-6))
+        return [self.t_star - i * SDE_DT for i in range(n)] + [end]
+
+    def passes_per_sample(self) -> int:
+        """UNet evaluations per image: one per reverse step (a latent backbone's VAE encode and
+        decode come on top and are not counted)."""
+        if self.sampler == "sde":
+            return len(self.sde_times()) - 1
+        return len(self.discrete_schedule())
+
+    # -- purification ---------------------------------------------------------------------------
+    def purify(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if pixels.dim() != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"diffpure expects pixels of shape [B,3,H,W], got {tuple(pixels.shape)}")
+        model = self._backbone_on(pixels.device)
+        track = torch.is_grad_enabled() and pixels.requires_grad
+        with torch.set_grad_enabled(track):
+            x0 = model.to_model_space(pixels.float())
+            alphas_cumprod = model.scheduler.alphas_cumprod.to(device=x0.device, dtype=x0.dtype)
+            k = self.start_index(len(alphas_cumprod))
+            a = alphas_cumprod[k - 1]
+            x = a.sqrt() * x0 + (1 - a).sqrt() * _randn(x0, generator)
+            if self.sampler == "sde":
+                x = self._reverse_sde(model, x, generator)
+            elif self.sampler == "ddpm":
+                x = self._reverse_ddpm(model, x, alphas_cumprod, generator)
+            else:
+                x = self._reverse_ddim(model, x, alphas_cumprod)
+            out = model.from_model_space(x)
+        return out.clamp(0.0, 1.0).to(pixels.dtype)
+
+    def _pairs(self, alphas_cumprod: torch.Tensor):
+        """(k, ᾱ_k, ᾱ_{k'}) for each jump k → k' of the discrete schedule (ᾱ = 1 past the end)."""
+        ks = self.discrete_schedule(len(alphas_cumprod))
+        one = torch.ones((), dtype=alphas_cumprod.dtype, device=alphas_cumprod.device)
+        for i, k in enumerate(ks):
+            nxt = ks[i + 1] if i + 1 < len(ks) else -1
+            yield k, alphas_cumprod[k], (alphas_cumprod[nxt] if nxt >= 0 else one), nxt >= 0
+
+    def _reverse_ddpm(self, model: Backbone, x: torch.Tensor, alphas_cumprod: torch.Tensor,
+                      generator: torch.Generator) -> torch.Tensor:
+        for k, a_k, a_prev, noisy in self._pairs(alphas_cumprod):
+            eps = model.predict_noise(x, k)
+            alpha = a_k / a_prev
+            beta = 1 - alpha
+            x = (x - beta / (1 - a_k).sqrt() * eps) / alpha.sqrt()
+            if noisy:
+                x = x + beta.sqrt() * _randn(x, generator)
+        return x
+
+    def _reverse_ddim(self, model: Backbone, x: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+        for k, a_k, a_prev, _ in self._pairs(alphas_cumprod):
+            eps = model.predict_noise(x, k)
+            x0_hat = (x - (1 - a_k).sqrt() * eps) / a_k.sqrt()
+            x = a_prev.sqrt() * x0_hat + (1 - a_prev).sqrt() * eps
+        return x
+
+    def _reverse_sde(self, model: Backbone, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        config = model.scheduler.config
+        if config.get("beta_schedule", "linear") != "linear" or config.get("trained_betas") is not None:
+            raise ValueError(
+                "sampler 'sde' needs a linear beta schedule (DiffPure's VP-SDE); this model's is "
+                f"{config.get('beta_schedule')!r}: use sampler 'ddpm' or 'ddim'"
+            )
+        n = int(config.num_train_timesteps)
+        beta_0, beta_1 = n * float(config.beta_start), n * float(config.beta_end)
+        times = self.sde_times()
+        for t, t_next in zip(times[:-1], times[1:]):
+            h = t - t_next
+            beta_t = beta_0 + t * (beta_1 - beta_0)
+            alpha_bar_t = math.exp(-0.5 * (beta_1 - beta_0) * t * t - beta_0 * t)
+            k = min(n - 1, max(0, round(t * n) - 1))
+            eps = model.predict_noise(x, k)
+            score = -eps / math.sqrt(1.0 - alpha_bar_t)
+            x = x + (0.5 * beta_t * x + beta_t * score) * h + math.sqrt(beta_t * h) * _randn(x, generator)
+        return x
+
+
+def _randn(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Standard normal noise shaped like ``like``, drawn from ``generator`` on its own device."""
+    noise = torch.randn(like.shape, generator=generator, device=generator.device, dtype=torch.float32)
+    return noise.to(device=like.device, dtype=like.dtype)
+
+
+# -- quality of a purification -------------------------------------------------------------------
+
+
+def psnr(clean: torch.Tensor, other: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Per-image PSNR in dB, 10·log10(data_range² / MSE), for [B,C,H,W] tensors."""
+    mse = (clean.double() - other.double()).pow(2).flatten(1).mean(dim=1)
+    return 10.0 * torch.log10(data_range**2 / mse)
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5, dtype=torch.float64, device=None) -> torch.Tensor:
+    coords = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return g[:, None] * g[None, :]
+
+
+def ssim(clean: torch.Tensor, other: torch.Tensor, data_range: float = 1.0, window: int = 11,
+         sigma: float = 1.5) -> torch.Tensor:
+    """Per-image SSIM (Wang et al. 2004): 11×11 Gaussian window (σ = 1.5), K1 = 0.01, K2 = 0.03,
+    C = (K·data_range)², statistics over valid window positions, per channel, averaged."""
+    x, y = clean.double(), other.double()
+    c = x.shape[1]
+    win = min(window, x.shape[-1], x.shape[-2])
+    kernel = _gaussian_window(win, sigma, device=x.device).expand(c, 1, win, win).contiguous()
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, kernel, groups=c)
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return s.flatten(1).mean(dim=1)
+
+
+def purification_quality(clean: torch.Tensor, purified: torch.Tensor, data_range: float = 1.0) -> dict[str, float]:
+    """Mean PSNR (dB) and SSIM of ``purified`` against ``clean`` ([B,3,H,W], ``data_range`` 1.0 for
+    [0,1] pixels: set explicitly, never inferred from the data)."""
+    with torch.no_grad():
+        return {
+            "psnr": psnr(clean, purified, data_range).mean().item(),
+            "ssim": ssim(clean, purified, data_range).mean().item(),
+        }
