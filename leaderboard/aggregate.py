@@ -35,8 +35,9 @@ class Condition:
     name: str
     access: str  # white-box | transfer | query | none
     mode: str  # oblivious | adaptive
-    gradient: str | None  # adaptive only: exact | bpda-identity | bpda-approximate
-    eot: int | None
+    routes: dict[str, str]
+    """Adaptive only: defense -> how the gradient went through it (exact | bpda-identity |
+    bpda-approximate, with EOT draws)."""
     bounded: bool
     eps: float
     max_linf: float
@@ -106,7 +107,12 @@ def _condition(name: str, rows: list[ResultRow]) -> Condition:
     threat = rows[0].record.get("threat", {})
     success: dict[str, list[bool]] = defaultdict(list)
     target_text = None
+    routes: dict[str, str] = {}
     for r in rows:
+        info = r.record.get("attack", {})
+        if info.get("mode") == "adaptive":
+            eot = info.get("eot") or 1
+            routes[r.defense] = info.get("gradient", "?") + (f", EOT {eot}" if eot > 1 else "")
         targeted = r.record.get("attack", {}).get("targeted")
         if targeted:
             target_text = targeted["text"]
@@ -115,8 +121,7 @@ def _condition(name: str, rows: list[ResultRow]) -> Condition:
         name=name,
         access=attack.get("access", "none"),
         mode=attack.get("mode", "oblivious"),
-        gradient=attack.get("gradient"),
-        eot=attack.get("eot"),
+        routes=dict(sorted(routes.items())),
         bounded=threat.get("bounded", True),
         eps=rows[0].eps,
         max_linf=max(r.record.get("perturbation", {}).get("linf", 0.0) for r in rows),

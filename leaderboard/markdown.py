@@ -16,8 +16,8 @@ def _fmt(score: Score | None, metric: str) -> str:
 
 def _describe(c: Condition) -> str:
     how = c.mode
-    if c.mode == "adaptive":
-        how += f" ({c.gradient}" + (f", EOT {c.eot}" if c.eot and c.eot > 1 else "") + ")"
+    if c.routes:
+        how += " (" + "; ".join(f"{defense}: {route}" for defense, route in c.routes.items()) + ")"
     ball = f"ε={c.eps * 255:.3g}/255, max measured L∞ {c.max_linf * 255:.3g}/255" if c.bounded else "unbounded"
     text = f"`{c.name}`: {c.access}, {how}, {ball}"
     if c.target_text:

@@ -183,3 +183,17 @@ def test_an_unbounded_attack_gets_its_own_column_and_leaves_clean_alone(tmp_path
     assert row.scores["clean"].mean == 1.0 and row.scores["typographic"].mean == 0.0
     assert row.worst_case is not None and row.worst_case.mean == 0.0
     assert "`typographic`: none, oblivious, unbounded" in render_markdown(build_board(store))
+
+
+def test_adaptive_columns_name_the_gradient_route_per_defense(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store.sqlite")
+    rows, scored = [], {}
+    for defense, route in (("none", "exact"), ("jpeg", "bpda-identity")):
+        row = _row(defense, "pgd-adaptive", "s1")
+        row["record"] = {"attack": {"name": "pgd", "access": "white-box", "mode": "adaptive", "gradient": route, "eot": 1}}
+        rows.append(row)
+        scored[row["fingerprint"]] = ({"vqa_accuracy": 0.0}, 0.0)
+    store.commit_chunk(rows, {})
+    store.set_scores(scored)
+    text = render_markdown(build_board(store))
+    assert "adaptive (jpeg: bpda-identity; none: exact)" in text
