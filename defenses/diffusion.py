@@ -29,7 +29,6 @@ import hashlib
 import inspect
 import json
 import math
-import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -40,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harness.paths import codefend_home
+from harness.paths import codefend_home, publish_checkpoint
 
 MODEL_FORMAT_VERSION = 1
 
@@ -433,11 +432,6 @@ def train_shapes_ddpm(
             bar.set_postfix(loss=f"{running:.4f}")
 
     unet.eval().cpu()
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    unet.save_pretrained(tmp, safe_serialization=True)
-    scheduler.save_pretrained(tmp)
     record = {
         "config": asdict(config),
         "images": int(data.shape[0]),
@@ -448,9 +442,10 @@ def train_shapes_ddpm(
         "threads": torch.get_num_threads(),
         "device": device,
     }
-    (tmp / "training.json").write_text(json.dumps(record))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)  # atomic: a killed training never leaves a half-written checkpoint
+    with publish_checkpoint(out_dir) as scratch:
+        unet.save_pretrained(scratch, safe_serialization=True)
+        scheduler.save_pretrained(scratch)
+        (scratch / "training.json").write_text(json.dumps(record))
     return record
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 def codefend_home() -> Path:
@@ -11,3 +14,18 @@ def codefend_home() -> Path:
     home = Path(os.environ.get("CODEFEND_HOME", Path.home() / ".cache" / "codefend")).expanduser()
     home.mkdir(parents=True, exist_ok=True)
     return home
+
+
+@contextmanager
+def publish_checkpoint(out_dir: Path) -> Iterator[Path]:
+    """Yield a scratch folder to write a checkpoint into; on success it replaces ``out_dir``.
+
+    The rename is atomic, so a training killed half-way never leaves a half-written checkpoint
+    where a later load would find it.
+    """
+    scratch = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    yield scratch
+    shutil.rmtree(out_dir, ignore_errors=True)
+    scratch.rename(out_dir)

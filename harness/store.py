@@ -188,14 +188,17 @@ class Store:
         return np.load(io.BytesIO(row[0]), allow_pickle=False)
 
     # -- results ------------------------------------------------------------------------------
+    def _by_fingerprint(self, columns: str, fingerprints: Iterable[str]) -> Iterator[tuple[Any, ...]]:
+        """Rows for these fingerprints, ``fingerprint`` first, in batches of SQLite parameters."""
+        wanted = list(fingerprints)
+        for start in range(0, len(wanted), 500):
+            part = wanted[start : start + 500]
+            marks = ",".join("?" * len(part))
+            yield from self._db.execute(f"SELECT fingerprint, {columns} FROM results WHERE fingerprint IN ({marks})", part)
+
     def existing(self, fingerprints: Iterable[str]) -> dict[str, bool]:
         """fingerprint -> whether it is scored, for the fingerprints already stored."""
-        found: dict[str, bool] = {}
-        for fp in fingerprints:
-            row = self._db.execute("SELECT scores IS NOT NULL FROM results WHERE fingerprint=?", (fp,)).fetchone()
-            if row is not None:
-                found[fp] = bool(row[0])
-        return found
+        return {fp: bool(scored) for fp, scored in self._by_fingerprint("scores IS NOT NULL", fingerprints)}
 
     def commit_chunk(
         self, rows: list[dict[str, Any]], adversarial: dict[str, tuple[np.ndarray, dict[str, Any]]]
@@ -229,12 +232,7 @@ class Store:
                 )
 
     def outputs(self, fingerprints: Iterable[str]) -> dict[str, str]:
-        out = {}
-        for fp in fingerprints:
-            row = self._db.execute("SELECT output FROM results WHERE fingerprint=?", (fp,)).fetchone()
-            if row is not None:
-                out[fp] = row[0]
-        return out
+        return dict(self._by_fingerprint("output", fingerprints))
 
     def results(self, *, scored_only: bool = True) -> Iterator[ResultRow]:
         query = "SELECT * FROM results" + (" WHERE scores IS NOT NULL" if scored_only else "") + " ORDER BY created"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from harness.contracts import Sample, TaskKind
-from harness.paths import codefend_home
+from harness.paths import codefend_home, publish_checkpoint
 
 PAD, BOS, SEP, EOS, UNK = "[PAD]", "[BOS]", "[SEP]", "[EOS]", "[UNK]"
 SPECIAL_TOKENS = [PAD, BOS, SEP, EOS, UNK]
@@ -359,11 +358,6 @@ def train_shapes_vlm(
             bar.set_postfix(loss=f"{running:.3f}")
 
     model.eval().cpu()
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
     record = {
         "config": asdict(config),
         "images": len(image_ids),
@@ -373,9 +367,10 @@ def train_shapes_vlm(
         "torch": torch.__version__,
         "device": device,
     }
-    (tmp / "training.json").write_text(json.dumps(record, indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)  # atomic: a killed training never leaves a half-written checkpoint
+    with publish_checkpoint(out_dir) as scratch:
+        model.save_pretrained(scratch, safe_serialization=True)
+        tokenizer.save_pretrained(scratch)
+        (scratch / "training.json").write_text(json.dumps(record, indent=2))
     return record
 
 
