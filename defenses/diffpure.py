@@ -7,7 +7,6 @@ image. Everything is written in torch, so gradients flow through every reverse s
 adaptive attacks, Lee & Kim ICCV 2023, Chen et al. ICML 2024), and every random draw comes from the
 ``torch.Generator`` that ``purify`` is given (the same seed gives the same purification).
 
-Also here: :func:`purification_quality` (PSNR and SSIM with ``data_range`` explicit).
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import math
 from typing import Annotated, Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from harness.contracts import Defense
@@ -238,50 +236,3 @@ def _randn(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Standard normal noise shaped like ``like``, drawn from ``generator`` on its own device."""
     noise = torch.randn(like.shape, generator=generator, device=generator.device, dtype=torch.float32)
     return noise.to(device=like.device, dtype=like.dtype)
-
-
-# -- quality of a purification -------------------------------------------------------------------
-
-
-def psnr(clean: torch.Tensor, other: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """Per-image PSNR in dB, 10·log10(data_range² / MSE), for [B,C,H,W] tensors."""
-    mse = (clean.double() - other.double()).pow(2).flatten(1).mean(dim=1)
-    return 10.0 * torch.log10(data_range**2 / mse)
-
-
-def _gaussian_window(size: int = 11, sigma: float = 1.5, dtype=torch.float64, device=None) -> torch.Tensor:
-    coords = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
-    g = torch.exp(-(coords**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return g[:, None] * g[None, :]
-
-
-def ssim(clean: torch.Tensor, other: torch.Tensor, data_range: float = 1.0, window: int = 11,
-         sigma: float = 1.5) -> torch.Tensor:
-    """Per-image SSIM (Wang et al. 2004): 11×11 Gaussian window (σ = 1.5), K1 = 0.01, K2 = 0.03,
-    C = (K·data_range)², statistics over valid window positions, per channel, averaged."""
-    x, y = clean.double(), other.double()
-    c = x.shape[1]
-    win = min(window, x.shape[-1], x.shape[-2])
-    kernel = _gaussian_window(win, sigma, device=x.device).expand(c, 1, win, win).contiguous()
-
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(t, kernel, groups=c)
-
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x**2
-    var_y = blur(y * y) - mu_y**2
-    cov = blur(x * y) - mu_x * mu_y
-    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return s.flatten(1).mean(dim=1)
-
-
-def purification_quality(clean: torch.Tensor, purified: torch.Tensor, data_range: float = 1.0) -> dict[str, float]:
-    """Mean PSNR (dB) and SSIM of ``purified`` against ``clean`` ([B,3,H,W], ``data_range`` 1.0 for
-    [0,1] pixels: set explicitly, never inferred from the data)."""
-    with torch.no_grad():
-        return {
-            "psnr": psnr(clean, purified, data_range).mean().item(),
-            "ssim": ssim(clean, purified, data_range).mean().item(),
-        }

@@ -44,6 +44,13 @@ def gradient_route(defense: Defense, eot: int | None) -> GradientRoute:
     return GradientRoute(method=method, eot=max(1, draws))
 
 
+def soft_prompt_kwargs(defense: Defense) -> dict[str, Any]:
+    """``{"soft_prompt": ...}`` for a defense with a soft prompt, else nothing (victims without
+    soft-prompt support never see the keyword)."""
+    soft = defense.soft_prompt()
+    return {} if soft is None else {"soft_prompt": soft}
+
+
 class DefendedTarget:
     """``defense ∘ victim`` with the :class:`~harness.contracts.AttackTarget` interface."""
 
@@ -60,10 +67,11 @@ class DefendedTarget:
 
     def loss(self, pixels: torch.Tensor, prompts: Sequence[str], targets: Sequence[str], kind: TaskKind) -> torch.Tensor:
         prompts = self.defense.rewrite(prompts)
-        losses = [self.victim.loss(self._purify(pixels), prompts, targets, kind) for _ in range(self.route.eot)]
+        extra = soft_prompt_kwargs(self.defense)
+        losses = [self.victim.loss(self._purify(pixels), prompts, targets, kind, **extra) for _ in range(self.route.eot)]
         return torch.stack(losses).mean(dim=0)
 
     def generate(self, pixels: torch.Tensor, prompts: Sequence[str], kind: TaskKind) -> list[str]:
         with torch.no_grad():
             purified = self.defense.purify(pixels, self.generator)
-        return self.victim.generate(purified, self.defense.rewrite(prompts), kind)
+        return self.victim.generate(purified, self.defense.rewrite(prompts), kind, **soft_prompt_kwargs(self.defense))

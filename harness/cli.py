@@ -142,11 +142,42 @@ def cmd_leaderboard(args: argparse.Namespace, plugins: Plugins) -> int:
 
 
 def cmd_train(args: argparse.Namespace, plugins: Plugins) -> int:
+    """Train (or find in the cache) a victim, a trainable defense, or the shapes-ddpm backbone."""
+    from harness.registry import UnknownNameError
+
     params = _parse_sets(args.set)
-    victim = plugins.victims.create(args.name, params)
-    victim.load()
-    print(f"{args.name} is ready: {getattr(victim, 'cache_dir', '')}")
-    return 0
+    if args.name in plugins.victims.names():
+        victim = plugins.victims.create(args.name, params)
+        victim.load()
+        print(f"{args.name} is ready: {getattr(victim, 'cache_dir', '')}")
+        return 0
+    if args.name == "shapes-ddpm":
+        from defenses.diffusion import ShapesDDPM
+
+        model = ShapesDDPM(**params)
+        model.load()
+        record = model.training_record()
+        print(f"shapes-ddpm is ready: {model.cache_dir} (trained in {record['seconds']} s, final loss {record['final_loss']:.4f})")
+        return 0
+    if args.name in plugins.defenses.names():
+        if args.attacks:
+            params["train_attacks"] = args.attacks
+        defense = plugins.defenses.create(args.name, params)
+        if not callable(getattr(defense, "train", None)):
+            raise RegistryError(f"defense '{args.name}' has nothing to train (no train() method)")
+        victim = plugins.victims.create(args.victim, _parse_sets(args.victim_set))
+        victim.load()
+        defense.bind(victim)
+        record = defense.train(progress=True)
+        print(f"{args.name} is ready for {args.victim}: {json.dumps(_train_summary(record))}")
+        return 0
+    known = plugins.victims.names() + plugins.defenses.names() + ["shapes-ddpm"]
+    raise UnknownNameError("trainable model", args.name, known)
+
+
+def _train_summary(record: dict[str, Any]) -> dict[str, Any]:
+    """The headline of a training record (histories left out)."""
+    return {k: v for k, v in record.items() if not isinstance(v, (list, dict)) or k in ("config", "prefix")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,9 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_leaderboard)
 
-    p = sub.add_parser("train", help="train (or load from cache) a built-in model")
-    p.add_argument("name", help="a victim name, e.g. shapes-vlm")
+    p = sub.add_parser("train", help="train (or load from cache) a victim, a trainable defense or shapes-ddpm")
+    p.add_argument("name", help="shapes-vlm, shapes-ddpm, codefend-purifier, codefend-prompt, codefend, ...")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a parameter (repeatable)")
+    p.add_argument("--victim", default="shapes-vlm", help="defenses: the victim to train against (default shapes-vlm)")
+    p.add_argument("--victim-set", action="append", default=[], metavar="KEY=VALUE", help="a victim parameter (repeatable)")
+    p.add_argument("--attacks", nargs="+", metavar="ATTACK[@NORM-EPS]",
+                   help="defenses: attacks that make training pairs, e.g. pgd@linf-8/255 apgd@linf-4/255")
     p.set_defaults(func=cmd_train)
     return parser
 

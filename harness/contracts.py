@@ -100,6 +100,25 @@ class EmbeddingVictim(Protocol):
 
 
 @runtime_checkable
+class ImageFeatureVictim(Protocol):
+    """A victim that exposes the image tokens its language model reads (unpooled)."""
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B,3,H,W] pixels in [0,1] -> [B,T,D]: every visual token the text side attends to,
+        differentiable w.r.t. pixels. CoDefend's task-aligned purifier loss matches these."""
+        ...
+
+
+@runtime_checkable
+class SoftPromptVictim(Protocol):
+    """A white-box victim whose ``generate`` and ``loss`` also take ``soft_prompt``: a
+    [tokens, soft_prompt_dim] tensor of embeddings the victim inserts into its text input (where
+    is the victim's choice, the same in both), differentiable in ``loss``."""
+
+    soft_prompt_dim: int
+
+
+@runtime_checkable
 class Task(Protocol):
     """A benchmark task over a data set in its official on-disk format.
 
@@ -225,6 +244,20 @@ class Defense:
     eot_samples: ClassVar[int] = 1
     """Draws an adaptive attack averages over when ``stochastic`` (a suite's ``eot`` overrides)."""
 
+    def bind(self, victim: "Victim") -> None:
+        """Called by the runner with each cell's (loaded) victim before ``purify``/``rewrite``.
+
+        Defenses trained against the victim they protect (CoDefend's purifier and prompt) keep it
+        here and train, or load from their cache, on first use. May be called again with another
+        victim; a defense must then serve that victim. The default does nothing.
+        """
+
+    @property
+    def seen_attacks(self) -> list[str]:
+        """Names of the attacks whose examples this defense was trained on (recorded per row, so
+        a board can tell seen from unseen attacks). Empty for defenses that never saw one."""
+        return []
+
     def purify(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Map [B,3,H,W] pixels in [0,1] to purified pixels of the same shape in [0,1]."""
         return pixels
@@ -232,6 +265,11 @@ class Defense:
     def rewrite(self, prompts: Sequence[str]) -> list[str]:
         """Map task prompts to defended prompts (a defensive prefix, say)."""
         return list(prompts)
+
+    def soft_prompt(self) -> torch.Tensor | None:
+        """Continuous prompt embeddings [tokens, dim] to pass to a :class:`SoftPromptVictim`'s
+        ``generate``/``loss`` as ``soft_prompt`` (None: none)."""
+        return None
 
     def passes_per_sample(self) -> int:
         """Network evaluations ``purify`` costs per image (for ``validate`` estimates)."""

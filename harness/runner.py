@@ -26,8 +26,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from harness.adaptive import DefendedTarget, gradient_route
+from harness.adaptive import DefendedTarget, gradient_route, soft_prompt_kwargs
 from harness.contracts import AttackBatch, Sample, Task, Victim
+from harness.image_quality import psnr, ssim
 from harness.plugins import Plugins, get_plugins
 from harness.store import SCHEMA_VERSION, Store, digest_json
 from harness.suite import Cell, Suite, expand
@@ -138,6 +139,7 @@ def run_chunk(chunk: Chunk, plugins: Plugins | None = None) -> ChunkOutcome:
     task: Task = component(plugins, "task", cell.task.name, cell.task.factory_params())
     attack = component(plugins, "attack", cell.attack.name, cell.attack.params)
     defense = component(plugins, "defense", cell.defense.name, cell.defense.params)
+    defense.bind(victim)
 
     clean = victim.prepare([s.image for s in chunk.samples]).to(victim.device)
     prompts = [s.prompt for s in chunk.samples]
@@ -194,8 +196,11 @@ def run_chunk(chunk: Chunk, plugins: Plugins | None = None) -> ChunkOutcome:
     with torch.no_grad():
         purified = defense.purify(adversarial, defense_generator)
     defense_seconds = (time.perf_counter() - started) / len(chunk.samples)
+    # inf PSNR (an untouched image) is stored as None: JSON has no infinity
+    quality_psnr = [v if np.isfinite(v) else None for v in psnr(clean, purified).tolist()]
+    quality_ssim = ssim(clean, purified).tolist()
     started = time.perf_counter()
-    outputs = victim.generate(purified, defense.rewrite(prompts), task.kind)
+    outputs = victim.generate(purified, defense.rewrite(prompts), task.kind, **soft_prompt_kwargs(defense))
     generate_seconds = (time.perf_counter() - started) / len(chunk.samples)
 
     attack_info = {
@@ -204,6 +209,7 @@ def run_chunk(chunk: Chunk, plugins: Plugins | None = None) -> ChunkOutcome:
         "mode": "adaptive" if route else "oblivious",
         **(route.as_record() if route else {}),
         "access": _ACCESS[attack.requires],
+        "seen_in_training": cell.attack.name in defense.seen_attacks,
         **({"surrogate": attack.surrogate} if getattr(attack, "surrogate", None) else {}),
     }
     rows = []
@@ -239,7 +245,10 @@ def run_chunk(chunk: Chunk, plugins: Plugins | None = None) -> ChunkOutcome:
                     },
                     "perturbation": {"linf": linf[i], "l2": l2[i]},
                     "defense": {"name": cell.defense.name, "params": cell.defense.params,
-                                "seconds_per_image": defense_seconds, "passes_per_image": defense.passes_per_sample()},
+                                "seconds_per_image": defense_seconds, "passes_per_image": defense.passes_per_sample(),
+                                "seen_attacks": defense.seen_attacks,
+                                # the defense's output against the *clean* image
+                                "psnr": quality_psnr[i], "ssim": quality_ssim[i]},
                     "generate_seconds_per_sample": generate_seconds,
                     "reference_attacked": targets[i],
                     **({"attack_cost": _attack_cost(key, new_adversarial, chunk.cached_adversarial)} if key else {}),

@@ -86,8 +86,16 @@ class AttackSpec(_Strict):
     threats: list[str] = Field(default_factory=list)
     adaptive: bool = False
     eot: int | None = Field(default=None, gt=0)
+    defenses: list[str] | None = None
+    """Cross this attack with these defenses only (their labels: ``id`` or name); default all.
+    For attacks too costly to run through every defense (adaptive ones through long purifiers)."""
+    tasks: list[str] | None = None
+    """Cross this attack with these tasks only (names, or labels like ``vqav2:test``); default all."""
 
-    @field_validator("threats", mode="before")
+    def crosses(self, task: "TaskSpec") -> bool:
+        return self.tasks is None or task.name in self.tasks or task.label in self.tasks
+
+    @field_validator("threats", "defenses", "tasks", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
@@ -131,6 +139,9 @@ class Suite(_Strict):
             else:
                 out[name] = ThreatModel(name, spec.norm, spec.eps)
         return out
+
+    def defenses_of(self, attack: AttackSpec) -> list[DefenseSpec]:
+        return [d for d in self.defenses if attack.defenses is None or d.label in attack.defenses]
 
     def threats_of(self, attack: AttackSpec) -> list[ThreatModel]:
         expanded = self.threats()
@@ -313,6 +324,15 @@ def _check_plugins(path: Path, suite: Suite, plugins: Plugins) -> None:
             )
         if attack.eot is not None and not attack.adaptive:
             raise SuiteError(path, f"{key}.eot", "eot (expectation over transformation) only applies with adaptive: true")
+        for field_name, declared in (("defenses", [d.label for d in suite.defenses]), ("tasks", sorted({t.name for t in suite.tasks} | {t.label for t in suite.tasks}))):
+            for j, ref in enumerate(getattr(attack, field_name) or []):
+                if ref not in declared:
+                    close = difflib.get_close_matches(ref, declared, n=1)
+                    hint = f" — did you mean '{close[0]}'?" if close else ""
+                    raise SuiteError(
+                        path, f"{key}.{field_name}[{j}]",
+                        f"unknown {field_name[:-1]} '{ref}'{hint} (the suite's {field_name}: {', '.join(declared)})",
+                    )
     for label, items in (("attacks", [a.label for a in suite.attacks]), ("defenses", [d.label for d in suite.defenses])):
         dupes = {x for x in items if items.count(x) > 1}
         if dupes:
@@ -344,8 +364,10 @@ def expand(suite: Suite) -> list[Cell]:
     for victim in suite.victims:
         for task in suite.tasks:
             for attack in suite.attacks:
+                if not attack.crosses(task):
+                    continue
                 for threat in suite.threats_of(attack):
-                    for defense in suite.defenses:
+                    for defense in suite.defenses_of(attack):
                         cells.append(Cell(victim, task, attack, threat, defense, suite.seed))
     return cells
 
@@ -368,11 +390,14 @@ def estimate_passes(suite: Suite, plugins: Plugins, sample_counts: dict[int, int
     ``sample_counts`` maps a task's index to its sample count (``n`` or the split size).
     """
     fwd = bwd = purify = gen = 0
-    defenses = [plugins.defenses.create(d.name, d.params) for d in suite.defenses]
+    instances = {d.label: plugins.defenses.create(d.name, d.params) for d in suite.defenses}
     for _victim in suite.victims:
-        for t_index, _task in enumerate(suite.tasks):
+        for t_index, task in enumerate(suite.tasks):
             n = sample_counts[t_index]
             for attack in suite.attacks:
+                if not attack.crosses(task):
+                    continue
+                defenses = [instances[d.label] for d in suite.defenses_of(attack)]
                 instance = plugins.attacks.create(attack.name, attack.params)
                 # adaptive attacks run once per defense; oblivious ones once, shared by all
                 runs = len(defenses) if attack.adaptive else 1

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from defenses.diffpure import DiffPure, psnr, purification_quality, ssim
+from defenses.diffpure import DiffPure
+from harness.image_quality import psnr, purification_quality, ssim
 from defenses.diffusion import (
     Backbone,
     LatentDiffusion,

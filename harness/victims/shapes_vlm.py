@@ -203,20 +203,44 @@ class ShapesVLM:
         target_ids = self.tokenizer.encode(target, add_special_tokens=False)[: self.config.max_target_tokens]
         return prefix + target_ids + [self.tokenizer.eos_token_id], len(prefix)
 
+    @property
+    def soft_prompt_dim(self) -> int:
+        """Width of the decoder's token embeddings (a soft prompt is [tokens, soft_prompt_dim])."""
+        return int(self.model.decoder.get_input_embeddings().embedding_dim)
+
+    def _decoder_embeds(self, input_ids: torch.Tensor, soft_prompt: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with ``soft_prompt`` inserted right after [BOS]."""
+        embeds = self.model.decoder.get_input_embeddings()(input_ids)
+        soft = soft_prompt.to(embeds.dtype).unsqueeze(0).expand(input_ids.shape[0], -1, -1)
+        return torch.cat([embeds[:, :1], soft, embeds[:, 1:]], dim=1)
+
     def loss(
-        self, pixels: torch.Tensor, prompts: Sequence[str], targets: Sequence[str], kind: TaskKind = "vqa"
+        self, pixels: torch.Tensor, prompts: Sequence[str], targets: Sequence[str], kind: TaskKind = "vqa",
+        soft_prompt: torch.Tensor | None = None,
     ) -> torch.Tensor:
         sequences = [self._sequence_ids(p, t) for p, t in zip(prompts, targets)]
         input_ids, labels, attention = _teacher_forcing_batch(sequences, self.tokenizer.pad_token_id)
+        input_ids, labels, attention = (t.to(pixels.device) for t in (input_ids, labels, attention))
+        if soft_prompt is None:
+            logits = self.model(
+                pixel_values=self._normalise(pixels), decoder_input_ids=input_ids, decoder_attention_mask=attention
+            ).logits
+            return _per_sample_cross_entropy(logits, labels)
+        m = soft_prompt.shape[0]
         logits = self.model(
             pixel_values=self._normalise(pixels),
-            decoder_input_ids=input_ids.to(pixels.device),
-            decoder_attention_mask=attention.to(pixels.device),
+            decoder_inputs_embeds=self._decoder_embeds(input_ids, soft_prompt),
+            decoder_attention_mask=torch.cat([attention[:, :1].expand(-1, m), attention], dim=1),
         ).logits
-        return _per_sample_cross_entropy(logits, labels.to(pixels.device))
+        # the soft tokens predict nothing: drop their positions (the one after [BOS] included)
+        logits = torch.cat([logits[:, :1], logits[:, 1 + m :]], dim=1)
+        return _per_sample_cross_entropy(logits, labels)
 
     @torch.no_grad()
-    def generate(self, pixels: torch.Tensor, prompts: Sequence[str], kind: TaskKind = "vqa") -> list[str]:
+    def generate(
+        self, pixels: torch.Tensor, prompts: Sequence[str], kind: TaskKind = "vqa",
+        soft_prompt: torch.Tensor | None = None,
+    ) -> list[str]:
         outputs: list[str] = [""] * len(prompts)
         # Prompts of equal length decode together: GPT-2 positions stay those of training.
         groups: dict[int, list[int]] = {}
@@ -226,24 +250,49 @@ class ShapesVLM:
         normalised = self._normalise(pixels)
         for indices in groups.values():
             prefix = torch.tensor([prefixes[i] for i in indices], device=pixels.device)
-            generated = self.model.generate(
-                pixel_values=normalised[indices],
-                decoder_input_ids=prefix,
-                decoder_attention_mask=torch.ones_like(prefix),
-                max_new_tokens=self.config.max_target_tokens + 1,
-                do_sample=False,
-                num_beams=1,
-                eos_token_id=self.tokenizer.eos_token_id,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
+            if soft_prompt is None:
+                generated = self.model.generate(
+                    pixel_values=normalised[indices],
+                    decoder_input_ids=prefix,
+                    decoder_attention_mask=torch.ones_like(prefix),
+                    max_new_tokens=self.config.max_target_tokens + 1,
+                    do_sample=False,
+                    num_beams=1,
+                    eos_token_id=self.tokenizer.eos_token_id,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                )
+            else:
+                generated = self._greedy_with_soft_prompt(normalised[indices], prefix, soft_prompt)
             texts = self.tokenizer.batch_decode(generated[:, prefix.shape[1] :], skip_special_tokens=True)
             for i, text in zip(indices, texts):
                 outputs[i] = text.strip()
         return outputs
 
+    def _greedy_with_soft_prompt(self, normalised: torch.Tensor, prefix: torch.Tensor, soft_prompt: torch.Tensor) -> torch.Tensor:
+        """Greedy decoding from embeddings (``generate`` cannot splice embeddings mid-prompt)."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        encoded = BaseModelOutput(last_hidden_state=self.model.encoder(pixel_values=normalised).last_hidden_state)
+        ids = prefix
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        for _ in range(self.config.max_target_tokens + 1):
+            logits = self.model(encoder_outputs=encoded, decoder_inputs_embeds=self._decoder_embeds(ids, soft_prompt)).logits
+            nxt = logits[:, -1].argmax(dim=-1)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            done |= nxt == eos
+            if bool(done.all()):
+                break
+        return ids
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Every encoder token the decoder cross-attends to, [B, tokens, D] (differentiable)."""
+        return self.model.encoder(pixel_values=self._normalise(pixels)).last_hidden_state
+
     def embed_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """Mean-pooled encoder features, for feature-space attacks and alignment losses."""
-        return self.model.encoder(pixel_values=self._normalise(pixels)).last_hidden_state.mean(dim=1)
+        return self.image_features(pixels).mean(dim=1)
 
 
 def _teacher_forcing_batch(

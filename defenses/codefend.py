@@ -1,0 +1,59 @@
+"""``codefend``: the full CoDefend defense, the supervised purifier then the optimised prompt.
+
+The prompt is optimised on *purified* images (adversarial and clean), so it is tuned to what the
+victim actually sees behind the purifier. Parameters are the two parts' own: ``purifier`` goes to
+:class:`~defenses.purifier.CoDefendPurifier`, ``prompt`` to :class:`~defenses.prompt.CoDefendPrompt`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from defenses.prompt import CoDefendPrompt
+from defenses.purifier import CoDefendPurifier
+from harness.contracts import Defense, Victim
+
+
+class CoDefend(Defense):
+    """Purifier + prompt (see the module docstring)."""
+
+    stochastic = CoDefendPurifier.stochastic
+    differentiable = CoDefendPurifier.differentiable
+    bpda = None
+    eot_samples = CoDefendPurifier.eot_samples
+
+    def __init__(self, *, purifier: dict[str, Any] | None = None, prompt: dict[str, Any] | None = None):
+        self.purifier = CoDefendPurifier(**dict(purifier or {}))
+        prompt = dict(prompt or {})
+        if "purifier" in prompt:
+            raise ValueError("codefend: set the purifier once, under 'purifier' (not under 'prompt')")
+        self.prompt = CoDefendPrompt(**prompt, purifier=dict(purifier or {}))
+
+    @property
+    def seen_attacks(self) -> list[str]:
+        return sorted(set(self.purifier.seen_attacks) | set(self.prompt.seen_attacks))
+
+    def bind(self, victim: Victim) -> None:
+        self.purifier.bind(victim)
+        self.prompt.bind(victim)
+
+    def train(self, *, progress: bool = True) -> dict[str, Any]:
+        """Train the purifier, then optimise the prompt behind it (each cached on its own)."""
+        purifier = self.purifier.train(progress=progress)
+        prompt = self.prompt.train(progress=progress)
+        return {"purifier_seconds": purifier["seconds"], "prefix": prompt.get("prefix", ""),
+                "soft_prompt_used": prompt.get("use_soft", False), "prompt_seconds": prompt["seconds"]}
+
+    def purify(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.purifier.purify(pixels, generator)
+
+    def rewrite(self, prompts: Sequence[str]) -> list[str]:
+        return self.prompt.rewrite(prompts)
+
+    def soft_prompt(self) -> torch.Tensor | None:
+        return self.prompt.soft_prompt()
+
+    def passes_per_sample(self) -> int:
+        return self.purifier.passes_per_sample()

@@ -1,0 +1,241 @@
+"""Training pairs for defenses that learn from attacks: (adversarial, clean) images of a split.
+
+CoDefend's purifier and prompt optimisation both learn from adversarial examples made *by the
+harness's own attack plugins* against the victim under evaluation, on a split the evaluation never
+scores (``train`` for the purifier, ``val`` for prompt selection). Which attacks and radii make the
+pairs is declared (:class:`PairAttack`); every other attack of a suite is, by construction, unseen
+in training, and the defense records which ones it saw (``seen_attacks``).
+
+Pairs are cached under ``$CODEFEND_HOME/pairs/<fingerprint>.pt``, keyed by the victim's weights,
+the task data, the attacks and the sample count, so the purifier and the prompt reuse them and a
+second run costs nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from harness.contracts import AttackBatch, Victim
+from harness.paths import codefend_home
+from harness.registry import parse_fraction
+
+PAIRS_FORMAT_VERSION = 2
+
+
+class PairAttack(BaseModel):
+    """One attack that makes training pairs: a registered attack at a norm and radius.
+
+    Written in a suite as ``{attack: pgd, params: {steps: 20}, norm: linf, eps: 8/255}``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    attack: str = "pgd"
+    params: dict[str, Any] = Field(default_factory=dict)
+    norm: str = "linf"
+    eps: float = 8 / 255
+
+    @field_validator("eps", mode="before")
+    @classmethod
+    def _fraction(cls, value: Any) -> Any:
+        return parse_fraction(value)
+
+    @field_validator("eps")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"eps must be in (0, 1] on [0,1] pixels, got {value}")
+        return value
+
+    @field_validator("norm")
+    @classmethod
+    def _norm(cls, value: str) -> str:
+        if value not in ("linf", "l2"):
+            raise ValueError(f"norm must be 'linf' or 'l2', got {value!r}")
+        return value
+
+    @property
+    def label(self) -> str:
+        return f"{self.attack}@{self.norm}-{self.eps:.4g}"
+
+
+class PairTask(BaseModel):
+    """A task whose samples (image, prompt, reference) are attacked to make pairs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+DEFAULT_PAIR_ATTACKS = (PairAttack(attack="pgd", params={"steps": 20}, norm="linf", eps=8 / 255),)
+DEFAULT_PAIR_TASKS = (PairTask(name="vqav2"), PairTask(name="coco_captions"))
+
+
+def parse_pair_attacks(specs: Sequence[Any] | None) -> tuple[PairAttack, ...]:
+    """Suite/CLI values (dicts, :class:`PairAttack` or ``"pgd@linf-8/255"`` strings) to PairAttacks."""
+    if not specs:
+        return DEFAULT_PAIR_ATTACKS
+    out = []
+    for spec in specs:
+        if isinstance(spec, PairAttack):
+            out.append(spec)
+        elif isinstance(spec, str):
+            out.append(_parse_attack_text(spec))
+        elif isinstance(spec, dict):
+            out.append(PairAttack(**spec))
+        else:
+            raise ValueError(f"a training attack must be a mapping like {{attack: pgd, eps: 8/255}}, got {spec!r}")
+    return tuple(out)
+
+
+def _parse_attack_text(text: str) -> PairAttack:
+    """``pgd`` | ``pgd@linf-8/255`` | ``apgd@l2-0.5``."""
+    name, _, threat = text.partition("@")
+    if not threat:
+        return PairAttack(attack=name.strip())
+    norm, _, eps = threat.partition("-")
+    if not eps:
+        raise ValueError(f"training attack {text!r}: write NAME or NAME@NORM-EPS, e.g. pgd@linf-8/255")
+    return PairAttack(attack=name.strip(), norm=norm.strip(), eps=eps.strip())
+
+
+@dataclass
+class Pairs:
+    """Adversarial and clean images at victim resolution, with the texts they were attacked on."""
+
+    clean: torch.Tensor
+    adversarial: torch.Tensor
+    prompts: list[str]
+    targets: list[str]
+    kinds: list[str]
+    attack: list[str]
+    sample_ids: list[str] = field(default_factory=list)
+    task_index: list[int] = field(default_factory=list)
+    """Which of the spec's tasks each pair's sample came from (to score outputs with it)."""
+    record: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.clean.shape[0])
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """Everything that determines a set of pairs (and so its cache key)."""
+
+    victim_fingerprint: str
+    attacks: tuple[PairAttack, ...]
+    tasks: tuple[PairTask, ...]
+    split: str
+    per_task: int
+    seed: int
+
+    def fingerprint(self, task_records: Sequence[dict[str, Any]]) -> str:
+        blob = json.dumps(
+            {
+                "format": PAIRS_FORMAT_VERSION,
+                **{k: v for k, v in asdict(self).items() if k not in ("attacks", "tasks")},
+                "attacks": [a.model_dump() for a in self.attacks],
+                "tasks": [t.model_dump() for t in self.tasks],
+                "data": list(task_records),
+            },
+            sort_keys=True,
+            default=str,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def make_pairs(victim: Victim, spec: PairSpec, *, plugins: Any = None, progress: bool = True,
+               batch_size: int = 64) -> Pairs:
+    """Attack ``spec.per_task`` samples of each task's ``spec.split`` with each attack (cached).
+
+    The attacks cycle over the samples (sample i gets attack i mod len(attacks)), so each pair is
+    one image attacked once and more attacks mean more variety, not more cost.
+    """
+    from tqdm.auto import tqdm
+
+    from harness.contracts import ThreatModel
+    from harness.plugins import get_plugins
+
+    plugins = plugins or get_plugins()
+    tasks = [plugins.tasks.create(t.name, t.params) for t in spec.tasks]
+    key = spec.fingerprint([t.describe() for t in tasks])
+    path = codefend_home() / "pairs" / f"pairs-{key}.pt"
+    if path.exists():
+        stored = torch.load(path, weights_only=False)
+        return Pairs(**stored)
+
+    started = time.perf_counter()
+    attacks = [plugins.attacks.create(a.attack, a.params) for a in spec.attacks]
+    clean_parts, adv_parts = [], []
+    prompts: list[str] = []
+    targets: list[str] = []
+    kinds: list[str] = []
+    labels: list[str] = []
+    sample_ids: list[str] = []
+    task_index: list[int] = []
+    jobs = []
+    for t_index, task in enumerate(tasks):
+        samples = task.samples(spec.split, spec.per_task, spec.seed)
+        for i, sample in enumerate(samples):
+            jobs.append((t_index, i % len(attacks), sample))
+    total = len(jobs)
+    bar = tqdm(total=total, desc="make training pairs", unit="pair", disable=not progress, mininterval=1.0)
+    generator = torch.Generator().manual_seed(spec.seed)
+    # group by (task, attack) so one attack call sees one task kind
+    groups: dict[tuple[int, int], list[Any]] = {}
+    for t_index, a_index, sample in jobs:
+        groups.setdefault((t_index, a_index), []).append(sample)
+    for (t_index, a_index), samples in sorted(groups.items(), key=lambda kv: kv[0]):
+        task, attack, declared = tasks[t_index], attacks[a_index], spec.attacks[a_index]
+        threat = ThreatModel(name=declared.label, norm=declared.norm, eps=declared.eps)  # type: ignore[arg-type]
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start : start + batch_size]
+            clean = victim.prepare([s.image for s in chunk]).to(victim.device)
+            chunk_prompts = [s.prompt for s in chunk]
+            chunk_targets = [task.attack_targets(s)[0] for s in chunk]
+            seeds = [int(hashlib.sha256(f"{key}:{s.id}".encode()).hexdigest()[:15], 16) for s in chunk]
+            batch = AttackBatch(clean, chunk_prompts, chunk_targets, task.kind, seeds=seeds,
+                                references=[list(task.attack_targets(s)) for s in chunk])
+            result = attack.perturb(victim, batch, threat, generator)
+            clean_parts.append(clean.detach().cpu())
+            adv_parts.append(result.pixels.detach().cpu().to(clean.dtype))
+            prompts += chunk_prompts
+            targets += chunk_targets
+            kinds += [task.kind] * len(chunk)
+            labels += [declared.label] * len(chunk)
+            sample_ids += [s.id for s in chunk]
+            task_index += [t_index] * len(chunk)
+            bar.update(len(chunk))
+    bar.close()
+    pairs = Pairs(
+        clean=torch.cat(clean_parts),
+        adversarial=torch.cat(adv_parts),
+        prompts=prompts,
+        targets=targets,
+        kinds=kinds,
+        attack=labels,
+        sample_ids=sample_ids,
+        task_index=task_index,
+        record={
+            "fingerprint": key,
+            "victim": spec.victim_fingerprint,
+            "attacks": [a.label for a in spec.attacks],
+            "tasks": [t.name for t in spec.tasks],
+            "split": spec.split,
+            "pairs": total,
+            "seconds": round(time.perf_counter() - started, 1),
+        },
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_suffix(".partial")
+    torch.save(asdict(pairs), scratch)
+    scratch.replace(path)
+    return pairs
