@@ -85,7 +85,7 @@ class CoDefendPrompt(Defense):
         population: Annotated[int, Field(ge=1)] = 6,
         soft_tokens: Annotated[int, Field(ge=1)] = 4,
         soft_steps: Annotated[int, Field(ge=1)] = 300,
-        soft_lr: Annotated[float, Field(gt=0.0)] = 0.01,
+        soft_lr: Annotated[float, Field(gt=0.0)] = 0.003,
         train_attacks: list[Any] | None = None,
         train_tasks: list[dict[str, Any]] | None = None,
         train_split: str = "train",
@@ -172,7 +172,8 @@ class CoDefendPrompt(Defense):
         if key not in self._learned:
             out = self.checkpoint_dir(victim)
             if not (out / "prompt.json").exists():
-                self._optimise(victim, out, progress=progress)
+                with torch.enable_grad():  # first use may come from inside a no_grad block
+                    self._optimise(victim, out, progress=progress)
             record = json.loads((out / "prompt.json").read_text())
             if (out / "soft_prompt.safetensors").exists() and record.get("use_soft", False):
                 from safetensors.torch import load_file

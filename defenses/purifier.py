@@ -88,6 +88,17 @@ class PurifierTraining:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def directional_epsilon(x_t: torch.Tensor, x0_clean: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """CoDefend's directional ε-target ε* = (x_t − √ᾱ·x_clean)/√(1 − ᾱ): the noise that, predicted
+    at x_t (the *adversarial* image noised), makes the x0-prediction the *clean* image."""
+    return (x_t - alpha_bar.sqrt() * x0_clean) / (1 - alpha_bar).sqrt()
+
+
+def x0_prediction(x_t: torch.Tensor, epsilon: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """x̂0 = (x_t − √(1 − ᾱ)·ε)/√ᾱ."""
+    return (x_t - (1 - alpha_bar).sqrt() * epsilon) / alpha_bar.sqrt()
+
+
 def _weights_digest(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
@@ -190,8 +201,10 @@ def train_purifier(
         if config.objective == "unsupervised":
             terms["eps"] = F.mse_loss(eps_hat, noise)
         else:
-            x0_hat = (x_t - (1 - ac).sqrt() * eps_hat) / ac.sqrt()
-            terms["x0"] = F.mse_loss(x0_hat, x0_clean)
+            # ‖ε̂ − ε*‖² weighted by (1 − ᾱ)/ᾱ, which equals ‖x̂0 − x_clean‖²
+            target = directional_epsilon(x_t, x0_clean, ac)
+            terms["directional"] = ((eps_hat - target).pow(2) * ((1 - ac) / ac)).mean()
+            x0_hat = x0_prediction(x_t, eps_hat, ac)
             if use_features:
                 assert victim is not None
                 purified = tuned.from_model_space(x0_hat).clamp(0, 1)
@@ -353,9 +366,11 @@ class CoDefendPurifier(Defense):
         victim = self._require_victim()
         out = self.checkpoint_dir(victim)
         if not self.is_trained(victim):
-            pairs = make_pairs(victim, self.pair_spec(victim), progress=progress)
-            base = self.base_backbone(progress=progress).to(victim.device)
-            train_purifier(base, pairs, self.training, out, victim=victim, progress=progress)
+            # first use may come from inside the runner's no_grad purification
+            with torch.enable_grad():
+                pairs = make_pairs(victim, self.pair_spec(victim), progress=progress)
+                base = self.base_backbone(progress=progress).to(victim.device)
+                train_purifier(base, pairs, self.training, out, victim=victim, progress=progress)
         return json.loads((out / "training.json").read_text())
 
     def sampler(self) -> DiffPure:

@@ -81,18 +81,36 @@ DEFAULT_PAIR_TASKS = (PairTask(name="vqav2"), PairTask(name="coco_captions"))
 
 def parse_pair_attacks(specs: Sequence[Any] | None) -> tuple[PairAttack, ...]:
     """Suite/CLI values (dicts, :class:`PairAttack` or ``"pgd@linf-8/255"`` strings) to PairAttacks."""
+    from pydantic import ValidationError
+
+    from harness.plugins import get_plugins
+
     if not specs:
         return DEFAULT_PAIR_ATTACKS
     out = []
-    for spec in specs:
-        if isinstance(spec, PairAttack):
-            out.append(spec)
-        elif isinstance(spec, str):
-            out.append(_parse_attack_text(spec))
-        elif isinstance(spec, dict):
-            out.append(PairAttack(**spec))
-        else:
-            raise ValueError(f"a training attack must be a mapping like {{attack: pgd, eps: 8/255}}, got {spec!r}")
+    for i, spec in enumerate(specs):
+        try:
+            if isinstance(spec, PairAttack):
+                out.append(spec)
+            elif isinstance(spec, str):
+                out.append(_parse_attack_text(spec))
+            elif isinstance(spec, dict):
+                out.append(PairAttack(**spec))
+            else:
+                raise ValueError(f"must be a mapping like {{attack: pgd, eps: 8/255}} or a text like pgd@linf-8/255, got {spec!r}")
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
+            )
+            raise ValueError(f"train_attacks[{i}]: {problems}") from None
+        except ValueError as exc:
+            raise ValueError(f"train_attacks[{i}]: {exc}") from None
+    attacks = get_plugins().attacks
+    for i, attack in enumerate(out):
+        if attack.attack not in attacks.names():
+            from harness.registry import UnknownNameError
+
+            raise ValueError(f"train_attacks[{i}]: {UnknownNameError('attack', attack.attack, attacks.names())}")
     return tuple(out)
 
 

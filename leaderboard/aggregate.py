@@ -26,6 +26,16 @@ class BoardRow:
     worst_case: Score | None
     """Per-sample minimum over every condition (clean included), averaged over the samples that
     were evaluated under all of them — not a minimum of averages."""
+    seconds_per_image: float | None = None
+    """Mean wall time of the defense's ``purify`` per image (over every stored row)."""
+    passes_per_image: float | None = None
+    """Network evaluations ``purify`` costs per image, as the defense declares it."""
+    psnr: dict[str, float] = field(default_factory=dict)
+    """condition -> mean PSNR (dB) of the defense's output against the clean image (finite
+    values only: an untouched clean image has none)."""
+    ssim: dict[str, float] = field(default_factory=dict)
+    seen: set[str] = field(default_factory=set)
+    """Conditions whose attack this defense saw in training (its numbers there are not held out)."""
 
 
 @dataclass
@@ -84,9 +94,11 @@ def build_board(store: Store) -> Board:
         eps = {condition_of(r): r.eps for r in rows}
         conditions = sorted(eps, key=lambda c: _condition_order(c, eps))
         per_defense: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+        costs: dict[str, _Costs] = defaultdict(_Costs)
         for r in rows:
             assert r.headline is not None
             per_defense[r.defense][condition_of(r)][r.sample_id] = r.headline
+            costs[r.defense].add(condition_of(r), r.record)
         table = Table(victim=victim, task=task, metric=rows[0].metric, conditions=conditions,
                       details={c: _condition(c, [r for r in rows if condition_of(r) == c]) for c in conditions})
         for defense, by_condition in per_defense.items():
@@ -96,10 +108,45 @@ def build_board(store: Store) -> Board:
             if common:
                 worst_values = [min(by_condition[c][s] for c in by_condition) for s in common]
                 worst = Score(sum(worst_values) / len(worst_values), len(worst_values))
-            table.rows.append(BoardRow(defense=defense, scores=scores, worst_case=worst))
+            table.rows.append(BoardRow(defense=defense, scores=scores, worst_case=worst, **costs[defense].summary()))
         table.rows.sort(key=lambda r: (-(r.worst_case.mean if r.worst_case else float("-inf")), r.defense))
         tables.append(table)
     return Board(tables=tables, runs=store.runs())
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+@dataclass
+class _Costs:
+    seconds: list[float] = field(default_factory=list)
+    passes: list[float] = field(default_factory=list)
+    psnr: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    ssim: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    seen: set[str] = field(default_factory=set)
+
+    def add(self, condition: str, record: dict) -> None:
+        defense = record.get("defense", {})
+        if defense.get("seconds_per_image") is not None:
+            self.seconds.append(float(defense["seconds_per_image"]))
+        if defense.get("passes_per_image") is not None:
+            self.passes.append(float(defense["passes_per_image"]))
+        if defense.get("psnr") is not None:
+            self.psnr[condition].append(float(defense["psnr"]))
+        if defense.get("ssim") is not None:
+            self.ssim[condition].append(float(defense["ssim"]))
+        if record.get("attack", {}).get("seen_in_training"):
+            self.seen.add(condition)
+
+    def summary(self) -> dict:
+        return {
+            "seconds_per_image": _mean(self.seconds),
+            "passes_per_image": _mean(self.passes),
+            "psnr": {c: v for c, values in sorted(self.psnr.items()) if (v := _mean(values)) is not None},
+            "ssim": {c: v for c, values in sorted(self.ssim.items()) if (v := _mean(values)) is not None},
+            "seen": set(self.seen),
+        }
 
 
 def _condition(name: str, rows: list[ResultRow]) -> Condition:

@@ -26,6 +26,45 @@ def _describe(c: Condition) -> str:
     return text
 
 
+def _cost_table(table) -> list[str]:
+    """Clean cost, compute cost and purification quality of each defense."""
+    base = next((row.scores.get("clean") for row in table.rows if row.defense == "none"), None)
+    attacked = [c for c in table.conditions if c != "clean" and table.details[c].bounded and table.details[c].mode == "oblivious"]
+    lines = [
+        "| defense | clean cost | s / image | network evals / image | PSNR clean (dB) | SSIM clean | PSNR attacked (dB) | SSIM attacked |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def num(value: float | None, digits: int) -> str:
+        return "–" if value is None else f"{value:.{digits}f}"
+
+    def attacked_mean(values: dict[str, float]) -> float | None:
+        picked = [values[c] for c in attacked if c in values]
+        return sum(picked) / len(picked) if picked else None
+
+    for row in table.rows:
+        clean = row.scores.get("clean")
+        cost = None if clean is None or base is None else clean.mean - base.mean
+        lines.append("| " + " | ".join([
+            row.defense,
+            "–" if cost is None else f"{cost:+.{_DECIMALS.get(table.metric, 3)}f}",
+            num(row.seconds_per_image, 4),
+            num(row.passes_per_image, 0),
+            num(row.psnr.get("clean"), 1),
+            num(row.ssim.get("clean"), 3),
+            num(attacked_mean(row.psnr), 1),
+            num(attacked_mean(row.ssim), 3),
+        ]) + " |")
+    lines += [
+        "",
+        "Clean cost: the defense's clean score minus the undefended one. PSNR/SSIM compare the "
+        "defense's output with the clean image (data range 1); 'attacked' averages the bounded "
+        "oblivious attacks.",
+        "",
+    ]
+    return lines
+
+
 def render_markdown(board: Board) -> str:
     if not board.tables:
         return "# Leaderboard\n\nNo scored results in this store yet: run a suite first (`codefend run SUITE`).\n"
@@ -37,9 +76,12 @@ def render_markdown(board: Board) -> str:
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
         for row in table.rows:
-            cells = [_fmt(row.scores.get(c), table.metric) for c in table.conditions]
+            cells = [_fmt(row.scores.get(c), table.metric) + (" °" if c in row.seen else "") for c in table.conditions]
             lines.append("| " + " | ".join([row.defense, *cells, _fmt(row.worst_case, table.metric)]) + " |")
         lines.append("")
+        if any(row.seen for row in table.rows):
+            lines += ["° the defense was trained on this attack's examples (other attacks are unseen).", ""]
+        lines += _cost_table(table)
         notes = [_describe(table.details[c]) for c in table.conditions if c != "clean"]
         if notes:
             lines += [f"- {note}" for note in notes] + [""]

@@ -77,6 +77,17 @@ def tiny_victim(codefend_home: Path):
     return victim
 
 
+#: A cheap shapes-ddpm (the default is 1200 steps of (16, 32, 64)): fewer, smaller steps at a higher
+#: learning rate, every timestep drawn below 200 (tests only purify at t* <= 0.1, i.e. t < 100).
+TINY_DDPM = {"steps": 100, "batch_size": 16, "channels": (16, 32, 32), "lr": 6e-3, "low_t_fraction": 1.0, "low_t_max": 200}
+
+
+@pytest.fixture(scope="session")
+def tiny_ddpm_params() -> dict:
+    """``backbone_params`` of the tiny shapes-ddpm (trained once per session, ~20 s)."""
+    return dict(TINY_DDPM)
+
+
 @pytest.fixture(scope="session")
 def vqa_task(codefend_home: Path):
     from tasks.vqav2 import VQAv2Task

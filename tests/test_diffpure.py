@@ -1,6 +1,6 @@
 """``diffpure`` and the ``shapes-ddpm`` backbone: a real (tiny) DDPM trained on the shapes world.
 
-One small model is trained per session (``TINY``; ~20 s on one CPU thread, cached in
+One small model is trained per session (conftest's ``TINY_DDPM``; ~20 s on one CPU thread, cached in
 ``CODEFEND_HOME``) and shared by every test here. Thresholds were measured on it with margin
 (numbers in the comments).
 """
@@ -26,15 +26,11 @@ from defenses.diffusion import (
     shapes_heldout_images,
 )
 from harness.contracts import Defense
-
-#: Cheaper than the default (1200 steps, (16, 32, 64)): fewer, smaller steps at a higher learning
-#: rate, and every timestep drawn below 200 (the tests only purify at t* <= 0.1, i.e. t < 100).
-TINY = {"steps": 100, "batch_size": 16, "channels": (16, 32, 32), "lr": 6e-3, "low_t_fraction": 1.0, "low_t_max": 200}
-
+from conftest import TINY_DDPM
 
 @pytest.fixture(scope="module")
-def tiny_ddpm(codefend_home: Path) -> ShapesDDPM:
-    model = ShapesDDPM(**TINY, device="cpu")
+def tiny_ddpm(codefend_home: Path, tiny_ddpm_params: dict) -> ShapesDDPM:
+    model = ShapesDDPM(**tiny_ddpm_params, device="cpu")
     model.load(progress=False)
     return model
 
@@ -63,11 +59,11 @@ def _gen(seed: int = 0) -> torch.Generator:
 
 def test_ddpm_training_loss_falls_and_the_model_denoises(tiny_ddpm: ShapesDDPM, backbone, clean) -> None:
     losses = tiny_ddpm.training_record()["losses"]
-    assert len(losses) == TINY["steps"]
+    assert len(losses) == TINY_DDPM["steps"]
     first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
     assert last < 0.6 * first, (first, last)  # measured 0.63 -> 0.25
 
-    config = ShapesDDPMConfig(channels=TINY["channels"])
+    config = ShapesDDPMConfig(channels=TINY_DDPM["channels"])
     torch.manual_seed(0)
     untrained = PixelDiffusion(build_unet(config), build_scheduler(config))
     trained_mse = denoising_mse(backbone, clean, 100, _gen(1))
@@ -88,7 +84,7 @@ def test_shapes_ddpm_is_cached_in_diffusers_layout(tiny_ddpm: ShapesDDPM, backbo
         raise AssertionError("a cached model must not be retrained")
 
     monkeypatch.setattr(diffusion, "train_shapes_ddpm", no_training)
-    again = ShapesDDPM(**TINY, device="cpu").load(progress=False)
+    again = ShapesDDPM(**TINY_DDPM, device="cpu").load(progress=False)
     by_path = PixelDiffusion.from_pretrained(str(folder))
     x = backbone.to_model_space(clean[:2])
     with torch.no_grad():
@@ -98,7 +94,7 @@ def test_shapes_ddpm_is_cached_in_diffusers_layout(tiny_ddpm: ShapesDDPM, backbo
     assert by_path.scheduler.config.beta_schedule == "linear"
     assert by_path.scheduler.config.num_train_timesteps == 1000
     # the fingerprint follows the config; other seeds/steps are other models (nothing trained here)
-    assert ShapesDDPM(**{**TINY, "seed": 1}).cache_dir != folder
+    assert ShapesDDPM(**{**TINY_DDPM, "seed": 1}).cache_dir != folder
     assert ShapesDDPM().config.fingerprint() != tiny_ddpm.config.fingerprint()
     assert isinstance(backbone, Backbone)
 

@@ -72,8 +72,17 @@ def store(tmp_path: Path):
     store.close()
 
 
-def _table_lines(markdown: str) -> list[str]:
-    return [line for line in markdown.splitlines() if line.startswith("|")]
+def _table_lines(markdown: str, which: int = 0) -> list[str]:
+    """The lines of the ``which``-th markdown table."""
+    tables: list[list[str]] = []
+    previous = ""
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            if not previous.startswith("|"):
+                tables.append([])
+            tables[-1].append(line)
+        previous = line
+    return tables[which]
 
 
 def test_board_uses_the_per_sample_worst_case(store: Store) -> None:

@@ -87,6 +87,15 @@ CASES = [
         "attacks[0].adaptive", ("cannot adapt to a defense",)),
     Bad("eot-without-adaptive", "include: base.yaml\nattacks:\n  - {name: none}\n  - {name: pgd, threats: [linf-8], eot: 4}",
         "attacks[1].eot", ("only applies with adaptive: true",)),
+    Bad("attack-limited-to-unknown-defense",
+        "include: base.yaml\nattacks:\n  - {name: none}\n  - {name: pgd, threats: [linf-8], defenses: [jepg]}",
+        "attacks[1].defenses[0]", ("unknown defense 'jepg'", "did you mean 'jpeg'?", "the suite's defenses: none, jpeg")),
+    Bad("attack-limited-to-unknown-task",
+        "include: base.yaml\nattacks:\n  - {name: none}\n  - {name: pgd, threats: [linf-8], tasks: [vqa]}",
+        "attacks[1].tasks[0]", ("unknown task 'vqa'", "did you mean", "vqav2")),
+    Bad("purifier-bad-training-attack",
+        "include: base.yaml\ndefenses:\n  - {name: codefend-purifier, params: {train_attacks: [{attack: pgd, eps: 12}]}}",
+        "defenses[0].params", ("eps must be in (0, 1]",)),
     Bad("duplicate-defense", "include: base.yaml\ndefenses: [{name: jpeg}, {name: jpeg, params: {quality: 50}}]",
         "defenses", ("duplicate entries ['jpeg']", "distinct 'id'")),
     Bad("unknown-executor", "include: base.yaml\nexecutor: locl",
@@ -263,6 +272,25 @@ def test_eps_sweep_expands_into_one_threat_model_per_value(tmp_path: Path, plugi
     assert "shapes-vlm | vqav2:test | pgd@linf@2/255 | jpeg" in out
     assert "shapes-vlm | vqav2:test | pgd@linf@4/255 | none" in out
     assert "x 4 attack condition(s) x" in out and "8 cells" in out
+
+
+def test_attack_limited_to_some_defenses_and_tasks(tmp_path: Path, plugins) -> None:
+    shutil.copy(FIXTURES / "suites" / "base.yaml", tmp_path / "base.yaml")
+    path = tmp_path / "limited.yaml"
+    path.write_text(textwrap.dedent("""\
+        include: base.yaml
+        tasks:
+          - {name: vqav2, data: shapes, n: 4}
+          - {name: coco_captions, data: shapes, n: 4}
+        attacks:
+          - name: none
+          - {name: pgd, threats: [linf-8], params: {steps: 2}}
+          - {name: pgd, threats: [linf-8], params: {steps: 2}, adaptive: true, defenses: [jpeg], tasks: [vqav2]}
+    """))
+    cells = expand(load_suite(path, plugins))
+    adaptive = [c for c in cells if c.attack.adaptive]
+    assert [(c.task.name, c.defense.label) for c in adaptive] == [("vqav2", "jpeg")]
+    assert len(cells) == 2 * 2 * 2 + 1
 
 
 def test_include_keys_are_overridden_by_the_including_file(tmp_path: Path, plugins) -> None:

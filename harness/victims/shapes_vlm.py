@@ -208,11 +208,17 @@ class ShapesVLM:
         """Width of the decoder's token embeddings (a soft prompt is [tokens, soft_prompt_dim])."""
         return int(self.model.decoder.get_input_embeddings().embedding_dim)
 
-    def _decoder_embeds(self, input_ids: torch.Tensor, soft_prompt: torch.Tensor) -> torch.Tensor:
-        """Token embeddings with ``soft_prompt`` inserted right after [BOS]."""
+    def _decoder_embeds(self, input_ids: torch.Tensor, soft_prompt: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Decoder inputs with ``soft_prompt`` inserted right after [BOS]. The soft tokens share
+        [BOS]'s position, so every real token keeps the position it had in training."""
         embeds = self.model.decoder.get_input_embeddings()(input_ids)
         soft = soft_prompt.to(embeds.dtype).unsqueeze(0).expand(input_ids.shape[0], -1, -1)
-        return torch.cat([embeds[:, :1], soft, embeds[:, 1:]], dim=1)
+        m, width = soft_prompt.shape[0], input_ids.shape[1]
+        positions = torch.cat([torch.zeros(m + 1, dtype=torch.long), torch.arange(1, width)]).to(input_ids.device)
+        return {
+            "decoder_inputs_embeds": torch.cat([embeds[:, :1], soft, embeds[:, 1:]], dim=1),
+            "decoder_position_ids": positions.unsqueeze(0).expand(input_ids.shape[0], -1),
+        }
 
     def loss(
         self, pixels: torch.Tensor, prompts: Sequence[str], targets: Sequence[str], kind: TaskKind = "vqa",
@@ -229,7 +235,7 @@ class ShapesVLM:
         m = soft_prompt.shape[0]
         logits = self.model(
             pixel_values=self._normalise(pixels),
-            decoder_inputs_embeds=self._decoder_embeds(input_ids, soft_prompt),
+            **self._decoder_embeds(input_ids, soft_prompt),
             decoder_attention_mask=torch.cat([attention[:, :1].expand(-1, m), attention], dim=1),
         ).logits
         # the soft tokens predict nothing: drop their positions (the one after [BOS] included)
@@ -277,7 +283,7 @@ class ShapesVLM:
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         for _ in range(self.config.max_target_tokens + 1):
-            logits = self.model(encoder_outputs=encoded, decoder_inputs_embeds=self._decoder_embeds(ids, soft_prompt)).logits
+            logits = self.model(encoder_outputs=encoded, **self._decoder_embeds(ids, soft_prompt)).logits
             nxt = logits[:, -1].argmax(dim=-1)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             ids = torch.cat([ids, nxt[:, None]], dim=1)
