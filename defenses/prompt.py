@@ -35,7 +35,7 @@ from defenses.training_pairs import PairSpec, PairTask, Pairs, make_pairs, parse
 from harness.contracts import Defense, Victim
 from harness.paths import codefend_home, publish_checkpoint
 
-PROMPT_FORMAT_VERSION = 1
+PROMPT_FORMAT_VERSION = 2
 
 #: Defensive prefixes in the spirit of CoDefend's optimised prompt; the search mutates them.
 DEFAULT_CANDIDATES = (
@@ -281,6 +281,23 @@ class CoDefendPrompt(Defense):
         adversarial, clean = self._purified(pairs.adversarial, 3), self._purified(pairs.clean, 4)
         generator = torch.Generator().manual_seed(self.seed)
         soft = (0.02 * torch.randn(self.soft_tokens, victim.soft_prompt_dim, generator=generator)).to(victim.device)  # type: ignore[attr-defined]
+        initial = soft.clone()
+
+        def pairs_loss(prompt: torch.Tensor) -> float:
+            """Mean teacher-forced loss over every training pair, adversarial and clean."""
+            with torch.no_grad():
+                total = 0.0
+                for source in (adversarial, clean):
+                    for kind in sorted(set(pairs.kinds)):
+                        rows = [i for i, k in enumerate(pairs.kinds) if k == kind]
+                        for start in range(0, len(rows), 128):
+                            batch = rows[start : start + 128]
+                            total += victim.loss(  # type: ignore[call-arg]
+                                source[batch].to(victim.device), [pairs.prompts[i] for i in batch],
+                                [pairs.targets[i] for i in batch], kind, soft_prompt=prompt,
+                            ).sum().item()
+                return total / (2 * len(pairs))
+
         soft.requires_grad_(True)
         optimiser = torch.optim.Adam([soft], lr=self.soft_lr)
         history = []
@@ -299,7 +316,12 @@ class CoDefendPrompt(Defense):
             loss.backward()
             optimiser.step()
             history.append(round(loss.item(), 5))
-        return soft.detach(), {"soft_history": history, "soft_tokens": self.soft_tokens}
+        return soft.detach(), {
+            "soft_history": history,
+            "soft_tokens": self.soft_tokens,
+            "soft_loss_before": pairs_loss(initial),
+            "soft_loss_after": pairs_loss(soft.detach()),
+        }
 
     # -- the defense contract -----------------------------------------------------------------
     def purify(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

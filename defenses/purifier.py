@@ -190,11 +190,11 @@ def train_purifier(
         else:
             source = clean  # the control sees the same clean images, never the adversarial ones
         t = torch.randint(0, k_max, (config.batch_size,), generator=generator).to(device)
-        noise = torch.randn(clean.shape, generator=generator).to(device)
         ac = alphas_cumprod[t].view(-1, 1, 1, 1)
         with torch.no_grad():
-            x0_source = backbone.to_model_space(source)
+            x0_source = backbone.to_model_space(source)  # pixels, or VAE latents
             x0_clean = backbone.to_model_space(clean) if config.objective == "directional" else x0_source
+        noise = torch.randn(x0_source.shape, generator=generator).to(device)
         x_t = ac.sqrt() * x0_source + (1 - ac).sqrt() * noise
         eps_hat = tuned.predict_noise(x_t, t)
         terms: dict[str, torch.Tensor] = {}

@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -155,19 +156,30 @@ class PairSpec:
     per_task: int
     seed: int
 
-    def fingerprint(self, task_records: Sequence[dict[str, Any]]) -> str:
+    def fingerprint(self, sample_digests: Sequence[str]) -> str:
+        """Keyed by what the pairs are made of: the samples' content (not the task parameters,
+        some of which, like METEOR on or off, change scoring but not samples), the attacks and
+        the victim's weights."""
         blob = json.dumps(
             {
                 "format": PAIRS_FORMAT_VERSION,
-                **{k: v for k, v in asdict(self).items() if k not in ("attacks", "tasks")},
+                "victim": self.victim_fingerprint,
                 "attacks": [a.model_dump() for a in self.attacks],
-                "tasks": [t.model_dump() for t in self.tasks],
-                "data": list(task_records),
+                "split": self.split,
+                "seed": self.seed,
+                "samples": list(sample_digests),
             },
             sort_keys=True,
             default=str,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _sample_digest(task: Any, sample: Any) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([task.name, sample.id, sample.prompt, list(task.attack_targets(sample))]).encode())
+    h.update(np.ascontiguousarray(sample.image).tobytes())
+    return h.hexdigest()[:16]
 
 
 def make_pairs(victim: Victim, spec: PairSpec, *, plugins: Any = None, progress: bool = True,
@@ -184,7 +196,8 @@ def make_pairs(victim: Victim, spec: PairSpec, *, plugins: Any = None, progress:
 
     plugins = plugins or get_plugins()
     tasks = [plugins.tasks.create(t.name, t.params) for t in spec.tasks]
-    key = spec.fingerprint([t.describe() for t in tasks])
+    task_samples = [task.samples(spec.split, spec.per_task, spec.seed) for task in tasks]
+    key = spec.fingerprint([_sample_digest(task, s) for task, samples in zip(tasks, task_samples) for s in samples])
     path = codefend_home() / "pairs" / f"pairs-{key}.pt"
     if path.exists():
         stored = torch.load(path, weights_only=False)
@@ -200,8 +213,7 @@ def make_pairs(victim: Victim, spec: PairSpec, *, plugins: Any = None, progress:
     sample_ids: list[str] = []
     task_index: list[int] = []
     jobs = []
-    for t_index, task in enumerate(tasks):
-        samples = task.samples(spec.split, spec.per_task, spec.seed)
+    for t_index, samples in enumerate(task_samples):
         for i, sample in enumerate(samples):
             jobs.append((t_index, i % len(attacks), sample))
     total = len(jobs)

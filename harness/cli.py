@@ -162,7 +162,10 @@ def cmd_train(args: argparse.Namespace, plugins: Plugins) -> int:
     if args.name in plugins.defenses.names():
         if args.attacks:
             params["train_attacks"] = args.attacks
-        defense = plugins.defenses.create(args.name, params)
+        try:
+            defense = plugins.defenses.create(args.name, params)
+        except ValueError as exc:
+            raise RegistryError(f"defense '{args.name}' rejected its parameters: {exc}") from None
         if not callable(getattr(defense, "train", None)):
             raise RegistryError(f"defense '{args.name}' has nothing to train (no train() method)")
         victim = plugins.victims.create(args.victim, _parse_sets(args.victim_set))

@@ -211,3 +211,21 @@ def test_leaderboard_rerenders_without_a_model(run_a: Run, run_cli, tmp_path: Pa
     result = run_cli("leaderboard", run_a.store, "--out", to_file, env={"CODEFEND_HOME": str(empty_home)})
     assert result.returncode == 0, result.stderr
     assert to_file.read_text() == board
+
+
+def test_rows_record_what_the_defense_did_to_the_image(run_a: Run) -> None:
+    """PSNR/SSIM of the defense's output against the clean image, and its cost, on every row."""
+    rows = _query(run_a.store, "SELECT defense, attack, record FROM results WHERE task LIKE 'vqav2%'")
+    quality: dict[tuple[str, str], list[tuple]] = {}
+    for defense, attack, record in rows:
+        d = json.loads(record)["defense"]
+        assert d["seconds_per_image"] >= 0 and d["passes_per_image"] == 0 and d["seen_attacks"] == []
+        assert json.loads(record)["attack"]["seen_in_training"] is False
+        quality.setdefault((defense, attack), []).append((d["psnr"], d["ssim"]))
+    # an untouched clean image has no finite PSNR (stored as null) and SSIM 1
+    assert all(p is None and s == pytest.approx(1.0) for p, s in quality[("none", "none")])
+    # JPEG changes the clean image a little; PGD-8 moves it by at most 8/255 (PSNR >= 30.1 dB)
+    assert all(25 < p < 60 and 0.5 < s < 1 for p, s in quality[("jpeg", "none")])
+    assert all(p >= 30.0 for p, _ in quality[("none", "pgd")])
+    board = run_a.board
+    assert "| defense | clean cost | s / image | network evals / image |" in board
