@@ -9,6 +9,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from harness.store import ResultRow, Store
+from leaderboard.stats import Interval, PairedComparison, bootstrap_ci, paired_comparison
 
 CLEAN = "clean"
 
@@ -17,6 +18,25 @@ CLEAN = "clean"
 class Score:
     mean: float
     n: int
+    ci: Interval | None = None
+    """95% bootstrap interval of the mean (see :mod:`leaderboard.stats`)."""
+
+
+def score_of(values: list[float]) -> Score:
+    return Score(sum(values) / len(values), len(values), bootstrap_ci(values))
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A sanity check (Carlini et al. 2019's checklist) that failed on the stored rows."""
+
+    code: str
+    """``eps0-not-clean`` | ``score-rises-with-eps`` | ``large-eps-not-broken`` |
+    ``gradient-masking`` | ``loss-did-not-rise``"""
+    message: str
+    defense: str | None = None
+    """The defense row it concerns (None: the whole condition)."""
+    condition: str | None = None
 
 
 @dataclass
@@ -36,6 +56,12 @@ class BoardRow:
     ssim: dict[str, float] = field(default_factory=dict)
     seen: set[str] = field(default_factory=set)
     """Conditions whose attack this defense saw in training (its numbers there are not held out)."""
+    samples: dict[str, dict[str, float]] = field(default_factory=dict)
+    """condition -> sample id -> headline score (what paired statistics and flags use)."""
+    worst_samples: dict[str, float] = field(default_factory=dict)
+    """sample id -> the per-sample worst case."""
+    versus_next: PairedComparison | None = None
+    """This row against the next one down, on their per-sample worst cases."""
 
 
 @dataclass
@@ -55,6 +81,7 @@ class Condition:
     target_text: str | None = None
     target_success: dict[str, float] = field(default_factory=dict)
     """defense -> share of samples whose output contains the target text (targeted attacks)."""
+    norm: str = "linf"
 
 
 @dataclass
@@ -65,6 +92,10 @@ class Table:
     conditions: list[str]
     rows: list[BoardRow] = field(default_factory=list)
     details: dict[str, Condition] = field(default_factory=dict)
+    flags: list[Flag] = field(default_factory=list)
+
+    def flags_for(self, defense: str, condition: str | None = None) -> list[Flag]:
+        return [f for f in self.flags if f.defense in (defense, None) and (condition is None or f.condition == condition)]
 
 
 @dataclass
@@ -102,14 +133,16 @@ def build_board(store: Store) -> Board:
         table = Table(victim=victim, task=task, metric=rows[0].metric, conditions=conditions,
                       details={c: _condition(c, [r for r in rows if condition_of(r) == c]) for c in conditions})
         for defense, by_condition in per_defense.items():
-            scores = {c: Score(sum(v.values()) / len(v), len(v)) for c, v in by_condition.items()}
-            common = set.intersection(*(set(v) for v in by_condition.values()))
-            worst = None
-            if common:
-                worst_values = [min(by_condition[c][s] for c in by_condition) for s in common]
-                worst = Score(sum(worst_values) / len(worst_values), len(worst_values))
-            table.rows.append(BoardRow(defense=defense, scores=scores, worst_case=worst, **costs[defense].summary()))
+            scores = {c: score_of(list(v.values())) for c, v in by_condition.items()}
+            common = sorted(set.intersection(*(set(v) for v in by_condition.values())))
+            worst_samples = {s: min(by_condition[c][s] for c in by_condition) for s in common}
+            worst = score_of(list(worst_samples.values())) if worst_samples else None
+            table.rows.append(BoardRow(defense=defense, scores=scores, worst_case=worst, **costs[defense].summary(),
+                                       samples={c: dict(v) for c, v in by_condition.items()}, worst_samples=worst_samples))
         table.rows.sort(key=lambda r: (-(r.worst_case.mean if r.worst_case else float("-inf")), r.defense))
+        for upper, lower in zip(table.rows, table.rows[1:]):
+            upper.versus_next = paired_comparison(upper.worst_samples, lower.worst_samples)
+        table.flags = sanity_flags(table, rows)
         tables.append(table)
     return Board(tables=tables, runs=store.runs())
 
@@ -171,7 +204,97 @@ def _condition(name: str, rows: list[ResultRow]) -> Condition:
         routes=dict(sorted(routes.items())),
         bounded=threat.get("bounded", True),
         eps=rows[0].eps,
+        norm=rows[0].norm,
         max_linf=max(r.record.get("perturbation", {}).get("linf", 0.0) for r in rows),
         target_text=target_text,
         target_success={d: sum(v) / len(v) for d, v in sorted(success.items())},
     )
+
+
+# -- sanity flags (Carlini et al. 2019, "On Evaluating Adversarial Robustness", section 5) ----------
+
+LARGE_EPS = {"linf": 64 / 255, "l2": 8.0}
+"""Radii at which an unbounded-enough white-box attack must drive an undefended victim near zero."""
+NEAR_ZERO = 0.1
+"""'Near zero': at most this share of the clean score."""
+
+
+def sanity_flags(table: Table, rows: list[ResultRow]) -> list[Flag]:
+    """Every check the stored rows allow; a check whose inputs the suite did not run is skipped."""
+    flags: list[Flag] = []
+    details = table.details
+    by_defense = {row.defense: row for row in table.rows}
+
+    def significantly_lower(defense: str, low: str, high: str) -> PairedComparison | None:
+        row = by_defense[defense]
+        if low not in row.samples or high not in row.samples:
+            return None
+        comparison = paired_comparison(row.samples[low], row.samples[high])
+        return comparison if comparison and comparison.mean_difference < 0 and comparison.significant else None
+
+    for defense, row in by_defense.items():
+        clean = row.scores.get(CLEAN)
+        # 1. an attack at eps = 0 must reproduce the clean score
+        for condition, detail in details.items():
+            if detail.bounded and detail.eps == 0 and condition != CLEAN and clean and condition in row.samples:
+                moved = [s for s, v in row.samples[condition].items() if row.samples[CLEAN].get(s, v) != v]
+                if moved:
+                    flags.append(Flag("eps0-not-clean", f"{condition} at ε=0 changed {len(moved)} sample score(s) "
+                                      "from clean: the attack or the pipeline is not deterministic", defense, condition))
+        # 2. scores must not rise with eps (same attack, same norm)
+        sweeps: dict[tuple[str, str, str], list[tuple[float, str]]] = defaultdict(list)
+        for condition, detail in details.items():
+            if condition in row.samples and detail.bounded and condition != CLEAN:
+                sweeps[(condition.split("@")[0], detail.norm, detail.mode)].append((detail.eps, condition))
+        for (attack, _norm, _mode), points in sweeps.items():
+            points.sort()
+            for (eps_small, small), (eps_large, large) in zip(points, points[1:]):
+                if eps_large > eps_small and significantly_lower(defense, small, large):
+                    flags.append(Flag("score-rises-with-eps", f"{attack}: the score at ε={eps_large * 255:.3g}/255 is "
+                                      f"significantly higher than at ε={eps_small * 255:.3g}/255", defense, large))
+        # 3. a large white-box eps must break the undefended victim
+        if defense == "none" and clean:
+            for condition, detail in details.items():
+                if (detail.bounded and detail.access == "white-box" and condition in row.scores
+                        and detail.eps >= LARGE_EPS.get(detail.norm, float("inf"))
+                        and row.scores[condition].mean > NEAR_ZERO * clean.mean):
+                    flags.append(Flag("large-eps-not-broken", f"{condition}: the undefended victim keeps "
+                                      f"{row.scores[condition].mean:.3f} at ε={detail.eps * 255:.3g}/255; a working "
+                                      "attack drives it near zero", defense, condition))
+        # 4. weaker access must not beat white-box access (else: possible gradient masking). For a
+        # defense, an oblivious attack made on the bare victim is a transfer attack.
+        strong = [c for c, d in details.items() if d.access == "white-box" and d.bounded and c in row.samples
+                  and (d.mode == "adaptive" or defense == "none")]
+        weak = [c for c, d in details.items() if d.bounded and c in row.samples and c != CLEAN
+                and (d.access in ("query", "transfer") or (d.mode == "oblivious" and defense != "none"))]
+        for w_condition in weak:
+            for s_condition in strong:
+                if w_condition == s_condition:
+                    continue
+                wd, sd = details[w_condition], details[s_condition]
+                if wd.norm != sd.norm or wd.eps > sd.eps + 1e-12:
+                    continue
+                comparison = significantly_lower(defense, w_condition, s_condition)
+                if comparison:
+                    kind = wd.access if wd.access != "white-box" else "transfer from the undefended victim"
+                    flags.append(Flag("gradient-masking", f"{w_condition} ({kind}) beats the white-box {s_condition} "
+                                      f"by {-comparison.mean_difference:.3f} ({comparison.test}, p={comparison.p_value:.2g}): "
+                                      "possible gradient masking", defense, s_condition))
+    # 5. a gradient attack's loss must rise
+    for condition, detail in details.items():
+        if detail.access != "white-box" or condition == CLEAN:
+            continue
+        firsts, lasts = [], []
+        for r in rows:
+            if condition_of(r) == condition:
+                cost = r.record.get("attack_cost", {})
+                if cost.get("loss_first") is not None and cost.get("loss_last") is not None:
+                    firsts.append(float(cost["loss_first"]))
+                    lasts.append(float(cost["loss_last"]))
+        # an untargeted attack raises the loss of the reference; a targeted one lowers the target's
+        direction = -1.0 if detail.target_text else 1.0
+        if firsts and direction * (sum(lasts) - sum(firsts)) <= 0:
+            want = "fall" if detail.target_text else "rise"
+            flags.append(Flag("loss-did-not-rise", f"{condition}: the attack loss went from {sum(firsts) / len(firsts):.3f} "
+                              f"to {sum(lasts) / len(lasts):.3f} (it should {want}); the attack did not optimise", None, condition))
+    return flags

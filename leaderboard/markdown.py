@@ -3,15 +3,33 @@
 from __future__ import annotations
 
 from leaderboard.aggregate import Board, Condition, Score
+from leaderboard.stats import MIN_SAMPLES
 
 # Papers report CIDEr x100 (already scaled by the task) with one decimal; accuracies with three.
 _DECIMALS = {"cider": 1, "bleu4": 3, "rouge_l": 3, "meteor": 3}
 
 
 def _fmt(score: Score | None, metric: str) -> str:
+    """The mean and the half-width of its 95% bootstrap interval."""
     if score is None:
         return "–"
-    return f"{score.mean:.{_DECIMALS.get(metric, 3)}f}"
+    digits = _DECIMALS.get(metric, 3)
+    text = f"{score.mean:.{digits}f}"
+    if score.ci is not None:
+        text += f" ±{(score.ci.high - score.ci.low) / 2:.{digits}f}"
+    return text
+
+
+def _versus(comparison, metric: str) -> str:
+    if comparison is None:
+        return "–"
+    digits = _DECIMALS.get(metric, 3)
+    if comparison.n < MIN_SAMPLES:
+        verdict = f"n={comparison.n}: too few to tell"
+    else:
+        verdict = "significant" if comparison.significant else "not significant"
+    p = "p<1e-4" if comparison.p_value < 1e-4 else f"p={comparison.p_value:.2g}"
+    return f"{comparison.mean_difference:+.{digits}f} ({p}, {verdict})"
 
 
 def _describe(c: Condition) -> str:
@@ -72,15 +90,29 @@ def render_markdown(board: Board) -> str:
     for table in board.tables:
         n = max((s.n for row in table.rows for s in row.scores.values()), default=0)
         lines += [f"## {table.victim} · {table.task} — {table.metric} (n={n})", ""]
-        header = ["defense", *table.conditions, "worst case"]
+        header = ["defense", *table.conditions, "worst case", "vs next row"]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
         for row in table.rows:
-            cells = [_fmt(row.scores.get(c), table.metric) + (" °" if c in row.seen else "") for c in table.conditions]
-            lines.append("| " + " | ".join([row.defense, *cells, _fmt(row.worst_case, table.metric)]) + " |")
+            cells = [
+                _fmt(row.scores.get(c), table.metric) + (" °" if c in row.seen else "")
+                + (" ⚑" if table.flags_for(row.defense, c) else "")
+                for c in table.conditions
+            ]
+            lines.append("| " + " | ".join([row.defense, *cells, _fmt(row.worst_case, table.metric),
+                                            _versus(row.versus_next, table.metric)]) + " |")
         lines.append("")
+        lines += [
+            "± is the half-width of a 95% bootstrap interval of the mean; 'vs next row' is the paired "
+            "difference in worst case with the row below (paired bootstrap, or McNemar's exact test for 0/1 scores).",
+            "",
+        ]
         if any(row.seen for row in table.rows):
             lines += ["° the defense was trained on this attack's examples (other attacks are unseen).", ""]
+        if table.flags:
+            lines += ["Sanity flags (⚑):", ""]
+            lines += [f"- ⚑ `{f.code}`" + (f" ({f.defense})" if f.defense else "") + f": {f.message}" for f in table.flags]
+            lines.append("")
         lines += _cost_table(table)
         notes = [_describe(table.details[c]) for c in table.conditions if c != "clean"]
         if notes:
