@@ -35,9 +35,9 @@ class CoDefend(Defense):
     def seen_attacks(self) -> list[str]:
         return sorted(set(self.purifier.seen_attacks) | set(self.prompt.seen_attacks))
 
-    def bind(self, victim: Victim) -> None:
-        self.purifier.bind(victim)
-        self.prompt.bind(victim)
+    def bind(self, victim: Victim, *, prepare: bool = True) -> None:
+        self.purifier.bind(victim, prepare=prepare)
+        self.prompt.bind(victim, prepare=prepare)
 
     def train(self, *, progress: bool = True) -> dict[str, Any]:
         """Train the purifier, then optimise the prompt behind it (each cached on its own)."""

@@ -120,10 +120,13 @@ class CoDefendPrompt(Defense):
     def seen_attacks(self) -> list[str]:
         return sorted({a.attack for a in self.train_attacks})
 
-    def bind(self, victim: Victim) -> None:
+    def bind(self, victim: Victim, *, prepare: bool = True) -> None:
+        """Serve ``victim``; with ``prepare``, optimise or load the prompt now."""
         self._victim = victim
         if self._purifier is not None:
-            self._purifier.bind(victim)
+            self._purifier.bind(victim, prepare=prepare)  # type: ignore[call-arg]
+        if prepare:
+            self.learned()
 
     def _require_victim(self) -> Victim:
         if self._victim is None:

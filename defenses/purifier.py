@@ -325,8 +325,11 @@ class CoDefendPurifier(Defense):
         """Attack names this purifier was trained on (every other attack is unseen)."""
         return [] if self.objective == "unsupervised" else sorted({a.attack for a in self.train_attacks})
 
-    def bind(self, victim: Victim) -> None:
+    def bind(self, victim: Victim, *, prepare: bool = True) -> None:
+        """Serve ``victim``; with ``prepare``, train or load the purifier now (not inside purify)."""
         self._victim = victim
+        if prepare:
+            self.sampler()
 
     def _require_victim(self) -> Victim:
         if self._victim is None:

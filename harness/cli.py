@@ -105,21 +105,82 @@ def cmd_run(args: argparse.Namespace, plugins: Plugins) -> int:
         summary = run_suite(suite, store, plugins=plugins, progress=not args.quiet, suite_path=str(args.suite))
         print(f"run {summary.run_id}: {summary.cells} cells, {summary.computed_rows} rows computed, "
               f"{summary.reused_rows} reused from {store_path}, {summary.seconds:.1f} s", file=sys.stderr)
-        text = _render(store, "markdown", plugins)
+        board = _board(store)
+        written = []
+        for fmt in ("md", "html", "json"):
+            out_file = store_path.parent / f"leaderboard.{fmt}"
+            out_file.write_text(plugins.reporters.create(fmt)(board))
+            written.append(str(out_file))
+        text = plugins.reporters.create("md")(board)
     finally:
         store.close()
-    out_file = store_path.parent / "leaderboard.md"
-    out_file.write_text(text)
     print(text)
-    print(f"leaderboard written to {out_file}", file=sys.stderr)
+    print(f"leaderboard written to {', '.join(written)}", file=sys.stderr)
     return 0
 
 
-def _render(store, fmt: str, plugins: Plugins) -> str:
+def _board(store):
     from leaderboard.aggregate import build_board
 
+    return build_board(store)
+
+
+def _render(store, fmt: str, plugins: Plugins) -> str:
     reporter = plugins.reporters.create(fmt)
-    return reporter(build_board(store))
+    return reporter(_board(store))
+
+
+def _rows_by_key(path: Path, run_id: str | None) -> dict[tuple[str, ...], dict[str, float]]:
+    """(victim, task, defense, condition) -> sample -> headline, for one store (or one run in it)."""
+    from harness.store import Store
+    from leaderboard.aggregate import condition_of
+
+    if not path.exists():
+        raise FileNotFoundError(f"no result store at {path}: pass a results folder written by `codefend run`")
+    store = Store(path)
+    try:
+        runs = {r["run_id"] for r in store.runs()}
+        if run_id is not None and run_id not in runs:
+            raise FileNotFoundError(f"run '{run_id}' is not in {path} (its runs: {', '.join(sorted(runs)) or 'none'})")
+        out: dict[tuple[str, ...], dict[str, float]] = {}
+        for row in store.results(scored_only=True):
+            if run_id is None or row.run_id == run_id:
+                out.setdefault((row.victim, row.task, row.defense, condition_of(row)), {})[row.sample_id] = float(row.headline)
+        return out
+    finally:
+        store.close()
+
+
+def _run_reference(text: str, store: str | None) -> tuple[Path, str | None]:
+    """A results folder / store file, or (with --store) a run id inside that store."""
+    if store is not None:
+        return _store_path(store), text
+    return _store_path(text), None
+
+
+def cmd_compare(args: argparse.Namespace, plugins: Plugins) -> int:
+    from leaderboard.stats import paired_comparison
+
+    a = _rows_by_key(*_run_reference(args.run_a, args.store))
+    b = _rows_by_key(*_run_reference(args.run_b, args.store))
+    common = sorted(set(a) & set(b))
+    if not common:
+        raise FileNotFoundError("the two runs share no (victim, task, defense, condition): nothing to compare")
+    print(f"| victim | task | defense | condition | n | A | B | A − B (95% CI) | test | p |")
+    print("|---|---|---|---|---:|---:|---:|---:|---|---:|")
+    for key in common:
+        comparison = paired_comparison(a[key], b[key])
+        if comparison is None:
+            continue
+        samples = sorted(set(a[key]) & set(b[key]))
+        mean_a = sum(a[key][s] for s in samples) / len(samples)
+        mean_b = sum(b[key][s] for s in samples) / len(samples)
+        ci = comparison.interval
+        mark = " *" if comparison.significant else ""
+        print(f"| {' | '.join(key)} | {comparison.n} | {mean_a:.4g} | {mean_b:.4g} | "
+              f"{comparison.mean_difference:+.4g} [{ci.low:+.4g}, {ci.high:+.4g}]{mark} | {comparison.test} | {comparison.p_value:.2g} |")
+    print("\nPaired on the samples both runs scored; * significant at 95% (never below 10 samples).")
+    return 0
 
 
 def cmd_leaderboard(args: argparse.Namespace, plugins: Plugins) -> int:
@@ -170,7 +231,7 @@ def cmd_train(args: argparse.Namespace, plugins: Plugins) -> int:
             raise RegistryError(f"defense '{args.name}' has nothing to train (no train() method)")
         victim = plugins.victims.create(args.victim, _parse_sets(args.victim_set))
         victim.load()
-        defense.bind(victim)
+        defense.bind(victim)  # trains (with progress bars) or loads from the cache
         record = defense.train(progress=True)
         print(f"{args.name} is ready for {args.victim}: {json.dumps(_train_summary(record))}")
         return 0
@@ -203,9 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("leaderboard", help="re-render a leaderboard from a result store (no model runs)")
     p.add_argument("results", help="results folder or store.sqlite file")
-    p.add_argument("--format", default="markdown", help="a registered reporter (see `codefend plugins`)")
+    p.add_argument("--format", default="md", help="md, html, json, csv or another registered reporter (see `codefend plugins`)")
     p.add_argument("--out", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_leaderboard)
+
+    p = sub.add_parser("compare", help="paired differences between two runs (results folders, or run ids with --store)")
+    p.add_argument("run_a", help="results folder / store.sqlite, or a run id with --store")
+    p.add_argument("run_b")
+    p.add_argument("--store", help="compare two run ids inside this results folder / store")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("train", help="train (or load from cache) a victim, a trainable defense or shapes-ddpm")
     p.add_argument("name", help="shapes-vlm, shapes-ddpm, codefend-purifier, codefend-prompt, codefend, ...")

@@ -248,8 +248,9 @@ class Defense:
         """Called by the runner with each cell's (loaded) victim before ``purify``/``rewrite``.
 
         Defenses trained against the victim they protect (CoDefend's purifier and prompt) keep it
-        here and train, or load from their cache, on first use. May be called again with another
-        victim; a defense must then serve that victim. The default does nothing.
+        here and train, or load from their cache, now: the runner times ``purify`` per image, and
+        that time must not include training. May be called again with another victim; a defense
+        must then serve that victim. The default does nothing.
         """
 
     @property

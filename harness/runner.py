@@ -45,12 +45,19 @@ class Chunk:
     adversarial_keys: list[str | None]
     cached_adversarial: dict[str, tuple[np.ndarray, dict[str, Any]]] = field(default_factory=dict)
     progress: bool = False
+    keep_images: frozenset[str] = frozenset()
+    """Sample ids whose clean and defended images are stored (the board's example grid)."""
 
 
 @dataclass
 class ChunkOutcome:
     rows: list[dict[str, Any]]
     adversarial: dict[str, tuple[np.ndarray, dict[str, Any]]]
+    artifacts: list[np.ndarray] = field(default_factory=list)
+
+
+IMAGE_EXAMPLES = 3
+"""The first samples of each cell whose clean and defended images are stored for the board."""
 
 
 # Components are loaded once per process (a victim load can mean training it).
@@ -213,8 +220,15 @@ def run_chunk(chunk: Chunk, plugins: Plugins | None = None) -> ChunkOutcome:
         **({"surrogate": attack.surrogate} if getattr(attack, "surrogate", None) else {}),
     }
     rows = []
+    artifacts: list[np.ndarray] = []
     for i, sample in enumerate(chunk.samples):
         key = chunk.adversarial_keys[i]
+        images: dict[str, str] = {}
+        if sample.id in chunk.keep_images:
+            for name, pixels in (("clean", clean[i]), ("defended", purified[i])):
+                array = pixels.detach().cpu().float().numpy()
+                artifacts.append(array)
+                images[name] = Store.artifact_digest(array)
         targeted = (
             {"targeted": {"text": attack.target_text, "success": said(attack.target_text, outputs[i])}}
             if attack.target_text
@@ -254,10 +268,11 @@ def run_chunk(chunk: Chunk, plugins: Plugins | None = None) -> ChunkOutcome:
                     **({"attack_cost": _attack_cost(key, new_adversarial, chunk.cached_adversarial)} if key else {}),
                     "victim_fingerprint": chunk.victim_fingerprint,
                     "seed": cell.seed,
+                    **({"images": images} if images else {}),
                 },
             }
         )
-    return ChunkOutcome(rows=rows, adversarial=new_adversarial)
+    return ChunkOutcome(rows=rows, adversarial=new_adversarial, artifacts=artifacts)
 
 
 def _versions() -> dict[str, str]:
@@ -323,7 +338,7 @@ def run_suite(suite: Suite, store: Store, *, plugins: Plugins | None = None, pro
                 chunks = _chunks(cell, run_id, suite, victim.fingerprint, samples, fingerprints, pending, store, progress)
                 with tqdm(total=len(pending), desc="  samples", unit="sample", leave=False, disable=not progress or not pending) as bar:
                     for outcome in executor.map(run_chunk, chunks):
-                        store.commit_chunk(outcome.rows, outcome.adversarial)
+                        store.commit_chunk(outcome.rows, outcome.adversarial, outcome.artifacts)
                         computed += len(outcome.rows)
                         bar.update(len(outcome.rows))
                 if not all(existing.get(fp, False) for fp in fingerprints):
@@ -355,6 +370,7 @@ def _chunks(cell: Cell, run_id: str, suite: Suite, victim_fp: str, samples: list
             adversarial_keys=keys,
             cached_adversarial=store.adversarial(k for k in keys if k is not None),
             progress=progress,
+            keep_images=frozenset(s.id for s in samples[:IMAGE_EXAMPLES]),
         )
 
 

@@ -200,12 +200,24 @@ class Store:
         """fingerprint -> whether it is scored, for the fingerprints already stored."""
         return {fp: bool(scored) for fp, scored in self._by_fingerprint("scores IS NOT NULL", fingerprints)}
 
+    @classmethod
+    def artifact_digest(cls, array: np.ndarray) -> str:
+        """The content address :meth:`commit_chunk` stores ``array`` under."""
+        return cls._encode(array)[0]
+
     def commit_chunk(
-        self, rows: list[dict[str, Any]], adversarial: dict[str, tuple[np.ndarray, dict[str, Any]]]
+        self, rows: list[dict[str, Any]], adversarial: dict[str, tuple[np.ndarray, dict[str, Any]]],
+        artifacts: Iterable[np.ndarray] = (),
     ) -> None:
-        """Write a chunk's new adversarial examples and result rows in one transaction."""
+        """Write a chunk's new adversarial examples, artifacts (example images) and result rows in
+        one transaction."""
         now = time.time()
         with self._db:
+            for array in artifacts:
+                digest, data = self._encode(array)
+                self._db.execute(
+                    "INSERT OR IGNORE INTO artifacts VALUES (?, 'float32', ?, ?)", (digest, json.dumps(list(array.shape)), data)
+                )
             for key, (array, record) in adversarial.items():
                 digest, data = self._encode(array)
                 self._db.execute(

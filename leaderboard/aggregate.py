@@ -5,8 +5,10 @@ Nothing here runs a model: a board is a pure function of the store's scored rows
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 from harness.store import ResultRow, Store
 from leaderboard.stats import Interval, PairedComparison, bootstrap_ci, paired_comparison
@@ -62,6 +64,8 @@ class BoardRow:
     """sample id -> the per-sample worst case."""
     versus_next: PairedComparison | None = None
     """This row against the next one down, on their per-sample worst cases."""
+    provenance: dict = field(default_factory=dict)
+    """run ids, seeds, victim fingerprints, defense params and a digest of the rows behind it."""
 
 
 @dataclass
@@ -82,6 +86,28 @@ class Condition:
     target_success: dict[str, float] = field(default_factory=dict)
     """defense -> share of samples whose output contains the target text (targeted attacks)."""
     norm: str = "linf"
+    threat: str = "clean"
+
+
+@dataclass
+class DefendedExample:
+    defense: str
+    defended: Any | None
+    """[3,H,W] float array in [0,1]: what the victim saw under the attack (None if not stored)."""
+    clean_output: str | None
+    attacked_output: str | None
+    attacked_score: float | None
+
+
+@dataclass
+class Example:
+    """One sample of the board's image grid: clean, attacked, and each defense's output."""
+
+    sample_id: str
+    condition: str
+    clean: Any
+    adversarial: Any | None
+    defenses: list[DefendedExample] = field(default_factory=list)
 
 
 @dataclass
@@ -93,6 +119,7 @@ class Table:
     rows: list[BoardRow] = field(default_factory=list)
     details: dict[str, Condition] = field(default_factory=dict)
     flags: list[Flag] = field(default_factory=list)
+    examples: list[Example] = field(default_factory=list)
 
     def flags_for(self, defense: str, condition: str | None = None) -> list[Flag]:
         return [f for f in self.flags if f.defense in (defense, None) and (condition is None or f.condition == condition)]
@@ -125,11 +152,11 @@ def build_board(store: Store) -> Board:
         eps = {condition_of(r): r.eps for r in rows}
         conditions = sorted(eps, key=lambda c: _condition_order(c, eps))
         per_defense: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
-        costs: dict[str, _Costs] = defaultdict(_Costs)
+        costs: dict[str, _DefenseFacts] = defaultdict(_DefenseFacts)
         for r in rows:
             assert r.headline is not None
             per_defense[r.defense][condition_of(r)][r.sample_id] = r.headline
-            costs[r.defense].add(condition_of(r), r.record)
+            costs[r.defense].add_row(r)
         table = Table(victim=victim, task=task, metric=rows[0].metric, conditions=conditions,
                       details={c: _condition(c, [r for r in rows if condition_of(r) == c]) for c in conditions})
         for defense, by_condition in per_defense.items():
@@ -143,8 +170,42 @@ def build_board(store: Store) -> Board:
         for upper, lower in zip(table.rows, table.rows[1:]):
             upper.versus_next = paired_comparison(upper.worst_samples, lower.worst_samples)
         table.flags = sanity_flags(table, rows)
+        table.examples = _examples(store, table, rows)
         tables.append(table)
     return Board(tables=tables, runs=store.runs())
+
+
+def _examples(store: Store, table: Table, rows: list[ResultRow], limit: int = 3) -> list[Example]:
+    """The image grid: stored example samples under the strongest oblivious bounded attack."""
+    with_images = [r for r in rows if "images" in r.record]
+    if not with_images:
+        return []
+    none_row = next((row for row in table.rows if row.defense == "none"), table.rows[0])
+    candidates = [c for c in table.conditions if c != CLEAN and table.details[c].bounded
+                  and table.details[c].mode == "oblivious" and c in none_row.scores]
+    condition = min(candidates, key=lambda c: none_row.scores[c].mean) if candidates else CLEAN
+    by_key = {(condition_of(r), r.defense, r.sample_id): r for r in with_images}
+    sample_ids = sorted({r.sample_id for r in with_images if condition_of(r) == condition})[:limit]
+    examples = []
+    for sample_id in sample_ids:
+        attacked_rows = [by_key.get((condition, row.defense, sample_id)) for row in table.rows]
+        clean_rows = [by_key.get((CLEAN, row.defense, sample_id)) for row in table.rows]
+        anchor = next(r for r in attacked_rows if r is not None)
+        adversarial = None
+        if anchor.adversarial_key:
+            stored = store.adversarial([anchor.adversarial_key])
+            adversarial = stored[anchor.adversarial_key][0] if stored else None
+        example = Example(sample_id, condition, store.artifact(anchor.record["images"]["clean"]), adversarial)
+        for row, attacked, clean_row in zip(table.rows, attacked_rows, clean_rows):
+            example.defenses.append(DefendedExample(
+                defense=row.defense,
+                defended=store.artifact(attacked.record["images"]["defended"]) if attacked else None,
+                clean_output=clean_row.output if clean_row else None,
+                attacked_output=attacked.output if attacked else None,
+                attacked_score=attacked.headline if attacked else None,
+            ))
+        examples.append(example)
+    return examples
 
 
 def _mean(values: list[float]) -> float | None:
@@ -152,12 +213,28 @@ def _mean(values: list[float]) -> float | None:
 
 
 @dataclass
-class _Costs:
+class _DefenseFacts:
     seconds: list[float] = field(default_factory=list)
     passes: list[float] = field(default_factory=list)
     psnr: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     ssim: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     seen: set[str] = field(default_factory=set)
+
+    run_ids: set[str] = field(default_factory=set)
+    fingerprints: list[str] = field(default_factory=list)
+    params: dict = field(default_factory=dict)
+    victim_fingerprints: set[str] = field(default_factory=set)
+    seeds: set[int] = field(default_factory=set)
+
+    def add_row(self, row: ResultRow) -> None:
+        self.add(condition_of(row), row.record)
+        self.run_ids.add(row.run_id)
+        self.fingerprints.append(row.fingerprint)
+        self.params = row.record.get("defense", {}).get("params", self.params)
+        if row.record.get("victim_fingerprint"):
+            self.victim_fingerprints.add(row.record["victim_fingerprint"])
+        if row.record.get("seed") is not None:
+            self.seeds.add(int(row.record["seed"]))
 
     def add(self, condition: str, record: dict) -> None:
         defense = record.get("defense", {})
@@ -179,6 +256,15 @@ class _Costs:
             "psnr": {c: v for c, values in sorted(self.psnr.items()) if (v := _mean(values)) is not None},
             "ssim": {c: v for c, values in sorted(self.ssim.items()) if (v := _mean(values)) is not None},
             "seen": set(self.seen),
+            "provenance": {
+                "run_ids": sorted(self.run_ids),
+                "seeds": sorted(self.seeds),
+                "victim_fingerprints": sorted(self.victim_fingerprints),
+                "defense_params": self.params,
+                # one digest over every stored row behind this defense's numbers
+                "results_digest": hashlib.sha256("".join(sorted(self.fingerprints)).encode()).hexdigest()[:16],
+                "rows": len(self.fingerprints),
+            },
         }
 
 
@@ -205,6 +291,7 @@ def _condition(name: str, rows: list[ResultRow]) -> Condition:
         bounded=threat.get("bounded", True),
         eps=rows[0].eps,
         norm=rows[0].norm,
+        threat=rows[0].threat,
         max_linf=max(r.record.get("perturbation", {}).get("linf", 0.0) for r in rows),
         target_text=target_text,
         target_success={d: sum(v) / len(v) for d, v in sorted(success.items())},

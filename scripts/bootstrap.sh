@@ -11,3 +11,14 @@ fi
 if ! command -v java >/dev/null 2>&1; then
   echo "note: java not found: caption metrics need it (PTB tokenizer, METEOR); install a JRE (Debian: default-jre-headless)" >&2
 fi
+# The HTML leaderboard test renders the board in headless Chromium (Debian: chromium, chromium-driver).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1; } \
+      || echo "note: could not install chromium + chromium-driver: the HTML leaderboard test will be skipped" >&2
+  else
+    echo "note: chromium + chromedriver not found (Debian: apt-get install chromium chromium-driver): the HTML leaderboard test will be skipped" >&2
+  fi
+fi
