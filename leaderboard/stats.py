@@ -1,7 +1,7 @@
 """How sure a number is: bootstrap confidence intervals and paired comparisons (scipy.stats).
 
 Every headline score is a mean of per-sample scores, so its uncertainty is the sampling
-uncertainty of that mean over the evaluated samples: a 95% percentile bootstrap interval (10,000
+uncertainty of that mean over the evaluated samples: a 95% percentile bootstrap interval (2,000
 resamples from a fixed seed, so a board renders the same every time). Two defenses evaluated on
 the same samples are compared *paired*: the bootstrap interval of the mean per-sample difference,
 and, when every score is 0 or 1, McNemar's exact test on the discordant pairs.
@@ -16,7 +16,7 @@ import numpy as np
 from scipy import stats
 
 CONFIDENCE = 0.95
-RESAMPLES = 10_000
+RESAMPLES = 2_000
 SEED = 0
 MIN_SAMPLES = 10
 """Fewer paired samples than this are never called significant (a bootstrap of 2 samples says

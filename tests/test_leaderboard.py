@@ -171,8 +171,8 @@ def test_leaderboard_command_renders_the_store(store: Store, tmp_path: Path, cap
     assert err.startswith("error: no result store at ") and "codefend run" in err
     assert not (tmp_path / "nothing-here").exists(), "a missing store must not be created"
 
-    assert cli.main(["leaderboard", str(store.path.parent), "--format", "markdwn"]) == 2
-    assert "did you mean 'markdown'?" in capsys.readouterr().err
+    assert cli.main(["leaderboard", str(store.path.parent), "--format", "htm"]) == 2
+    assert "did you mean 'html'?" in capsys.readouterr().err
 
 
 def test_an_unbounded_attack_gets_its_own_column_and_leaves_clean_alone(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from harness.registry import ParamError, UnknownNameError
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 BUILTINS = {"attack": ["none", "pgd"], "defense": ["none", "jpeg"], "victim": ["shapes-vlm"],
-            "task": ["vqav2", "coco_captions"], "reporter": ["markdown"], "executor": ["local"]}
+            "task": ["vqav2", "coco_captions"], "reporter": ["md", "html", "json", "csv"], "executor": ["local"]}
 
 
 def _install(site: Path, dist: str, version: str, modules: list[str], entry_points: dict[str, str]) -> Path:
