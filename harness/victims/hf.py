@@ -1,0 +1,254 @@
+"""Hugging Face multimodal LLMs as victims: any ``AutoModelForImageTextToText`` checkpoint whose
+processor has a chat template (LLaVA-1.5, LLaVA-NeXT-style, Qwen-VL-style, ...), loaded by name
+through transformers, never downloaded at run time.
+
+The victim contract, for a real MLLM:
+
+- ``prepare`` does the processor's geometric steps outside the graph: resize the shortest edge to
+  the processor's size (bicubic) and centre-crop to its crop size. The ε ball lives on these
+  [0,1] pixels (``preprocessing`` records the steps).
+- Normalisation (the processor's mean/std) runs inside the graph, in the model's dtype.
+- One prompt template for ``loss`` and ``generate``: the processor's chat template with one image
+  and the task prompt as the user turn, and the generation prompt appended. ``loss`` appends the
+  target and the end-of-sequence token and counts only those tokens.
+- Greedy decoding (``do_sample=False``, one beam).
+- ``trust_remote_code`` is off unless the suite turns it on.
+
+``hf-llava`` is the same adapter, checked to be a LLaVA checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from harness.contracts import TaskKind
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _missing(model_id: str, cause: BaseException) -> FileNotFoundError:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    path = Path(model_id).expanduser()
+    first = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+    return FileNotFoundError(
+        f"model {model_id!r} not found: looked for a local folder {path.resolve()} with config.json, the "
+        f"weights and the processor files, and for the model id in the Hugging Face cache {HF_HUB_CACHE} "
+        f"(nothing is downloaded at run time). Download it once with `huggingface-cli download {model_id}` "
+        f"or set model_id to a folder ({type(cause).__name__}: {first})"
+    )
+
+
+class HFImageTextToText:
+    """``hf-image-text-to-text``: see the module docstring."""
+
+    name = "hf-image-text-to-text"
+    expected_model_types: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        *,
+        model_id: str,
+        dtype: Literal["float32", "float16", "bfloat16"] = "float32",
+        device: str | None = None,
+        device_map: str | None = None,
+        trust_remote_code: bool = False,
+        max_new_tokens: int = 32,
+    ):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        self.model_id = model_id
+        self.dtype = dtype
+        self._device_name = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device_map = device_map
+        self.trust_remote_code = trust_remote_code
+        self.max_new_tokens = max_new_tokens
+        self.input_size = (0, 0)
+        self.preprocessing = ""
+        self._model: Any = None
+        self._processor: Any = None
+        self._fingerprint: str | None = None
+
+    # -- loading ---------------------------------------------------------------------------
+    def load(self) -> None:
+        if self._model is not None:
+            return
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        kwargs = {"local_files_only": True, "trust_remote_code": self.trust_remote_code}
+        try:
+            processor = AutoProcessor.from_pretrained(self.model_id, **kwargs)
+            model = AutoModelForImageTextToText.from_pretrained(
+                self.model_id, dtype=DTYPES[self.dtype], device_map=self.device_map, **kwargs
+            )
+        except (OSError, ValueError) as exc:
+            if "trust_remote_code" in str(exc):
+                raise ValueError(
+                    f"{self.model_id!r} needs custom code from its repository; it runs only with "
+                    "trust_remote_code: true in the victim's params (review that code first)"
+                ) from exc
+            raise _missing(self.model_id, exc) from exc
+        model_type = getattr(model.config, "model_type", "?")
+        if self.expected_model_types and model_type not in self.expected_model_types:
+            raise ValueError(
+                f"{self.name} expects a {' or '.join(self.expected_model_types)} checkpoint; {self.model_id!r} is "
+                f"{model_type!r}: use hf-image-text-to-text for it"
+            )
+        if getattr(processor, "chat_template", None) is None:
+            raise ValueError(f"{self.model_id!r} has no chat template in its processor: the prompt template is undefined")
+        if self.device_map is None:
+            model.to(self._device_name)
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        processor.tokenizer.padding_side = "left"  # decoder-only generation pads on the left
+        self._model, self._processor = model, processor
+        self.input_size, self.preprocessing = self._geometry()
+
+    def _geometry(self) -> tuple[tuple[int, int], str]:
+        ip = self._processor.image_processor
+        crop = getattr(ip, "crop_size", None) or {}
+        size = getattr(ip, "size", None) or {}
+        if "height" in crop:
+            out = (int(crop["height"]), int(crop["width"]))
+        elif "height" in size:
+            out = (int(size["height"]), int(size["width"]))
+        else:
+            edge = int(size.get("shortest_edge", 224))
+            out = (edge, edge)
+        if "shortest_edge" in size:
+            how = f"resize shortest edge to {size['shortest_edge']} (bicubic), centre-crop {out[0]}x{out[1]}"
+        else:
+            how = f"resize to {out[0]}x{out[1]} (bicubic)"
+        return out, how
+
+    @property
+    def device(self) -> torch.device:
+        self.load()
+        return next(self._model.parameters()).device
+
+    @property
+    def fingerprint(self) -> str:
+        """Model id, its config and the names and sizes of its weight files (hashing 14 GB of
+        weights per run would cost minutes; a changed checkpoint changes its files' sizes or
+        config, and a Hugging Face snapshot folder names its commit)."""
+        if self._fingerprint is None:
+            self.load()
+            from huggingface_hub import snapshot_download
+
+            try:
+                folder = Path(self.model_id) if Path(self.model_id).is_dir() else Path(
+                    snapshot_download(self.model_id, local_files_only=True))
+            except Exception:  # noqa: BLE001 - a folder we cannot list still has a config
+                folder = None
+            files = sorted((p.name, p.stat().st_size) for p in folder.glob("*.safetensors")) if folder else []
+            blob = json.dumps({"id": self.model_id, "folder": folder.name if folder else None,
+                               "config": self._model.config.to_dict(), "files": files, "dtype": self.dtype},
+                              sort_keys=True, default=str)
+            self._fingerprint = f"{self.name}:{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+        return self._fingerprint
+
+    # -- the victim contract -----------------------------------------------------------------
+    def prepare(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        from PIL import Image
+
+        self.load()
+        height, width = self.input_size
+        size = getattr(self._processor.image_processor, "size", None) or {}
+        out = []
+        for image in images:
+            pil = Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
+            if "shortest_edge" in size:
+                edge = int(size["shortest_edge"])
+                scale = edge / min(pil.size)
+                pil = pil.resize((max(edge, round(pil.width * scale)), max(edge, round(pil.height * scale))), Image.BICUBIC)
+                left, top = (pil.width - width) // 2, (pil.height - height) // 2
+                pil = pil.crop((left, top, left + width, top + height))
+            elif pil.size != (width, height):
+                pil = pil.resize((width, height), Image.BICUBIC)
+            out.append(np.asarray(pil, dtype=np.float32) / 255.0)
+        return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+
+    def _normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        ip = self._processor.image_processor
+        mean = torch.tensor(ip.image_mean, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
+        std = torch.tensor(ip.image_std, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
+        return ((pixels - mean) / std).to(DTYPES[self.dtype])
+
+    def prompt_text(self, prompt: str) -> str:
+        """The one template of ``loss`` and ``generate``: the chat template, one image, the prompt."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return self._processor.apply_chat_template(messages, add_generation_prompt=True)
+
+    def prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each prompt with its image placeholder expanded as the processor does (a
+        blank image of the input size stands in: the expansion depends on the size only)."""
+        blank = np.zeros((*self.input_size, 3), dtype=np.uint8)
+        out = []
+        for prompt in prompts:
+            encoded = self._processor(images=[blank], text=[self.prompt_text(prompt)], return_tensors="pt")
+            out.append(encoded["input_ids"][0].tolist())
+        return out
+
+    def _target_ids(self, target: str) -> list[int]:
+        tokenizer = self._processor.tokenizer
+        return tokenizer.encode(target, add_special_tokens=False) + [tokenizer.eos_token_id]
+
+    def loss(self, pixels: torch.Tensor, prompts: Sequence[str], targets: Sequence[str], kind: TaskKind = "vqa") -> torch.Tensor:
+        self.load()
+        prefixes = self.prompt_ids(prompts)
+        sequences = [p + self._target_ids(t) for p, t in zip(prefixes, targets)]
+        width = max(len(s) for s in sequences)
+        pad = self._processor.tokenizer.pad_token_id
+        pad = 0 if pad is None else pad
+        device = pixels.device
+        input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(sequences), width), dtype=torch.long)
+        labels = torch.full((len(sequences), width), -100, dtype=torch.long)
+        for row, (prefix, sequence) in enumerate(zip(prefixes, sequences)):
+            start = width - len(sequence)  # left padding, as in generate
+            input_ids[row, start:] = torch.tensor(sequence)
+            attention[row, start:] = 1
+            labels[row, start + len(prefix):] = torch.tensor(sequence[len(prefix):])
+        logits = self._model(
+            input_ids=input_ids.to(device), attention_mask=attention.to(device), pixel_values=self._normalise(pixels)
+        ).logits.float()
+        # position j predicts token j + 1: shift so only target tokens are scored
+        token_loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:].to(device), ignore_index=-100, reduction="none")
+        counts = (labels[:, 1:] != -100).sum(dim=1).clamp(min=1).to(device)
+        return token_loss.sum(dim=1) / counts
+
+    @torch.no_grad()
+    def generate(self, pixels: torch.Tensor, prompts: Sequence[str], kind: TaskKind = "vqa") -> list[str]:
+        self.load()
+        prefixes = self.prompt_ids(prompts)
+        width = max(len(p) for p in prefixes)
+        tokenizer = self._processor.tokenizer
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(prefixes), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(prefixes), width), dtype=torch.long)
+        for row, prefix in enumerate(prefixes):
+            input_ids[row, width - len(prefix):] = torch.tensor(prefix)
+            attention[row, width - len(prefix):] = 1
+        generated = self._model.generate(
+            input_ids=input_ids.to(pixels.device), attention_mask=attention.to(pixels.device),
+            pixel_values=self._normalise(pixels), do_sample=False, num_beams=1,
+            max_new_tokens=self.max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+        )
+        return [text.strip() for text in tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)]
+
+
+class HFLlava(HFImageTextToText):
+    """``hf-llava``: a LLaVA-1.5-style checkpoint (``llava-hf/llava-1.5-7b-hf``)."""
+
+    name = "hf-llava"
+    expected_model_types = ("llava",)

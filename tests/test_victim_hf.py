@@ -1,0 +1,169 @@
+"""Hugging Face victims on a tiny LLaVA built from configs (random weights, an offline tokenizer).
+
+The model is saved to a folder in the real checkpoint layout (config.json, model.safetensors,
+processor and tokenizer files, chat template) and loaded by path through the same
+``from_pretrained`` code a real checkpoint goes through.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from harness.victims.hf import HFImageTextToText, HFLlava
+
+WORDS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "USER", ":", "ASSISTANT", "what", "colour", "is", "the",
+         "shape", "?", "red", "blue", "a", "circle", "square", "describe", "image", ".", "how", "many", "shapes"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'].upper() }} : {% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT : {% endif %}"
+)
+
+
+def build_tiny_llava(folder: Path, image_size: int = 32) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>", pad_token="<pad>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size},
+                                         image_mean=[0.48, 0.46, 0.41], image_std=[0.27, 0.26, 0.28])
+    torch.manual_seed(0)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       image_size=image_size, patch_size=8, projection_dim=32),
+        text_config=LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                                pad_token_id=3, bos_token_id=1, eos_token_id=2),
+        image_token_index=4, vision_feature_layer=-1, vision_feature_select_strategy="default",
+    )
+    LlavaForConditionalGeneration(config).save_pretrained(folder)
+    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                   chat_template=CHAT_TEMPLATE).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory) -> Path:
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"))
+
+
+@pytest.fixture(scope="module")
+def victim(tiny_llava: Path) -> HFLlava:
+    victim = HFLlava(model_id=str(tiny_llava), device="cpu", max_new_tokens=4)
+    victim.load()
+    return victim
+
+
+def _images(n: int, size: int = 40) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_prepare_resizes_and_crops_outside_the_graph(victim) -> None:
+    pixels = victim.prepare(_images(2))
+    assert pixels.shape == (2, 3, 32, 32) and pixels.dtype == torch.float32
+    assert 0.0 <= float(pixels.min()) and float(pixels.max()) <= 1.0
+    assert victim.input_size == (32, 32)
+    assert victim.preprocessing == "resize shortest edge to 32 (bicubic), centre-crop 32x32"
+
+
+def test_generate_returns_text_greedily(victim) -> None:
+    pixels = victim.prepare(_images(3))
+    prompts = ["what colour is the shape ?", "how many shapes ?", "describe the image ."]
+    first = victim.generate(pixels, prompts, "vqa")
+    assert len(first) == 3 and all(isinstance(t, str) for t in first)
+    assert victim.generate(pixels, prompts, "vqa") == first  # greedy: deterministic
+
+
+def test_loss_has_finite_nonzero_pixel_gradients(victim) -> None:
+    pixels = victim.prepare(_images(2)).requires_grad_(True)
+    loss = victim.loss(pixels, ["what colour is the shape ?"] * 2, ["red", "a blue circle"], "vqa")
+    assert loss.shape == (2,) and torch.isfinite(loss).all()
+    (grad,) = torch.autograd.grad(loss.sum(), pixels)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_loss_and_generate_share_one_template_and_score_only_the_answer(victim, monkeypatch) -> None:
+    seen: dict[str, torch.Tensor] = {}
+    model = victim._model
+    original_forward, original_generate = type(model).forward, model.generate
+
+    @functools.wraps(original_forward)  # generate() validates kwargs against forward's signature
+    def spy_forward(self, *args, **kwargs):
+        seen.setdefault("loss", kwargs["input_ids"].clone())
+        return original_forward(self, *args, **kwargs)
+
+    def spy_generate(*args, **kwargs):
+        seen["generate"] = kwargs["input_ids"].clone()
+        return original_generate(*args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", spy_forward)
+    monkeypatch.setattr(model, "generate", spy_generate)
+    pixels = victim.prepare(_images(1))
+    victim.loss(pixels, ["what colour is the shape ?"], ["red"], "vqa")
+    victim.generate(pixels, ["what colour is the shape ?"], "vqa")
+    prompt = seen["generate"][0].tolist()
+    tokenizer = victim._processor.tokenizer
+    answer = tokenizer.encode("red", add_special_tokens=False) + [tokenizer.eos_token_id]
+    assert seen["loss"][0].tolist() == prompt + answer  # the same template, then the answer
+    assert prompt.count(4) == 16  # <image> expanded to the 4x4 patch tokens, as the processor does
+    assert tokenizer.decode(prompt).replace("<image>", "").split() == "USER : what colour is the shape ? ASSISTANT :".split()
+    # only the answer tokens count: changing the prompt's last token's label would change nothing
+    losses = victim.loss(pixels.repeat(2, 1, 1, 1), ["what colour is the shape ?"] * 2, ["red", "red blue"], "vqa")
+    assert not torch.isclose(losses[0], losses[1])
+
+
+def test_missing_weights_name_what_and_where(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(FileNotFoundError) as info:
+        HFImageTextToText(model_id=str(missing)).load()
+    message = str(info.value)
+    assert str(missing) in message and "Hugging Face cache" in message and "huggingface-cli download" in message
+    with pytest.raises(FileNotFoundError, match="llava-hf/llava-1.5-7b-hf"):
+        HFLlava(model_id="llava-hf/llava-1.5-7b-hf").load()
+
+
+def test_pgd_runs_end_to_end_through_the_runner(tiny_llava: Path, trained_home, tmp_path: Path, run_cli) -> None:
+    suite = tmp_path / "llava.yaml"
+    suite.write_text(
+        "name: tiny-llava\nseed: 0\nbatch_size: 4\n"
+        f"victims:\n  - {{name: hf-llava, params: {{model_id: '{tiny_llava}', max_new_tokens: 3, device: cpu}}}}\n"
+        "tasks:\n  - {name: vqav2, data: shapes, split: test, n: 4}\n"
+        "threat_models:\n  linf-8: {norm: linf, eps: 8/255}\n"
+        "attacks:\n  - name: none\n  - {name: pgd, threats: [linf-8], params: {steps: 3}}\n"
+        "defenses:\n  - name: none\n"
+    )
+    result = run_cli("run", suite, "--out", tmp_path / "out", "--quiet", timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "## hf-llava · vqav2:test — vqa_accuracy (n=4)" in result.stdout
+    from harness.store import Store
+
+    store = Store(tmp_path / "out" / "store.sqlite")
+    try:
+        rows = list(store.results())
+        pgd = [r for r in rows if r.attack == "pgd"]
+        assert len(pgd) == 4 and all(r.record["perturbation"]["linf"] <= 8 / 255 + 1e-6 for r in pgd)
+        assert pgd[0].record["threat"]["space"] == "victim input 32x32, [0,1]"
+        losses = pgd[0].record["attack_cost"]
+        assert losses["loss_last"] > losses["loss_first"]  # the attack's loss rose on the real model code
+    finally:
+        store.close()
