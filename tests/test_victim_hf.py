@@ -167,3 +167,65 @@ def test_pgd_runs_end_to_end_through_the_runner(tiny_llava: Path, trained_home, 
         assert losses["loss_last"] > losses["loss_first"]  # the attack's loss rose on the real model code
     finally:
         store.close()
+
+
+# -- BLIP-2 ---------------------------------------------------------------------------------------------
+
+BLIP2_WORDS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "Question:", "Answer:", "what", "colour", "is", "the",
+               "shape", "?", "red", "blue", "a", "circle"]
+
+
+def build_tiny_blip2(folder: Path) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        BlipImageProcessor,
+        OPTConfig,
+        PreTrainedTokenizerFast,
+    )
+
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(BLIP2_WORDS)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="</s>",
+                                        eos_token="</s>", pad_token="<pad>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    torch.manual_seed(0)
+    config = Blip2Config(
+        vision_config=Blip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        image_size=32, patch_size=8).to_dict(),
+        qformer_config=Blip2QFormerConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                          encoder_hidden_size=32, vocab_size=30).to_dict(),
+        text_config=OPTConfig(vocab_size=len(BLIP2_WORDS), hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                              num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=32,
+                              pad_token_id=3, bos_token_id=2, eos_token_id=2).to_dict(),
+        num_query_tokens=4, image_token_index=4,
+    )
+    Blip2ForConditionalGeneration(config).save_pretrained(folder)
+    image_processor = BlipImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.48, 0.46, 0.41],
+                                         image_std=[0.27, 0.26, 0.28])
+    Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=4).save_pretrained(folder)
+    return folder
+
+
+def test_blip2_adapter_templates_gradients_and_generation(tmp_path: Path) -> None:
+    from harness.victims.hf import HFBlip2
+
+    victim = HFBlip2(model_id=str(build_tiny_blip2(tmp_path / "blip2")), device="cpu", max_new_tokens=3)
+    victim.load()
+    assert victim.input_size == (32, 32) and victim.preprocessing == "resize to 32x32 (bicubic)"
+    (vqa,) = victim.prompt_ids(["what colour is the shape ?"], "vqa")
+    assert vqa[:4] == [4, 4, 4, 4]  # the query-token placeholders, then the BLIP-2 template
+    assert victim._processor.tokenizer.decode(vqa[4:]).split() == "Question: what colour is the shape ? Answer:".split()
+    assert victim.prompt_ids(["describe the image"], "caption")[0] == [4, 4, 4, 4]  # BLIP-2 captions from no prompt
+    pixels = victim.prepare(_images(2)).requires_grad_(True)
+    loss = victim.loss(pixels, ["what colour is the shape ?"] * 2, ["red", "blue"], "vqa")
+    (grad,) = torch.autograd.grad(loss.sum(), pixels)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    outputs = victim.generate(pixels.detach(), ["what colour is the shape ?"] * 2, "vqa")
+    assert len(outputs) == 2 and all(isinstance(o, str) for o in outputs)
+    with pytest.raises(ValueError, match="expects a blip-2 checkpoint"):
+        HFBlip2(model_id=str(build_tiny_llava(tmp_path / "llava"))).load()

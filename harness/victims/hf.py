@@ -51,6 +51,7 @@ class HFImageTextToText:
 
     name = "hf-image-text-to-text"
     expected_model_types: tuple[str, ...] = ()
+    requires_chat_template = True
 
     def __init__(
         self,
@@ -103,7 +104,7 @@ class HFImageTextToText:
                 f"{self.name} expects a {' or '.join(self.expected_model_types)} checkpoint; {self.model_id!r} is "
                 f"{model_type!r}: use hf-image-text-to-text for it"
             )
-        if getattr(processor, "chat_template", None) is None:
+        if self.requires_chat_template and getattr(processor, "chat_template", None) is None:
             raise ValueError(f"{self.model_id!r} has no chat template in its processor: the prompt template is undefined")
         if self.device_map is None:
             model.to(self._device_name)
@@ -184,18 +185,18 @@ class HFImageTextToText:
         std = torch.tensor(ip.image_std, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
         return ((pixels - mean) / std).to(DTYPES[self.dtype])
 
-    def prompt_text(self, prompt: str) -> str:
+    def prompt_text(self, prompt: str, kind: TaskKind = "vqa") -> str:
         """The one template of ``loss`` and ``generate``: the chat template, one image, the prompt."""
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         return self._processor.apply_chat_template(messages, add_generation_prompt=True)
 
-    def prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
+    def prompt_ids(self, prompts: Sequence[str], kind: TaskKind = "vqa") -> list[list[int]]:
         """Token ids of each prompt with its image placeholder expanded as the processor does (a
         blank image of the input size stands in: the expansion depends on the size only)."""
         blank = np.zeros((*self.input_size, 3), dtype=np.uint8)
         out = []
         for prompt in prompts:
-            encoded = self._processor(images=[blank], text=[self.prompt_text(prompt)], return_tensors="pt")
+            encoded = self._processor(images=[blank], text=[self.prompt_text(prompt, kind)], return_tensors="pt")
             out.append(encoded["input_ids"][0].tolist())
         return out
 
@@ -205,7 +206,7 @@ class HFImageTextToText:
 
     def loss(self, pixels: torch.Tensor, prompts: Sequence[str], targets: Sequence[str], kind: TaskKind = "vqa") -> torch.Tensor:
         self.load()
-        prefixes = self.prompt_ids(prompts)
+        prefixes = self.prompt_ids(prompts, kind)
         sequences = [p + self._target_ids(t) for p, t in zip(prefixes, targets)]
         width = max(len(s) for s in sequences)
         pad = self._processor.tokenizer.pad_token_id
@@ -230,7 +231,7 @@ class HFImageTextToText:
     @torch.no_grad()
     def generate(self, pixels: torch.Tensor, prompts: Sequence[str], kind: TaskKind = "vqa") -> list[str]:
         self.load()
-        prefixes = self.prompt_ids(prompts)
+        prefixes = self.prompt_ids(prompts, kind)
         width = max(len(p) for p in prefixes)
         tokenizer = self._processor.tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -252,3 +253,35 @@ class HFLlava(HFImageTextToText):
 
     name = "hf-llava"
     expected_model_types = ("llava",)
+
+
+class HFBlip2(HFImageTextToText):
+    """``hf-blip2``: BLIP-2 (``Salesforce/blip2-opt-2.7b``). BLIP-2 has no chat template: VQA
+    prompts follow its paper's ``Question: {prompt} Answer:`` and captioning uses ``caption_prompt``
+    (empty by default, as BLIP-2 captions). The processor prepends the query-token placeholders."""
+
+    name = "hf-blip2"
+    expected_model_types = ("blip-2",)
+    requires_chat_template = False
+
+    def __init__(
+        self,
+        *,
+        model_id: str,
+        vqa_template: str = "Question: {prompt} Answer:",
+        caption_prompt: str = "",
+        dtype: Literal["float32", "float16", "bfloat16"] = "float32",
+        device: str | None = None,
+        device_map: str | None = None,
+        trust_remote_code: bool = False,
+        max_new_tokens: int = 32,
+    ):
+        if "{prompt}" not in vqa_template:
+            raise ValueError("vqa_template must contain {prompt}, e.g. 'Question: {prompt} Answer:'")
+        super().__init__(model_id=model_id, dtype=dtype, device=device, device_map=device_map,
+                         trust_remote_code=trust_remote_code, max_new_tokens=max_new_tokens)
+        self.vqa_template = vqa_template
+        self.caption_prompt = caption_prompt
+
+    def prompt_text(self, prompt: str, kind: TaskKind = "vqa") -> str:
+        return self.caption_prompt if kind == "caption" else self.vqa_template.format(prompt=prompt)
