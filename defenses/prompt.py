@@ -195,7 +195,8 @@ class CoDefendPrompt(Defense):
         plugins = get_plugins()
         pairs = make_pairs(victim, self._spec(victim, self.select_split, self.select_pairs_per_task), progress=progress)
         tasks = [plugins.tasks.create(t.name, t.params) for t in self.train_tasks]
-        lookup = [{s.id: s for s in task.samples(self.select_split, self.select_pairs_per_task, self.seed)} for task in tasks]
+        lookup = [{s.id: s for s in task.samples(t.split or self.select_split, self.select_pairs_per_task, self.seed)}
+                  for t, task in zip(self.train_tasks, tasks)]
         return pairs, tasks, lookup
 
     def _fitness(self, victim: Victim, images: dict[str, torch.Tensor], pairs: Pairs, tasks: list[Any],

@@ -74,6 +74,9 @@ class PairTask(BaseModel):
 
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
+    split: str | None = None
+    """This task's split, when its data names splits differently (``train2014`` for VQAv2,
+    ``karpathy_train`` for COCO); otherwise the defense's ``train_split``."""
 
 
 DEFAULT_PAIR_ATTACKS = (PairAttack(attack="pgd", params={"steps": 20}, norm="linf", eps=8 / 255),)
@@ -196,7 +199,7 @@ def make_pairs(victim: Victim, spec: PairSpec, *, plugins: Any = None, progress:
 
     plugins = plugins or get_plugins()
     tasks = [plugins.tasks.create(t.name, t.params) for t in spec.tasks]
-    task_samples = [task.samples(spec.split, spec.per_task, spec.seed) for task in tasks]
+    task_samples = [task.samples(t.split or spec.split, spec.per_task, spec.seed) for t, task in zip(spec.tasks, tasks)]
     key = spec.fingerprint([_sample_digest(task, s) for task, samples in zip(tasks, task_samples) for s in samples])
     path = codefend_home() / "pairs" / f"pairs-{key}.pt"
     if path.exists():

@@ -15,51 +15,7 @@ import pytest
 import torch
 
 from harness.victims.hf import HFImageTextToText, HFLlava
-
-WORDS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "USER", ":", "ASSISTANT", "what", "colour", "is", "the",
-         "shape", "?", "red", "blue", "a", "circle", "square", "describe", "image", ".", "how", "many", "shapes"]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'].upper() }} : {% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT : {% endif %}"
-)
-
-
-def build_tiny_llava(folder: Path, image_size: int = 32) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-        PreTrainedTokenizerFast,
-    )
-
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
-                                        eos_token="</s>", pad_token="<pad>")
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
-                                         crop_size={"height": image_size, "width": image_size},
-                                         image_mean=[0.48, 0.46, 0.41], image_std=[0.27, 0.26, 0.28])
-    torch.manual_seed(0)
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                       image_size=image_size, patch_size=8, projection_dim=32),
-        text_config=LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-                                pad_token_id=3, bos_token_id=1, eos_token_id=2),
-        image_token_index=4, vision_feature_layer=-1, vision_feature_select_strategy="default",
-    )
-    LlavaForConditionalGeneration(config).save_pretrained(folder)
-    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
-                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                   chat_template=CHAT_TEMPLATE).save_pretrained(folder)
-    return folder
-
+from harness.victims.tiny_models import build_tiny_blip2, build_tiny_llava
 
 @pytest.fixture(scope="module")
 def tiny_llava(tmp_path_factory) -> Path:
@@ -171,46 +127,6 @@ def test_pgd_runs_end_to_end_through_the_runner(tiny_llava: Path, trained_home, 
 
 # -- BLIP-2 ---------------------------------------------------------------------------------------------
 
-BLIP2_WORDS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "Question:", "Answer:", "what", "colour", "is", "the",
-               "shape", "?", "red", "blue", "a", "circle"]
-
-
-def build_tiny_blip2(folder: Path) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (
-        Blip2Config,
-        Blip2ForConditionalGeneration,
-        Blip2Processor,
-        Blip2QFormerConfig,
-        Blip2VisionConfig,
-        BlipImageProcessor,
-        OPTConfig,
-        PreTrainedTokenizerFast,
-    )
-
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(BLIP2_WORDS)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="</s>",
-                                        eos_token="</s>", pad_token="<pad>")
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    torch.manual_seed(0)
-    config = Blip2Config(
-        vision_config=Blip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                        image_size=32, patch_size=8).to_dict(),
-        qformer_config=Blip2QFormerConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                                          encoder_hidden_size=32, vocab_size=30).to_dict(),
-        text_config=OPTConfig(vocab_size=len(BLIP2_WORDS), hidden_size=32, num_hidden_layers=2, ffn_dim=64,
-                              num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=32,
-                              pad_token_id=3, bos_token_id=2, eos_token_id=2).to_dict(),
-        num_query_tokens=4, image_token_index=4,
-    )
-    Blip2ForConditionalGeneration(config).save_pretrained(folder)
-    image_processor = BlipImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.48, 0.46, 0.41],
-                                         image_std=[0.27, 0.26, 0.28])
-    Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=4).save_pretrained(folder)
-    return folder
-
-
 def test_blip2_adapter_templates_gradients_and_generation(tmp_path: Path) -> None:
     from harness.victims.hf import HFBlip2
 
@@ -229,3 +145,19 @@ def test_blip2_adapter_templates_gradients_and_generation(tmp_path: Path) -> Non
     assert len(outputs) == 2 and all(isinstance(o, str) for o in outputs)
     with pytest.raises(ValueError, match="expects a blip-2 checkpoint"):
         HFBlip2(model_id=str(build_tiny_llava(tmp_path / "llava"))).load()
+
+
+def test_image_embeddings_are_differentiable_for_transfer_attacks(victim) -> None:
+    pixels = victim.prepare(_images(2)).requires_grad_(True)
+    features = victim.image_features(pixels)
+    assert features.dim() == 3 and features.shape[0] == 2
+    embedding = victim.embed_image(pixels)
+    (grad,) = torch.autograd.grad(embedding.pow(2).sum(), pixels)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_paper_suite_validates_here(run_cli) -> None:
+    result = run_cli("validate", "suites/paper.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "96 cells" in result.stdout and "estimated passes:" in result.stdout
+    assert "hf-llava | vqav2[data/vqav2]:val2014 | ensemble@linf@8/255 | codefend" in result.stdout

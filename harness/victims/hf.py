@@ -185,6 +185,26 @@ class HFImageTextToText:
         std = torch.tensor(ip.image_std, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
         return ((pixels - mean) / std).to(DTYPES[self.dtype])
 
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, T, D] image features from the model's ``get_image_features``: the projected tokens
+        the language model reads where the model returns them as ``pooler_output`` (LLaVA, BLIP-2),
+        else the vision tower's last hidden state."""
+        self.load()
+        out = self._model.get_image_features(pixel_values=self._normalise(pixels))
+        if isinstance(out, torch.Tensor):
+            features = out
+        elif isinstance(out, (list, tuple)):
+            features = torch.stack(list(out)) if isinstance(out[0], torch.Tensor) else out[0]
+        else:
+            features = out.pooler_output if getattr(out, "pooler_output", None) is not None else out.last_hidden_state
+        if isinstance(features, (list, tuple)):  # LLaVA: one [tokens, D] tensor of projected features per image
+            features = torch.stack(list(features))
+        return features.float() if features.dim() == 3 else features.float().unsqueeze(1)
+
+    def embed_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled :meth:`image_features` (for transfer attacks such as mf-ii)."""
+        return self.image_features(pixels).mean(dim=1)
+
     def prompt_text(self, prompt: str, kind: TaskKind = "vqa") -> str:
         """The one template of ``loss`` and ``generate``: the chat template, one image, the prompt."""
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
