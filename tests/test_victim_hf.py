@@ -161,3 +161,44 @@ def test_paper_suite_validates_here(run_cli) -> None:
     assert result.returncode == 0, result.stderr
     assert "96 cells" in result.stdout and "estimated passes:" in result.stdout
     assert "hf-llava | vqav2[data/vqav2]:val2014 | ensemble@linf@8/255 | codefend" in result.stdout
+
+
+# -- BLIP -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("head,kind,prompt", [("vqa", "vqa", "what colour is the shape ?"), ("caption", "caption", "describe")])
+def test_blip_adapter_one_template_gradients_generation(head: str, kind: str, prompt: str, tmp_path: Path, monkeypatch) -> None:
+    from harness.victims.hf_blip import HFBlip
+    from harness.victims.tiny_models import build_tiny_blip
+
+    victim = HFBlip(model_id=str(build_tiny_blip(tmp_path / head, head)), device="cpu", max_new_tokens=3)
+    victim.load()
+    assert victim.head == head and victim.input_size == (32, 32)
+    pixels = victim.prepare(_images(2)).requires_grad_(True)
+    loss = victim.loss(pixels, [prompt] * 2, ["red", "a blue circle"], kind)
+    (grad,) = torch.autograd.grad(loss.sum(), pixels)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+    decoder = victim._model.text_decoder
+    seen: list[list[int]] = []
+    original_forward = type(decoder).forward
+
+    @functools.wraps(original_forward)
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs["input_ids"][0].tolist())
+        return original_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(decoder), "forward", spy)
+    outputs = victim.generate(pixels.detach(), [prompt] * 2, kind)
+    assert len(outputs) == 2 and all(isinstance(o, str) for o in outputs)
+    generate_start = seen[0]
+    seen.clear()
+    victim.loss(pixels.detach()[:1], [prompt], ["red"], kind)
+    red = victim._tokenizer.encode("red", add_special_tokens=False)
+    assert seen[0] == generate_start + red + [victim._model.config.text_config.sep_token_id]
+    assert generate_start == victim.decoder_prefix(kind)
+    if kind == "caption":
+        assert victim._tokenizer.decode(generate_start[1:]) == "a picture of"
+    other = "caption" if kind == "vqa" else "vqa"
+    with pytest.raises(ValueError, match=f"is a BLIP {head} model"):
+        victim.generate(pixels.detach(), [prompt], other)

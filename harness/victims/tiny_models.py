@@ -93,3 +93,39 @@ def build_tiny_blip2(folder: Path) -> Path:
                                          image_std=[0.27, 0.26, 0.28])
     Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=4).save_pretrained(folder)
     return folder
+
+
+BLIP_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "what", "colour", "is", "the", "shape", "?",
+              "red", "blue", "a", "circle", "picture", "of", "square"]
+
+
+def build_tiny_blip(folder: Path, head: str = "vqa") -> Path:
+    """A tiny BLIP: ``BlipForQuestionAnswering`` (``head="vqa"``) or ``BlipForConditionalGeneration``."""
+    from transformers import (
+        BertTokenizerFast,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipForQuestionAnswering,
+        BlipImageProcessor,
+        BlipTextConfig,
+        BlipVisionConfig,
+    )
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(BLIP_WORDS)}, do_lower_case=True)
+    torch.manual_seed(0)
+    ids = {w: i for i, w in enumerate(BLIP_WORDS)}
+    config = BlipConfig(
+        text_config=BlipTextConfig(vocab_size=len(BLIP_WORDS), hidden_size=32, encoder_hidden_size=32,
+                                   intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   max_position_embeddings=64, bos_token_id=ids["[DEC]"], sep_token_id=ids["[SEP]"],
+                                   pad_token_id=ids["[PAD]"]).to_dict(),
+        vision_config=BlipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       image_size=32, patch_size=8).to_dict(),
+    )
+    cls = BlipForQuestionAnswering if head == "vqa" else BlipForConditionalGeneration
+    cls(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    BlipImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.48, 0.46, 0.41],
+                       image_std=[0.27, 0.26, 0.28]).save_pretrained(folder)
+    return folder

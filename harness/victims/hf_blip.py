@@ -1,0 +1,187 @@
+"""``hf-blip``: BLIP (Li et al. 2022) checkpoints as victims: the VQA model
+(``Salesforce/blip-vqa-base``: ``BlipForQuestionAnswering``) for VQA tasks and the captioning model
+(``Salesforce/blip-image-captioning-base``: ``BlipForConditionalGeneration``) for captioning.
+
+BLIP is an encoder-decoder, not a chat model, so its one template is built here from its parts,
+identically for ``loss`` and ``generate``:
+
+- VQA: the question ``[CLS] question [SEP]`` goes through the image-grounded text encoder; the
+  answer decoder starts from ``decoder_start_token_id`` and ends at ``[SEP]``. ``loss`` scores the
+  answer tokens and ``[SEP]``.
+- Captioning: the decoder reads ``[BOS] caption_prompt`` ("a picture of", as BLIP's own
+  captioning prompt) and continues; ``loss`` scores the caption tokens and ``[SEP]``, and
+  ``generate`` returns the continuation without the prompt.
+
+Resize to the image processor's size outside the graph (bicubic); normalise inside it; greedy
+decoding. The question padding mask is used in both paths: the library's own ``generate`` ignores
+it, which makes a question's answer depend on the longest question in its batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from harness.contracts import TaskKind
+from harness.victims.hf import DTYPES, _missing
+
+
+class HFBlip:
+    name = "hf-blip"
+
+    def __init__(
+        self,
+        *,
+        model_id: str,
+        caption_prompt: str = "a picture of",
+        dtype: Literal["float32", "float16", "bfloat16"] = "float32",
+        device: str | None = None,
+        max_new_tokens: int = 20,
+    ):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        self.model_id, self.caption_prompt, self.dtype = model_id, caption_prompt, dtype
+        self._device_name = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.max_new_tokens = max_new_tokens
+        self.input_size = (0, 0)
+        self.preprocessing = ""
+        self.head: str = ""
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._image_processor: Any = None
+        self._fingerprint: str | None = None
+
+    def load(self) -> None:
+        if self._model is not None:
+            return
+        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, BlipForConditionalGeneration, BlipForQuestionAnswering
+
+        try:
+            config = AutoConfig.from_pretrained(self.model_id, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(self.model_id, local_files_only=True)
+            image_processor = AutoImageProcessor.from_pretrained(self.model_id, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise _missing(self.model_id, exc) from exc
+        if config.model_type != "blip":
+            raise ValueError(f"hf-blip expects a BLIP checkpoint; {self.model_id!r} is {config.model_type!r}")
+        architecture = (config.architectures or ["BlipForConditionalGeneration"])[0]
+        cls = BlipForQuestionAnswering if "QuestionAnswering" in architecture else BlipForConditionalGeneration
+        self.head = "vqa" if cls is BlipForQuestionAnswering else "caption"
+        model = cls.from_pretrained(self.model_id, local_files_only=True, dtype=DTYPES[self.dtype])
+        model.to(self._device_name).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self._model, self._tokenizer, self._image_processor = model, tokenizer, image_processor
+        size = image_processor.size
+        self.input_size = (int(size["height"]), int(size["width"]))
+        self.preprocessing = f"resize to {self.input_size[0]}x{self.input_size[1]} (bicubic)"
+
+    @property
+    def device(self) -> torch.device:
+        self.load()
+        return next(self._model.parameters()).device
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self.load()
+            folder = Path(self.model_id)
+            files = sorted((p.name, p.stat().st_size) for p in folder.glob("*.safetensors")) if folder.is_dir() else []
+            blob = json.dumps({"id": self.model_id, "config": self._model.config.to_dict(), "files": files,
+                               "dtype": self.dtype, "caption_prompt": self.caption_prompt}, sort_keys=True, default=str)
+            self._fingerprint = f"hf-blip:{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+        return self._fingerprint
+
+    def _check_kind(self, kind: TaskKind) -> None:
+        if kind != self.head:
+            other = "Salesforce/blip-vqa-base" if kind == "vqa" else "Salesforce/blip-image-captioning-base"
+            raise ValueError(f"{self.model_id!r} is a BLIP {self.head} model; a {kind} task needs a {kind} checkpoint such as {other}")
+
+    # -- the victim contract ---------------------------------------------------------------------
+    def prepare(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        from PIL import Image
+
+        self.load()
+        height, width = self.input_size
+        out = []
+        for image in images:
+            pil = Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
+            if pil.size != (width, height):
+                pil = pil.resize((width, height), Image.BICUBIC)
+            out.append(np.asarray(pil, dtype=np.float32) / 255.0)
+        return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+
+    def _normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        ip = self._image_processor
+        mean = torch.tensor(ip.image_mean, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
+        std = torch.tensor(ip.image_std, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
+        return ((pixels - mean) / std).to(DTYPES[self.dtype])
+
+    def _image_embeds(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds = self._model.vision_model(pixel_values=self._normalise(pixels))[0]
+        return embeds, torch.ones(embeds.shape[:-1], dtype=torch.long, device=embeds.device)
+
+    def _context(self, pixels: torch.Tensor, prompts: Sequence[str], kind: TaskKind) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the answer decoder cross-attends to: the question encoded over the image (VQA), or
+        the image (captioning)."""
+        embeds, mask = self._image_embeds(pixels)
+        if kind == "caption":
+            return embeds, mask
+        question = self._tokenizer(list(prompts), padding=True, return_tensors="pt").to(pixels.device)
+        encoded = self._model.text_encoder(
+            input_ids=question.input_ids, attention_mask=question.attention_mask,
+            encoder_hidden_states=embeds, encoder_attention_mask=mask, return_dict=False,
+        )[0]
+        return encoded, question.attention_mask
+
+    def decoder_prefix(self, kind: TaskKind) -> list[int]:
+        """The decoder's start: [decoder start] for VQA answers, [BOS] + caption prompt for captions."""
+        if kind == "vqa":
+            return [int(self._model.decoder_start_token_id)]
+        bos = int(self._model.config.text_config.bos_token_id)
+        return [bos, *self._tokenizer.encode(self.caption_prompt, add_special_tokens=False)]
+
+    def loss(self, pixels: torch.Tensor, prompts: Sequence[str], targets: Sequence[str], kind: TaskKind = "vqa") -> torch.Tensor:
+        self.load()
+        self._check_kind(kind)
+        context, context_mask = self._context(pixels, prompts, kind)
+        prefix = self.decoder_prefix(kind)
+        sep = int(self._model.config.text_config.sep_token_id)
+        pad = int(self._model.config.text_config.pad_token_id)
+        sequences = [prefix + self._tokenizer.encode(t, add_special_tokens=False) + [sep] for t in targets]
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(sequences), width), dtype=torch.long)
+        labels = torch.full((len(sequences), width), -100, dtype=torch.long)
+        for row, sequence in enumerate(sequences):  # right padding: every prefix starts at position 0
+            ids[row, : len(sequence)] = torch.tensor(sequence)
+            attention[row, : len(sequence)] = 1
+            labels[row, len(prefix) : len(sequence)] = torch.tensor(sequence[len(prefix):])
+        ids, attention, labels = ids.to(pixels.device), attention.to(pixels.device), labels.to(pixels.device)
+        logits = self._model.text_decoder(
+            input_ids=ids, attention_mask=attention,
+            encoder_hidden_states=context, encoder_attention_mask=context_mask, return_dict=True,
+        ).logits.float()
+        token_loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none")
+        return token_loss.sum(dim=1) / (labels[:, 1:] != -100).sum(dim=1).clamp(min=1)
+
+    @torch.no_grad()
+    def generate(self, pixels: torch.Tensor, prompts: Sequence[str], kind: TaskKind = "vqa") -> list[str]:
+        self.load()
+        self._check_kind(kind)
+        context, context_mask = self._context(pixels, prompts, kind)
+        prefix = self.decoder_prefix(kind)
+        start = torch.tensor([prefix] * len(prompts), device=pixels.device)
+        config = self._model.config.text_config
+        generated = self._model.text_decoder.generate(
+            input_ids=start, encoder_hidden_states=context, encoder_attention_mask=context_mask,
+            eos_token_id=config.sep_token_id, pad_token_id=config.pad_token_id,
+            do_sample=False, num_beams=1, max_new_tokens=self.max_new_tokens,
+        )
+        return [t.strip() for t in self._tokenizer.batch_decode(generated[:, len(prefix):], skip_special_tokens=True)]
