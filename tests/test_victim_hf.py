@@ -202,3 +202,11 @@ def test_blip_adapter_one_template_gradients_generation(head: str, kind: str, pr
     other = "caption" if kind == "vqa" else "vqa"
     with pytest.raises(ValueError, match=f"is a BLIP {head} model"):
         victim.generate(pixels.detach(), [prompt], other)
+
+
+def test_the_generic_adapter_loads_any_image_text_to_text_checkpoint(tiny_llava: Path) -> None:
+    generic = HFImageTextToText(model_id=str(tiny_llava), device="cpu", max_new_tokens=2)
+    pixels = generic.prepare(_images(1))
+    assert len(generic.generate(pixels, ["what colour is the shape ?"], "vqa")) == 1
+    assert generic.fingerprint.startswith("hf-image-text-to-text:")
+    assert generic.fingerprint != HFLlava(model_id=str(tiny_llava), device="cpu", dtype="bfloat16").fingerprint
