@@ -353,11 +353,19 @@ class CoDefendPurifier(Defense):
     def checkpoint_dir(self, victim: Victim) -> Path:
         base = self.base_backbone()
         spec = self.pair_spec(victim)
+        pairs = {
+            "victim": spec.victim_fingerprint,
+            "attacks": [a.model_dump() for a in spec.attacks],
+            "tasks": [t.model_dump(exclude_none=True) for t in spec.tasks],
+            "split": spec.split,
+            "per_task": spec.per_task,
+            "seed": spec.seed,
+        }
         parts = {
             "backbone": _weights_digest(base.unet),
             "victim": victim.fingerprint,
             # the control never sees adversarial images or the victim: only the clean images count
-            "pairs": asdict(spec) if self.objective == "directional" else {**asdict(spec), "attacks": "clean only"},
+            "pairs": pairs if self.objective == "directional" else {**pairs, "attacks": "clean only"},
         }
         return codefend_home() / "models" / f"codefend-purifier-{self.training.fingerprint(parts)}"
 

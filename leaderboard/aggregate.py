@@ -62,6 +62,10 @@ class BoardRow:
     """condition -> sample id -> headline score (what paired statistics and flags use)."""
     worst_samples: dict[str, float] = field(default_factory=dict)
     """sample id -> the per-sample worst case."""
+    shared_worst_case: Score | None = None
+    """The per-sample worst case over the conditions *every* row of the table was evaluated
+    under: the fair ranking key when some defenses also faced extra (adaptive) attacks."""
+    shared_worst_samples: dict[str, float] = field(default_factory=dict)
     versus_next: PairedComparison | None = None
     """This row against the next one down, on their per-sample worst cases."""
     provenance: dict = field(default_factory=dict)
@@ -120,6 +124,8 @@ class Table:
     details: dict[str, Condition] = field(default_factory=dict)
     flags: list[Flag] = field(default_factory=list)
     examples: list[Example] = field(default_factory=list)
+    shared_conditions: list[str] = field(default_factory=list)
+    """Conditions every row was evaluated under (the ranking's worst case is over these)."""
 
     def flags_for(self, defense: str, condition: str | None = None) -> list[Flag]:
         return [f for f in self.flags if f.defense in (defense, None) and (condition is None or f.condition == condition)]
@@ -166,9 +172,16 @@ def build_board(store: Store) -> Board:
             worst = score_of(list(worst_samples.values())) if worst_samples else None
             table.rows.append(BoardRow(defense=defense, scores=scores, worst_case=worst, **costs[defense].summary(),
                                        samples={c: dict(v) for c, v in by_condition.items()}, worst_samples=worst_samples))
-        table.rows.sort(key=lambda r: (-(r.worst_case.mean if r.worst_case else float("-inf")), r.defense))
+        shared = [c for c in table.conditions if all(c in row.samples for row in table.rows)]
+        table.shared_conditions = shared
+        for row in table.rows:
+            common_samples = sorted(set.intersection(*(set(row.samples[c]) for c in shared))) if shared else []
+            row.shared_worst_samples = {s: min(row.samples[c][s] for c in shared) for s in common_samples}
+            row.shared_worst_case = score_of(list(row.shared_worst_samples.values())) if common_samples else None
+        # rank on what every defense faced; a defense is not demoted for having been tested harder
+        table.rows.sort(key=lambda r: (-(r.shared_worst_case.mean if r.shared_worst_case else float("-inf")), r.defense))
         for upper, lower in zip(table.rows, table.rows[1:]):
-            upper.versus_next = paired_comparison(upper.worst_samples, lower.worst_samples)
+            upper.versus_next = paired_comparison(upper.shared_worst_samples, lower.shared_worst_samples)
         table.flags = sanity_flags(table, rows)
         table.examples = _examples(store, table, rows)
         tables.append(table)

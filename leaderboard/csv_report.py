@@ -23,6 +23,8 @@ class CSVReporter:
                 lines = [(c, row.scores[c]) for c in table.conditions if c in row.scores]
                 if row.worst_case is not None:
                     lines.append(("worst case", row.worst_case))
+                if row.shared_worst_case is not None:
+                    lines.append(("worst case, shared conditions", row.shared_worst_case))
                 for condition, score in lines:
                     detail = table.details.get(condition)
                     flags = ";".join(f.code for f in table.flags_for(row.defense, condition))

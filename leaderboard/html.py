@@ -138,8 +138,9 @@ def _plots(table: Table) -> list[str]:
 def _table_html(table: Table) -> list[str]:
     out = ['<table class="sortable scores"><thead><tr><th>defense</th>']
     out += [f"<th>{html.escape(c)}</th>" for c in table.conditions]
-    out += ["<th>worst case</th><th>vs next row</th><th>s / image</th><th>evals / image</th>"
-            "<th>PSNR clean</th><th>SSIM clean</th></tr></thead><tbody>"]
+    extra = any(set(row.samples) != set(table.shared_conditions) for row in table.rows)
+    out += ["<th>worst case</th>" + ("<th>worst, shared</th>" if extra else "") + "<th>vs next row</th><th>s / image</th>"
+            "<th>evals / image</th><th>PSNR clean</th><th>SSIM clean</th></tr></thead><tbody>"]
     for row in table.rows:
         cells = [f'<td data-value="{html.escape(row.defense)}">{html.escape(row.defense)}</td>']
         for c in table.conditions:
@@ -147,6 +148,8 @@ def _table_html(table: Table) -> list[str]:
                 ' <span class="flag" title="sanity flag">⚑</span>' if table.flags_for(row.defense, c) else "")
             cells.append(_score_cell(row.scores.get(c), table.metric, marks))
         cells.append(_score_cell(row.worst_case, table.metric))
+        if extra:
+            cells.append(_score_cell(row.shared_worst_case, table.metric))
         versus = row.versus_next
         cells.append(f'<td data-value="{versus.mean_difference if versus else ""}">{html.escape(_versus(versus, table.metric))}</td>')
         for value, digits in ((row.seconds_per_image, 4), (row.passes_per_image, 0), (row.psnr.get(CLEAN), 1), (row.ssim.get(CLEAN), 3)):

@@ -90,7 +90,8 @@ def render_markdown(board: Board) -> str:
     for table in board.tables:
         n = max((s.n for row in table.rows for s in row.scores.values()), default=0)
         lines += [f"## {table.victim} · {table.task} — {table.metric} (n={n})", ""]
-        header = ["defense", *table.conditions, "worst case", "vs next row"]
+        extra = any(set(row.samples) != set(table.shared_conditions) for row in table.rows)
+        header = ["defense", *table.conditions, "worst case", *(["worst, shared"] if extra else []), "vs next row"]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
         for row in table.rows:
@@ -99,12 +100,15 @@ def render_markdown(board: Board) -> str:
                 + (" ⚑" if table.flags_for(row.defense, c) else "")
                 for c in table.conditions
             ]
-            lines.append("| " + " | ".join([row.defense, *cells, _fmt(row.worst_case, table.metric),
+            shared = [_fmt(row.shared_worst_case, table.metric)] if extra else []
+            lines.append("| " + " | ".join([row.defense, *cells, _fmt(row.worst_case, table.metric), *shared,
                                             _versus(row.versus_next, table.metric)]) + " |")
         lines.append("")
         lines += [
             "± is the half-width of a 95% bootstrap interval of the mean; 'vs next row' is the paired "
-            "difference in worst case with the row below (paired bootstrap, or McNemar's exact test for 0/1 scores).",
+            "difference in worst case with the row below (paired bootstrap, or McNemar's exact test for 0/1 scores)."
+            + (" Some defenses faced extra attacks: rows are ranked, and compared, on 'worst, shared', the worst "
+               f"case over the conditions all of them faced ({', '.join(table.shared_conditions)})." if extra else ""),
             "",
         ]
         if any(row.seen for row in table.rows):

@@ -125,6 +125,10 @@ def test_every_headline_number_has_a_confidence_interval(board) -> None:
             assert score.ci is not None and score.ci.low <= score.mean <= score.ci.high
         if row is not table.rows[-1]:
             assert row.versus_next is not None and row.versus_next.n == 40
+    # ranking uses the conditions every defense faced: none never faced the adaptive attack
+    assert table.shared_conditions == ["clean", "pgd@linf-16"]
+    masked = next(r for r in table.rows if r.defense == "masked")
+    assert masked.worst_case.mean <= masked.shared_worst_case.mean
     none = next(r for r in table.rows if r.defense == "none")
     attacked = none.scores["pgd@linf-16"]
     assert attacked.ci.high - attacked.ci.low > 0  # 40 varied answers: a real interval
@@ -151,7 +155,8 @@ def test_json_entries_validate_against_the_shipped_schema(board) -> None:
 def test_csv_has_one_line_per_condition_with_intervals(board) -> None:
     lines = list(csv.DictReader(io.StringIO(CSVReporter()(board))))
     masked = [line for line in lines if line["defense"] == "masked"]
-    assert {line["condition"] for line in masked} == {"clean", "pgd@linf-16", "pgd-adaptive@linf-16", "worst case"}
+    assert {line["condition"] for line in masked} == {
+        "clean", "pgd@linf-16", "pgd-adaptive@linf-16", "worst case", "worst case, shared conditions"}
     flagged = next(line for line in masked if line["condition"] == "pgd-adaptive@linf-16")
     assert flagged["flags"] == "gradient-masking" and flagged["mode"] == "adaptive"
     assert float(flagged["ci95_low"]) <= float(flagged["mean"]) <= float(flagged["ci95_high"])
