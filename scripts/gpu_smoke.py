@@ -43,12 +43,11 @@ def main() -> None:
 
     from attacks.pgd import PGD
     from defenses.diffpure import DiffPure
-    from defenses.diffusion import LatentDiffusion
     from defenses.purifier import PurifierTraining, load_tuned_unet, train_purifier
     from defenses.training_pairs import Pairs
     from harness.contracts import AttackBatch, ThreatModel
     from harness.victims.hf import HFBlip2, HFLlava
-    from harness.victims.tiny_models import build_tiny_blip2, build_tiny_llava
+    from harness.victims.tiny_models import build_tiny_blip2, build_tiny_latent_backbone, build_tiny_llava
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (48, 56, 3), dtype=np.uint8) for _ in range(8)]
@@ -66,18 +65,8 @@ def main() -> None:
             print(f"  PGD loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f} (must rise)")
             assert result.losses[-1] > result.losses[0]
 
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-
         print("latent purifiers (tiny VAE + UNet)")
-        torch.manual_seed(0)
-        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                            norm_num_groups=8, sample_size=32)
-        unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-                                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
-                                    cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8)
-        backbone = LatentDiffusion(vae, unet, DDPMScheduler(num_train_timesteps=1000)).to(device)
+        backbone = build_tiny_latent_backbone().to(device)
         clean = torch.rand(8, 3, 32, 32, device=device)
         generator = torch.Generator(device=device).manual_seed(0)
         out = _timed("diffpure (latent, ddpm, t*=0.1: 100 UNet calls)",

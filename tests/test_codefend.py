@@ -14,7 +14,7 @@ import torch
 
 from defenses import purifier as purifier_module
 from defenses.codefend import CoDefend
-from defenses.diffusion import LatentDiffusion, PixelDiffusion
+from defenses.diffusion import PixelDiffusion
 from defenses.prompt import CoDefendPrompt
 from defenses.purifier import (
     CoDefendPurifier,
@@ -206,18 +206,11 @@ def test_lora_purifier_on_a_latent_backbone_runs_end_to_end() -> None:
     """SD-style latent purification with a tiny VAE and UNet built from configs, LoRA-tuned."""
     import tempfile
 
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from harness.victims.tiny_models import build_tiny_latent_backbone
 
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                        norm_num_groups=8, sample_size=16)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
-                                cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8)
-    backbone = LatentDiffusion(vae, unet, DDPMScheduler(num_train_timesteps=1000))
-    clean = torch.rand(8, 3, 16, 16, generator=_gen(0))
+    backbone = build_tiny_latent_backbone()
+    unet = backbone.unet
+    clean = torch.rand(8, 3, 32, 32, generator=_gen(0))
     pairs = Pairs(clean=clean, adversarial=(clean + 0.03).clamp(0, 1), prompts=[""] * 8, targets=[""] * 8,
                   kinds=["vqa"] * 8, attack=["toy"] * 8)
     config = PurifierTraining(t_max=0.1, steps=3, batch_size=4, feature_weight=0.0, adapter="lora", lora_rank=2)

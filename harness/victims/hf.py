@@ -46,6 +46,13 @@ def _missing(model_id: str, cause: BaseException) -> FileNotFoundError:
     )
 
 
+def normalise(pixels: torch.Tensor, image_processor: Any, dtype: str) -> torch.Tensor:
+    """The processor's mean/std normalisation, in the graph, cast to the model's dtype."""
+    mean = torch.tensor(image_processor.image_mean, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
+    std = torch.tensor(image_processor.image_std, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
+    return ((pixels - mean) / std).to(DTYPES[dtype])
+
+
 class HFImageTextToText:
     """``hf-image-text-to-text``: see the module docstring."""
 
@@ -180,10 +187,7 @@ class HFImageTextToText:
         return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
 
     def _normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        ip = self._processor.image_processor
-        mean = torch.tensor(ip.image_mean, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
-        std = torch.tensor(ip.image_std, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
-        return ((pixels - mean) / std).to(DTYPES[self.dtype])
+        return normalise(pixels, self._processor.image_processor, self.dtype)
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, T, D] image features from the model's ``get_image_features``: the projected tokens

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.contracts import TaskKind
-from harness.victims.hf import DTYPES, _missing
+from harness.victims.hf import DTYPES, _missing, normalise
 
 
 class HFBlip:
@@ -118,10 +118,7 @@ class HFBlip:
         return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
 
     def _normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        ip = self._image_processor
-        mean = torch.tensor(ip.image_mean, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
-        std = torch.tensor(ip.image_std, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
-        return ((pixels - mean) / std).to(DTYPES[self.dtype])
+        return normalise(pixels, self._image_processor, self.dtype)
 
     def _image_embeds(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         embeds = self._model.vision_model(pixel_values=self._normalise(pixels))[0]

@@ -19,8 +19,38 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_llava(folder: Path, image_size: int = 32) -> Path:
+def word_tokenizer(words: list[str], *, bos: str, eos: str, image_token: str = "<image>"):
+    """A whitespace word-level fast tokenizer over ``words`` (``<unk>``/``<pad>`` among them)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token=bos,
+                                        eos_token=eos, pad_token="<pad>")
+    tokenizer.add_special_tokens({"additional_special_tokens": [image_token]})
+    return tokenizer
+
+
+def build_tiny_latent_backbone():
+    """A Stable Diffusion-style latent backbone: tiny ``AutoencoderKL`` + ``UNet2DConditionModel``
+    (random weights) + the DDPM scheduler, for 32x32 images."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    from defenses.diffusion import LatentDiffusion
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=8, sample_size=32)
+    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+                                cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8)
+    return LatentDiffusion(vae, unet, DDPMScheduler(num_train_timesteps=1000))
+
+
+def build_tiny_llava(folder: Path, image_size: int = 32) -> Path:
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
@@ -28,14 +58,9 @@ def build_tiny_llava(folder: Path, image_size: int = 32) -> Path:
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
-        PreTrainedTokenizerFast,
     )
 
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
-                                        eos_token="</s>", pad_token="<pad>")
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer = word_tokenizer(WORDS, bos="<s>", eos="</s>")
     image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
                                          crop_size={"height": image_size, "width": image_size},
                                          image_mean=[0.48, 0.46, 0.41], image_std=[0.27, 0.26, 0.28])
@@ -60,7 +85,6 @@ BLIP2_WORDS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "Question:", "Answer:
 
 
 def build_tiny_blip2(folder: Path) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (
         Blip2Config,
         Blip2ForConditionalGeneration,
@@ -69,14 +93,9 @@ def build_tiny_blip2(folder: Path) -> Path:
         Blip2VisionConfig,
         BlipImageProcessor,
         OPTConfig,
-        PreTrainedTokenizerFast,
     )
 
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(BLIP2_WORDS)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="</s>",
-                                        eos_token="</s>", pad_token="<pad>")
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer = word_tokenizer(BLIP2_WORDS, bos="</s>", eos="</s>")  # OPT: one token for both
     torch.manual_seed(0)
     config = Blip2Config(
         vision_config=Blip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
