@@ -5,6 +5,14 @@
 Times building the board (aggregation, bootstrap intervals, paired comparisons, sanity flags,
 example images) and each built-in reporter, in this process (no interpreter start-up), and the
 whole `codefend leaderboard --format F` command end to end.
+
+Measured 2026-11-26 on this project's 2-core CPU machine, nothing else running:
+
+    codefend store (suites/codefend.yaml): 18600 scored rows, 2 tables; build_board 2.08 s
+      md 4.52 s, csv 4.50 s, json 4.93 s, html 6.35 s end to end (html render itself 1.65 s, 531 kB)
+    quickstart store: 2400 scored rows; build_board 0.18 s
+      md 3.28 s, csv 3.32 s, json 3.36 s, html 4.42 s end to end
+    (about 3 s of each command is interpreter and plugin start-up)
 """
 
 from __future__ import annotations
