@@ -143,7 +143,7 @@ def test_blip2_adapter_templates_gradients_and_generation(tmp_path: Path) -> Non
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
     outputs = victim.generate(pixels.detach(), ["what colour is the shape ?"] * 2, "vqa")
     assert len(outputs) == 2 and all(isinstance(o, str) for o in outputs)
-    with pytest.raises(ValueError, match="expects a blip-2 checkpoint"):
+    with pytest.raises(ValueError, match="expects a blip-2 or instructblip checkpoint"):
         HFBlip2(model_id=str(build_tiny_llava(tmp_path / "llava"))).load()
 
 
@@ -210,3 +210,31 @@ def test_the_generic_adapter_loads_any_image_text_to_text_checkpoint(tiny_llava:
     assert len(generic.generate(pixels, ["what colour is the shape ?"], "vqa")) == 1
     assert generic.fingerprint.startswith("hf-image-text-to-text:")
     assert generic.fingerprint != HFLlava(model_id=str(tiny_llava), device="cpu", dtype="bfloat16").fingerprint
+
+
+def test_instructblip_threads_the_qformer_instruction_through_loss_and_generate(tmp_path: Path, monkeypatch) -> None:
+    from harness.victims.hf import HFBlip2
+    from harness.victims.tiny_models import build_tiny_instructblip
+
+    victim = HFBlip2(model_id=str(build_tiny_instructblip(tmp_path / "iblip")), device="cpu", max_new_tokens=3)
+    victim.load()
+    (inputs,) = victim.prompt_inputs(["what colour is the shape ?"], "vqa")
+    assert set(inputs) == {"input_ids", "qformer_input_ids"}
+    seen: list[dict] = []
+    model = victim._model
+    original_forward = type(model).forward
+
+    @functools.wraps(original_forward)
+    def spy(self, *args, **kwargs):
+        seen.append({k: v for k, v in kwargs.items() if k.startswith("qformer")})
+        return original_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    pixels = victim.prepare(_images(2)).requires_grad_(True)
+    loss = victim.loss(pixels, ["what colour is the shape ?", "what is the shape ?"], ["red", "a circle"], "vqa")
+    (grad,) = torch.autograd.grad(loss.sum(), pixels)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert seen[0]["qformer_input_ids"][0].tolist() == inputs["qformer_input_ids"]
+    assert seen[0]["qformer_attention_mask"][1].sum() < seen[0]["qformer_attention_mask"][0].sum()  # padded, masked
+    outputs = victim.generate(pixels.detach(), ["what colour is the shape ?"] * 2, "vqa")
+    assert len(outputs) == 2 and "qformer_input_ids" in seen[-1]

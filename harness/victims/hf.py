@@ -214,15 +214,38 @@ class HFImageTextToText:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         return self._processor.apply_chat_template(messages, add_generation_prompt=True)
 
-    def prompt_ids(self, prompts: Sequence[str], kind: TaskKind = "vqa") -> list[list[int]]:
-        """Token ids of each prompt with its image placeholder expanded as the processor does (a
-        blank image of the input size stands in: the expansion depends on the size only)."""
+    def prompt_inputs(self, prompts: Sequence[str], kind: TaskKind = "vqa") -> list[dict[str, list[int]]]:
+        """Every token-id input the processor makes for each prompt: ``input_ids`` with the image
+        placeholder expanded as the processor does (a blank image of the input size stands in: the
+        expansion depends on the size only), plus side inputs such as InstructBLIP's
+        ``qformer_input_ids``."""
         blank = np.zeros((*self.input_size, 3), dtype=np.uint8)
         out = []
         for prompt in prompts:
             encoded = self._processor(images=[blank], text=[self.prompt_text(prompt, kind)], return_tensors="pt")
-            out.append(encoded["input_ids"][0].tolist())
+            out.append({key: value[0].tolist() for key, value in encoded.items() if key.endswith("input_ids")})
         return out
+
+    def prompt_ids(self, prompts: Sequence[str], kind: TaskKind = "vqa") -> list[list[int]]:
+        """The language model's prompt token ids (see :meth:`prompt_inputs`)."""
+        return [inputs["input_ids"] for inputs in self.prompt_inputs(prompts, kind)]
+
+    @staticmethod
+    def _side_inputs(inputs: list[dict[str, list[int]]], device: torch.device) -> dict[str, torch.Tensor]:
+        """The side token inputs (InstructBLIP's Q-Former instruction), right-padded, with masks."""
+        extra: dict[str, torch.Tensor] = {}
+        for key in inputs[0]:
+            if key == "input_ids":
+                continue
+            width = max(len(i[key]) for i in inputs)
+            ids = torch.zeros((len(inputs), width), dtype=torch.long)
+            mask = torch.zeros((len(inputs), width), dtype=torch.long)
+            for row, item in enumerate(inputs):
+                ids[row, : len(item[key])] = torch.tensor(item[key])
+                mask[row, : len(item[key])] = 1
+            extra[key] = ids.to(device)
+            extra[key[: -len("input_ids")] + "attention_mask"] = mask.to(device)
+        return extra
 
     def _target_ids(self, target: str) -> list[int]:
         tokenizer = self._processor.tokenizer
@@ -230,7 +253,8 @@ class HFImageTextToText:
 
     def loss(self, pixels: torch.Tensor, prompts: Sequence[str], targets: Sequence[str], kind: TaskKind = "vqa") -> torch.Tensor:
         self.load()
-        prefixes = self.prompt_ids(prompts, kind)
+        inputs = self.prompt_inputs(prompts, kind)
+        prefixes = [i["input_ids"] for i in inputs]
         sequences = [p + self._target_ids(t) for p, t in zip(prefixes, targets)]
         width = max(len(s) for s in sequences)
         pad = self._processor.tokenizer.pad_token_id
@@ -245,7 +269,8 @@ class HFImageTextToText:
             attention[row, start:] = 1
             labels[row, start + len(prefix):] = torch.tensor(sequence[len(prefix):])
         logits = self._model(
-            input_ids=input_ids.to(device), attention_mask=attention.to(device), pixel_values=self._normalise(pixels)
+            input_ids=input_ids.to(device), attention_mask=attention.to(device), pixel_values=self._normalise(pixels),
+            **self._side_inputs(inputs, device),
         ).logits.float()
         # position j predicts token j + 1: shift so only target tokens are scored
         token_loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:].to(device), ignore_index=-100, reduction="none")
@@ -255,7 +280,8 @@ class HFImageTextToText:
     @torch.no_grad()
     def generate(self, pixels: torch.Tensor, prompts: Sequence[str], kind: TaskKind = "vqa") -> list[str]:
         self.load()
-        prefixes = self.prompt_ids(prompts, kind)
+        inputs = self.prompt_inputs(prompts, kind)
+        prefixes = [i["input_ids"] for i in inputs]
         width = max(len(p) for p in prefixes)
         tokenizer = self._processor.tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -268,6 +294,7 @@ class HFImageTextToText:
             input_ids=input_ids.to(pixels.device), attention_mask=attention.to(pixels.device),
             pixel_values=self._normalise(pixels), do_sample=False, num_beams=1,
             max_new_tokens=self.max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+            **self._side_inputs(inputs, pixels.device),
         )
         return [text.strip() for text in tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)]
 
@@ -280,12 +307,15 @@ class HFLlava(HFImageTextToText):
 
 
 class HFBlip2(HFImageTextToText):
-    """``hf-blip2``: BLIP-2 (``Salesforce/blip2-opt-2.7b``). BLIP-2 has no chat template: VQA
-    prompts follow its paper's ``Question: {prompt} Answer:`` and captioning uses ``caption_prompt``
-    (empty by default, as BLIP-2 captions). The processor prepends the query-token placeholders."""
+    """``hf-blip2``: BLIP-2 (``Salesforce/blip2-opt-2.7b``) and InstructBLIP
+    (``Salesforce/instructblip-vicuna-7b``). Neither has a chat template: VQA prompts follow
+    BLIP-2's ``Question: {prompt} Answer:`` (InstructBLIP's paper uses ``... Short answer:``; set
+    ``vqa_template``) and captioning uses ``caption_prompt`` (empty by default, as BLIP-2 captions).
+    The processor prepends the query-token placeholders; InstructBLIP's Q-Former also reads the
+    prompt (``qformer_input_ids``), in ``loss`` and ``generate`` alike."""
 
     name = "hf-blip2"
-    expected_model_types = ("blip-2",)
+    expected_model_types = ("blip-2", "instructblip")
     requires_chat_template = False
 
     def __init__(

@@ -148,3 +148,39 @@ def build_tiny_blip(folder: Path, head: str = "vqa") -> Path:
     BlipImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.48, 0.46, 0.41],
                        image_std=[0.27, 0.26, 0.28]).save_pretrained(folder)
     return folder
+
+
+def build_tiny_instructblip(folder: Path) -> Path:
+    """A tiny InstructBLIP: BLIP-2's parts plus a Q-Former that reads the instruction."""
+    from transformers import (
+        BertTokenizerFast,
+        BlipImageProcessor,
+        InstructBlipConfig,
+        InstructBlipForConditionalGeneration,
+        InstructBlipProcessor,
+        InstructBlipQFormerConfig,
+        InstructBlipVisionConfig,
+        OPTConfig,
+    )
+
+    torch.manual_seed(0)
+    config = InstructBlipConfig(
+        vision_config=InstructBlipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, image_size=32, patch_size=8).to_dict(),
+        qformer_config=InstructBlipQFormerConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                 intermediate_size=64, encoder_hidden_size=32,
+                                                 vocab_size=len(BLIP_WORDS), pad_token_id=0).to_dict(),
+        text_config=OPTConfig(vocab_size=len(BLIP2_WORDS), hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                              num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=32,
+                              pad_token_id=3, bos_token_id=2, eos_token_id=2).to_dict(),
+        num_query_tokens=4, image_token_index=4,
+    )
+    InstructBlipForConditionalGeneration(config).save_pretrained(folder)
+    InstructBlipProcessor(
+        image_processor=BlipImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.48, 0.46, 0.41],
+                                           image_std=[0.27, 0.26, 0.28]),
+        tokenizer=word_tokenizer(BLIP2_WORDS, bos="</s>", eos="</s>"),
+        qformer_tokenizer=BertTokenizerFast(vocab={w: i for i, w in enumerate(BLIP_WORDS)}),
+        num_query_tokens=4,
+    ).save_pretrained(folder)
+    return folder
