@@ -240,16 +240,7 @@ class _DefenseFacts:
     seeds: set[int] = field(default_factory=set)
 
     def add_row(self, row: ResultRow) -> None:
-        self.add(condition_of(row), row.record)
-        self.run_ids.add(row.run_id)
-        self.fingerprints.append(row.fingerprint)
-        self.params = row.record.get("defense", {}).get("params", self.params)
-        if row.record.get("victim_fingerprint"):
-            self.victim_fingerprints.add(row.record["victim_fingerprint"])
-        if row.record.get("seed") is not None:
-            self.seeds.add(int(row.record["seed"]))
-
-    def add(self, condition: str, record: dict) -> None:
+        condition, record = condition_of(row), row.record
         defense = record.get("defense", {})
         if defense.get("seconds_per_image") is not None:
             self.seconds.append(float(defense["seconds_per_image"]))
@@ -261,6 +252,13 @@ class _DefenseFacts:
             self.ssim[condition].append(float(defense["ssim"]))
         if record.get("attack", {}).get("seen_in_training"):
             self.seen.add(condition)
+        self.run_ids.add(row.run_id)
+        self.fingerprints.append(row.fingerprint)
+        self.params = row.record.get("defense", {}).get("params", self.params)
+        if row.record.get("victim_fingerprint"):
+            self.victim_fingerprints.add(row.record["victim_fingerprint"])
+        if row.record.get("seed") is not None:
+            self.seeds.add(int(row.record["seed"]))
 
     def summary(self) -> dict:
         return {

@@ -10,53 +10,16 @@ from attacks.apgd import APGD
 from attacks.pgd import PGD
 from harness.contracts import AttackBatch, ThreatModel
 
+from attack_helpers import Batch, Progress
+from attack_helpers import check_in_ball as _check_in_ball
+from attack_helpers import run_attack as _run
+from attack_helpers import victim_loss as _loss
+
 LINF8 = ThreatModel("linf-8", "linf", 8 / 255)
 LINF16 = ThreatModel("linf-16", "linf", 16 / 255)
 L2 = ThreatModel("l2-0.5", "l2", 0.5)
 STEPS = 20
 TARGET = "3"  # an answer word of the shapes vocabulary ("how many shapes are there?")
-
-
-class Batch:
-    def __init__(self, victim, task, samples):
-        self.samples = samples
-        self.pixels = victim.prepare([s.image for s in samples]).to(victim.device)
-        self.prompts = [s.prompt for s in samples]
-        self.targets = [task.attack_targets(s)[0] for s in samples]
-
-    def attack_batch(self, n: int | None = None, seeds: list[int] | None = None) -> AttackBatch:
-        n = n or len(self.samples)
-        return AttackBatch(self.pixels[:n], self.prompts[:n], self.targets[:n], "vqa", seeds=seeds)
-
-
-class Progress:
-    def __init__(self):
-        self.steps = 0
-
-    def update(self, n: int = 1) -> None:
-        self.steps += n
-
-
-def _run(attack, target, batch: AttackBatch, threat: ThreatModel, seed: int = 0, progress=None):
-    return attack.perturb(target, batch, threat, torch.Generator().manual_seed(seed), progress=progress)
-
-
-def _loss(victim, batch: Batch, pixels: torch.Tensor, texts: list[str] | None = None) -> torch.Tensor:
-    n = pixels.shape[0]
-    with torch.no_grad():
-        return victim.loss(pixels, batch.prompts[:n], texts or batch.targets[:n], "vqa")
-
-
-def _check_in_ball(adv: torch.Tensor, clean: torch.Tensor, threat: ThreatModel) -> None:
-    assert adv.shape == clean.shape and adv.dtype == clean.dtype
-    assert adv.min() >= 0.0 and adv.max() <= 1.0
-    delta = (adv - clean).flatten(1)
-    if threat.norm == "linf":
-        assert delta.abs().max() <= threat.eps + 1e-6
-        assert delta.abs().max() >= 0.5 * threat.eps  # it uses its budget
-    else:
-        assert (delta.norm(dim=1) <= threat.eps + 1e-5).all(), delta.norm(dim=1)
-        assert delta.norm(dim=1).max() >= 0.5 * threat.eps
 
 
 @pytest.fixture(scope="module")

@@ -11,20 +11,11 @@ from attacks.pgd import PGD, project
 from harness.contracts import AttackBatch, ThreatModel, Victim
 from harness.victims.shapes_vlm import _teacher_forcing_batch
 
+from attack_helpers import Batch, Progress
+from attack_helpers import check_in_ball as _check_in_ball
+
 LINF8 = ThreatModel("linf-8", "linf", 8 / 255)
 L2 = ThreatModel("l2-0.5", "l2", 0.5)
-
-
-class Batch:
-    def __init__(self, victim, task, samples):
-        self.samples = samples
-        self.pixels = victim.prepare([s.image for s in samples]).to(victim.device)
-        self.prompts = [s.prompt for s in samples]
-        self.targets = [task.attack_targets(s)[0] for s in samples]
-
-    def attack_batch(self, n: int | None = None) -> AttackBatch:
-        n = n or len(self.samples)
-        return AttackBatch(self.pixels[:n], self.prompts[:n], self.targets[:n], "vqa")
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +25,6 @@ def batch(tiny_victim, vqa_task) -> Batch:
 
 def _attack(victim, batch: AttackBatch, threat: ThreatModel, seed: int = 0, **params):
     return PGD(**params).perturb(victim, batch, threat, torch.Generator().manual_seed(seed))
-
-
-class Progress:
-    def __init__(self):
-        self.steps = 0
-
-    def update(self, n: int = 1) -> None:
-        self.steps += n
 
 
 @pytest.fixture(scope="module")
@@ -93,19 +76,6 @@ def test_l2_pgd_raises_the_loss(tiny_victim, batch) -> None:
         after = tiny_victim.loss(result.pixels, batch.prompts[:8], batch.targets[:8], "vqa")
     assert result.losses[-1] > result.losses[0]
     assert after.mean() > before.mean()
-
-
-def _check_in_ball(adv: torch.Tensor, clean: torch.Tensor, threat: ThreatModel) -> None:
-    assert adv.shape == clean.shape and adv.dtype == clean.dtype
-    assert adv.min() >= 0.0 and adv.max() <= 1.0
-    delta = (adv - clean).flatten(1)
-    if threat.norm == "linf":
-        assert delta.abs().max() <= threat.eps + 1e-6
-        # the attack uses its budget: it is not the clean image
-        assert delta.abs().max() >= 0.5 * threat.eps
-    else:
-        assert (delta.norm(dim=1) <= threat.eps + 1e-5).all(), delta.norm(dim=1)
-        assert delta.norm(dim=1).max() >= 0.5 * threat.eps
 
 
 def test_linf_pgd_stays_in_the_ball_and_in_range(batch, linf_result) -> None:

@@ -46,6 +46,28 @@ def _missing(model_id: str, cause: BaseException) -> FileNotFoundError:
     )
 
 
+def resize_and_crop(images: Sequence[np.ndarray], input_size: tuple[int, int], *, shortest_edge: int | None = None) -> torch.Tensor:
+    """uint8 HxWx3 images -> float [B,3,H,W] in [0,1] at ``input_size``, outside the graph: resize
+    the shortest edge to ``shortest_edge`` and centre-crop (CLIP-style processors), or resize
+    straight to ``input_size`` (BLIP-style); bicubic, as the processors do."""
+    from PIL import Image
+
+    height, width = input_size
+    out = []
+    for image in images:
+        pil = Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
+        if shortest_edge is not None:
+            scale = shortest_edge / min(pil.size)
+            pil = pil.resize((max(shortest_edge, round(pil.width * scale)), max(shortest_edge, round(pil.height * scale))),
+                             Image.BICUBIC)
+            left, top = (pil.width - width) // 2, (pil.height - height) // 2
+            pil = pil.crop((left, top, left + width, top + height))
+        elif pil.size != (width, height):
+            pil = pil.resize((width, height), Image.BICUBIC)
+        out.append(np.asarray(pil, dtype=np.float32) / 255.0)
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+
+
 def normalise(pixels: torch.Tensor, image_processor: Any, dtype: str) -> torch.Tensor:
     """The processor's mean/std normalisation, in the graph, cast to the model's dtype."""
     mean = torch.tensor(image_processor.image_mean, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
@@ -167,24 +189,10 @@ class HFImageTextToText:
 
     # -- the victim contract -----------------------------------------------------------------
     def prepare(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        from PIL import Image
-
         self.load()
-        height, width = self.input_size
         size = getattr(self._processor.image_processor, "size", None) or {}
-        out = []
-        for image in images:
-            pil = Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
-            if "shortest_edge" in size:
-                edge = int(size["shortest_edge"])
-                scale = edge / min(pil.size)
-                pil = pil.resize((max(edge, round(pil.width * scale)), max(edge, round(pil.height * scale))), Image.BICUBIC)
-                left, top = (pil.width - width) // 2, (pil.height - height) // 2
-                pil = pil.crop((left, top, left + width, top + height))
-            elif pil.size != (width, height):
-                pil = pil.resize((width, height), Image.BICUBIC)
-            out.append(np.asarray(pil, dtype=np.float32) / 255.0)
-        return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+        edge = int(size["shortest_edge"]) if "shortest_edge" in size else None
+        return resize_and_crop(images, self.input_size, shortest_edge=edge)
 
     def _normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         return normalise(pixels, self._processor.image_processor, self.dtype)

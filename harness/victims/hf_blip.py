@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.contracts import TaskKind
-from harness.victims.hf import DTYPES, _missing, normalise
+from harness.victims.hf import DTYPES, _missing, normalise, resize_and_crop
 
 
 class HFBlip:
@@ -105,17 +105,8 @@ class HFBlip:
 
     # -- the victim contract ---------------------------------------------------------------------
     def prepare(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        from PIL import Image
-
         self.load()
-        height, width = self.input_size
-        out = []
-        for image in images:
-            pil = Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
-            if pil.size != (width, height):
-                pil = pil.resize((width, height), Image.BICUBIC)
-            out.append(np.asarray(pil, dtype=np.float32) / 255.0)
-        return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+        return resize_and_crop(images, self.input_size)
 
     def _normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         return normalise(pixels, self._image_processor, self.dtype)
