@@ -51,6 +51,7 @@ class APGD(Attack):
     """
 
     requires = "gradients"
+    defining_params = ("target",)
 
     def __init__(
         self,
@@ -92,8 +93,8 @@ class APGD(Attack):
         progress: Any = None,
     ) -> AttackResult:
         clean = batch.pixels.detach()
-        if threat.eps == 0:
-            return AttackResult(pixels=clean.clone())
+        # No shortcut at eps = 0: the step size (factor·eps) is 0 and every iterate is projected onto
+        # the clean pixels, so the real algorithm runs and returns them exactly.
         norm, eps, n = threat.norm, threat.eps, clean.shape[0]
         targeted = self.target_text is not None
         texts = [self.target_text] * n if targeted else list(batch.targets)

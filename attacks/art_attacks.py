@@ -45,6 +45,24 @@ from harness.registry import FloatOrFraction
 
 ART_NORMS = {"linf": np.inf, "l2": 2}
 
+ART_MIN_EPS = 1e-12
+"""ART rejects a zero step (PGD's and FGSM's ``eps_step`` must be positive) and a zero
+``SquareAttack`` radius. At ε = 0 the plugins still run ART (no shortcut: "ε = 0 reproduces the
+clean score" must test the real path), passing it this tiny positive value where ART needs one, and
+project ART's output onto the *true* ball (:meth:`_ARTAttack._back`, ``project_pixels``): at ε = 0
+that is the clean image exactly."""
+
+
+def _art_positive(value: float) -> float:
+    """``value`` as ART's float, raised to :data:`ART_MIN_EPS` where ART refuses zero (see there)."""
+    return max(float(value), ART_MIN_EPS)
+
+
+def _zero_ball_errstate(threat: ThreatModel) -> Any:
+    """At ε = 0, ART's L2 projection computes ``eps / norm`` = 0/0 for unmoved rows and then discards
+    it (``np.where``): silence that one harmless warning; at ε > 0 warnings are left alone."""
+    return np.errstate(invalid="ignore") if threat.eps == 0 else contextlib.nullcontext()
+
 
 @dataclass(frozen=True)
 class TextLabel:
@@ -194,6 +212,7 @@ class _ARTAttack(Attack):
     """What the ART plugins share: the targeted switch, the adapter, and projecting what ART returns."""
 
     requires = "gradients"
+    defining_params = ("target",)
 
     def __init__(self, target: str | None):
         if target is not None and not target.strip():
@@ -261,8 +280,6 @@ class ARTPGD(_ARTAttack):
         from art.attacks.evasion import ProjectedGradientDescent
 
         clean = batch.pixels.detach()
-        if threat.eps == 0:
-            return AttackResult(pixels=clean.clone())
         estimator = self._estimator(target, batch)
         if progress is not None:
             estimator.on_gradient = lambda: progress.update(1)
@@ -272,15 +289,17 @@ class ARTPGD(_ARTAttack):
         attack = ProjectedGradientDescent(
             estimator,
             norm=ART_NORMS[threat.norm],
-            eps=float(threat.eps),
-            eps_step=float(step_size),
+            eps=float(threat.eps),  # ART accepts 0
+            eps_step=_art_positive(step_size),  # 2.5·ε/steps is 0 at ε = 0, which ART rejects
             max_iter=self.steps,
             targeted=self.targeted,
             num_random_init=0,
             batch_size=len(x),
             verbose=False,
         )
-        pixels = self._back(attack.generate(x, y), clean, threat)
+        with _zero_ball_errstate(threat):
+            adv = attack.generate(x, y)
+        pixels = self._back(adv, clean, threat)
         after = estimator.compute_loss(self._numpy(pixels), y)
         return AttackResult(
             pixels=pixels,
@@ -313,8 +332,6 @@ class ARTFGSM(_ARTAttack):
         from art.attacks.evasion import FastGradientMethod
 
         clean = batch.pixels.detach()
-        if threat.eps == 0:
-            return AttackResult(pixels=clean.clone())
         estimator = self._estimator(target, batch)
         if progress is not None:
             estimator.on_gradient = lambda: progress.update(1)
@@ -323,13 +340,15 @@ class ARTFGSM(_ARTAttack):
         attack = FastGradientMethod(
             estimator,
             norm=ART_NORMS[threat.norm],
-            eps=float(threat.eps),
-            eps_step=float(threat.eps),  # only used by minimal=True
+            eps=float(threat.eps),  # ART accepts 0
+            eps_step=_art_positive(threat.eps),  # only used by minimal=True; ART rejects 0
             targeted=self.targeted,
             num_random_init=0,
             batch_size=len(x),
         )
-        pixels = self._back(attack.generate(x, y), clean, threat)
+        with _zero_ball_errstate(threat):
+            adv = attack.generate(x, y)
+        pixels = self._back(adv, clean, threat)
         after = estimator.compute_loss(self._numpy(pixels), y)
         return AttackResult(
             pixels=pixels,
@@ -404,8 +423,6 @@ class ARTSquare(_ARTAttack):
         from art.attacks.evasion import SquareAttack
 
         clean = batch.pixels.detach()
-        if threat.eps == 0:
-            return AttackResult(pixels=clean.clone())
         texts = self._texts(batch)
         estimator = ImageToTextEstimator(target, tuple(clean.shape[1:]), device=clean.device)
         if progress is not None:
@@ -434,7 +451,7 @@ class ARTSquare(_ARTAttack):
                 adv_criterion=adv_criterion,
                 loss=loss,
                 max_iter=self.max_iter,
-                eps=float(threat.eps),
+                eps=_art_positive(threat.eps),  # ART rejects 0; _back projects onto the true ball
                 p_init=self.p_init,
                 nb_restarts=self.nb_restarts,
                 batch_size=len(x),

@@ -9,7 +9,7 @@ ones included (RobustVLM's VQA ensemble adds targeted runs to "maybe" and "word"
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,7 +25,11 @@ class Member(BaseModel):
 
 
 class Ensemble(Attack):
-    """Per-sample worst case over ``members`` x top-``references`` targets."""
+    """Per-sample worst case over ``members`` x top-``references`` targets.
+
+    A :class:`~harness.contracts.CompositeAttack`: :meth:`member_attacks` lists its members, so a
+    row counts as seen in training when any member does.
+    """
 
     requires = "gradients"
 
@@ -38,6 +42,8 @@ class Ensemble(Attack):
             raise ValueError("references must be at least 1")
         registry = get_plugins().attacks
         self.members: list[tuple[str, Attack]] = []
+        self.member_params: list[dict[str, Any]] = []
+        """Each member's parameters as the suite wrote them (same order as ``members``)."""
         for member in members:
             if member.name == "ensemble":
                 raise ValueError("an ensemble cannot contain another ensemble")
@@ -45,12 +51,17 @@ class Ensemble(Attack):
             if not attack.uses_threat:
                 raise ValueError(f"member '{member.name}' ignores the threat model; an ensemble keeps every member inside one ball")
             self.members.append((member.name, attack))
+            self.member_params.append(dict(member.params))
         self.references = references
         self.stop_below = stop_below
         if any(attack.requires == "queries" for _, attack in self.members):
             self.requires = "queries"
         if all(attack.requires == "transfer" for _, attack in self.members):
             self.requires = "transfer"
+
+    def member_attacks(self) -> list[tuple[str, Mapping[str, Any], Attack]]:
+        """``(plugin name, params as written, instance)`` of each member, in order."""
+        return [(name, params, attack) for (name, attack), params in zip(self.members, self.member_params)]
 
     def passes_per_sample(self) -> tuple[int, int]:
         forward = backward = 0
@@ -76,6 +87,8 @@ class Ensemble(Attack):
         best = clean.clone()
         best_score = torch.tensor(batch.scorer(target.generate(clean, batch.prompts, batch.kind), list(range(n))))
         result = AttackResult(pixels=best, forward_passes=1, queries=n)
+        # like with like: each run's own first and last loss, weighted by the samples it attacked
+        starts = ends = weight = 0.0
 
         for _, attack in self.members:
             # A targeted member aims at its own text: one run covers every reference.
@@ -107,5 +120,10 @@ class Ensemble(Attack):
                 result.backward_passes += run.backward_passes
                 result.queries += run.queries + len(active)
                 result.losses.extend(run.losses[-1:])
+                if run.losses:
+                    starts, ends = starts + run.losses[0] * len(active), ends + run.losses[-1] * len(active)
+                    weight += len(active)
         result.pixels = project_pixels(best, clean, threat.norm, threat.eps).detach()
+        if weight:
+            result.loss_rise = (starts / weight, ends / weight)
         return result

@@ -145,6 +145,10 @@ class _SurrogateMixin:
             self._surrogate_model = model
         return self._surrogate_model
 
+    def surrogate_fingerprint(self) -> str:
+        """The surrogate's weights fingerprint (loads it): equal to the victim's means white-box."""
+        return self.surrogate_model().fingerprint
+
     def _surrogate_input(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels at the surrogate's device and input size (differentiable resize when they differ)."""
         model = self.surrogate_model()
@@ -178,6 +182,7 @@ class MFii(_SurrogateMixin, Attack):
     """
 
     requires = "transfer"
+    defining_params = ("target_text", "target_image")
 
     def __init__(
         self,
@@ -244,8 +249,7 @@ class MFii(_SurrogateMixin, Attack):
         progress: Any = None,
     ) -> AttackResult:
         clean = batch.pixels.detach()
-        if threat.eps == 0:
-            return AttackResult(pixels=clean.clone())
+        # No shortcut at eps = 0: the surrogate loop runs and the projection keeps delta at 0.
         wanted = self.target_embedding(tuple(clean.shape[-2:]))
         delta = torch.zeros_like(clean)
         best = clean.clone()
@@ -303,6 +307,7 @@ class MFtt(_SurrogateMixin, Attack):
     """
 
     requires = "queries"
+    defining_params = ("target_text", "target_image")
 
     def __init__(
         self,
@@ -393,8 +398,8 @@ class MFtt(_SurrogateMixin, Attack):
     ) -> AttackResult:
         clean = batch.pixels.detach()
         n = clean.shape[0]
-        if threat.eps == 0:
-            return AttackResult(pixels=clean.clone())
+        # No shortcut at eps = 0: the transfer start and the queries run; every iterate is projected
+        # onto the clean pixels (the probes x + sigma*u lie outside the ball, as at any eps).
         forward = backward = 0
         if self.transfer is not None:
             start = self.transfer.perturb(target, batch, threat, generator, progress=progress)

@@ -48,6 +48,7 @@ class Typographic(Attack):
 
     requires = "none"
     uses_threat = False
+    defining_params = ("text",)
 
     def __init__(
         self,

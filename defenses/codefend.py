@@ -13,7 +13,7 @@ import torch
 
 from defenses.prompt import CoDefendPrompt
 from defenses.purifier import CoDefendPurifier
-from harness.contracts import Defense, Victim
+from harness.contracts import Defense, TrainingAttack, Victim
 
 
 class CoDefend(Defense):
@@ -32,8 +32,13 @@ class CoDefend(Defense):
         self.prompt = CoDefendPrompt(**prompt, purifier=dict(purifier or {}))
 
     @property
-    def seen_attacks(self) -> list[str]:
-        return sorted(set(self.purifier.seen_attacks) | set(self.prompt.seen_attacks))
+    def training_attacks(self) -> list[TrainingAttack]:
+        """The purifier's training attacks and the prompt's, each once (``seen_attacks`` derives)."""
+        union: list[TrainingAttack] = []
+        for attack in [*self.purifier.training_attacks, *self.prompt.training_attacks]:
+            if attack not in union:
+                union.append(attack)
+        return union
 
     def bind(self, victim: Victim, *, prepare: bool = True) -> None:
         self.purifier.bind(victim, prepare=prepare)

@@ -12,9 +12,10 @@ adaptive attacks, Lee & Kim ICCV 2023, Chen et al. ICML 2024), and every random 
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import torch
+import torch.utils.checkpoint
 from pydantic import Field
 
 from harness.contracts import Defense
@@ -78,6 +79,19 @@ class DiffPure(Defense):
     device), ``"pixel"`` or ``"latent"`` with ``model_id`` (a local folder or a model id already in
     the Hugging Face cache, e.g. ``google/ddpm-cifar10-32``). ``model_id`` with the default backbone
     loads a pixel model.
+
+    **Memory** (``gradient_checkpointing``, default True): when gradients are tracked (an input
+    that requires grad, grad mode on), every reverse step, and the backbone's map to and from model
+    space (a latent backbone's VAE encode and decode), runs under
+    ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``: the forward pass keeps only each
+    step's input, and the backward pass recomputes one step's activations at a time. That is what
+    lets exact-gradient adaptive attacks (MEFA / Chen et al. ICML 2024; Lee & Kim ICCV 2023) through
+    the full 100-step DDPM, the VP-SDE or SD img2img fit in memory, for about one extra forward pass
+    of compute. Each step's noise is drawn from the generator before its checkpointed function and
+    added outside it, so the random draws, and so the purification and its gradient, are the same
+    with and without checkpointing (and on recomputation). ``gradient_checkpointing=False`` keeps
+    every step's activations (faster, memory linear in the number of steps). Without gradients
+    (oblivious evaluation) nothing is checkpointed either way.
     """
 
     stochastic = True  # the forward noise (and the sde/ddpm reverse noise) is drawn per call
@@ -94,6 +108,7 @@ class DiffPure(Defense):
         backbone: Literal["shapes-ddpm", "pixel", "latent"] = "shapes-ddpm",
         backbone_params: dict[str, Any] | None = None,
         model_id: str | None = None,
+        gradient_checkpointing: bool = True,
     ):
         if isinstance(t_star, bool) or not isinstance(t_star, (int, float)) or not 0.0 < float(t_star) <= 1.0:
             raise ValueError(f"t_star must be in (0, 1] (the diffusion time to purify at), got {t_star!r}")
@@ -103,14 +118,18 @@ class DiffPure(Defense):
             raise ValueError(f"steps must be an integer >= 1 (or omitted for the sampler's default), got {steps!r}")
         if backbone not in BACKBONES:
             raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}, got {backbone!r}")
+        if not isinstance(gradient_checkpointing, bool):
+            raise ValueError(f"gradient_checkpointing must be true or false, got {gradient_checkpointing!r}")
         self.t_star = float(t_star)
         self.sampler = sampler
         self.steps = steps
         self.backbone = backbone
         self.backbone_params = dict(backbone_params or {})
         self.model_id = model_id
+        self.gradient_checkpointing = gradient_checkpointing
         check_backbone_params(backbone, self.backbone_params, model_id)
         self._model: Backbone | None = None
+        self._shares: DiffPure | None = None  # a surrogate_process loads its parent's backbone
 
     @classmethod
     def from_backbone(cls, model: Backbone, **params: Any) -> "DiffPure":
@@ -119,10 +138,34 @@ class DiffPure(Defense):
         defense._model = model
         return defense
 
+    def surrogate_process(self, steps: int) -> "DiffPure":
+        """A cheaper *surrogate* of this defense for attacks: the same backbone object (shared,
+        never reloaded), t*, sampler family and checkpointing, with ``steps`` reverse steps (Lee &
+        Kim ICCV 2023: attack through fewer denoising steps at the same noise level when the full
+        chain is too costly). Returns ``self`` when this defense already costs <= ``steps`` UNet
+        calls. Gradients through it are not the defense's exact gradients: the board must label an
+        attack run through a surrogate process as such (surrogate process, its steps), not as an
+        exact-gradient attack on the defense."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        if self.passes_per_sample() <= steps:
+            return self
+        surrogate = DiffPure(
+            t_star=self.t_star, sampler=self.sampler, steps=steps, backbone=self.backbone,
+            backbone_params=self.backbone_params, model_id=self.model_id,
+            gradient_checkpointing=self.gradient_checkpointing,
+        )
+        surrogate._model = self._model
+        surrogate._shares = self
+        return surrogate
+
     # -- the model ------------------------------------------------------------------------------
     def load(self, *, progress: bool = True) -> Backbone:
         if self._model is None:
-            self._model = load_backbone(self.backbone, self.backbone_params, self.model_id, progress=progress)
+            if self._shares is not None:
+                self._model = self._shares.load(progress=progress)
+            else:
+                self._model = load_backbone(self.backbone, self.backbone_params, self.model_id, progress=progress)
         return self._model
 
     def _backbone_on(self, device: torch.device) -> Backbone:
@@ -170,19 +213,20 @@ class DiffPure(Defense):
             raise ValueError(f"diffpure expects pixels of shape [B,3,H,W], got {tuple(pixels.shape)}")
         model = self._backbone_on(pixels.device)
         track = torch.is_grad_enabled() and pixels.requires_grad
+        ckpt = track and self.gradient_checkpointing
         with torch.set_grad_enabled(track):
-            x0 = model.to_model_space(pixels.float())
+            x0 = _step(ckpt, model.to_model_space, pixels.float())
             alphas_cumprod = model.scheduler.alphas_cumprod.to(device=x0.device, dtype=x0.dtype)
             k = self.start_index(len(alphas_cumprod))
             a = alphas_cumprod[k - 1]
             x = a.sqrt() * x0 + (1 - a).sqrt() * _randn(x0, generator)
             if self.sampler == "sde":
-                x = self._reverse_sde(model, x, generator)
+                x = self._reverse_sde(model, x, generator, ckpt=ckpt)
             elif self.sampler == "ddpm":
-                x = self._reverse_ddpm(model, x, alphas_cumprod, generator)
+                x = self._reverse_ddpm(model, x, alphas_cumprod, generator, ckpt=ckpt)
             else:
-                x = self._reverse_ddim(model, x, alphas_cumprod)
-            out = model.from_model_space(x)
+                x = self._reverse_ddim(model, x, alphas_cumprod, ckpt=ckpt)
+            out = _step(ckpt, model.from_model_space, x)
         return out.clamp(0.0, 1.0).to(pixels.dtype)
 
     def _pairs(self, alphas_cumprod: torch.Tensor):
@@ -194,24 +238,37 @@ class DiffPure(Defense):
             yield k, alphas_cumprod[k], (alphas_cumprod[nxt] if nxt >= 0 else one), nxt >= 0
 
     def _reverse_ddpm(self, model: Backbone, x: torch.Tensor, alphas_cumprod: torch.Tensor,
-                      generator: torch.Generator) -> torch.Tensor:
+                      generator: torch.Generator, *, ckpt: bool = False) -> torch.Tensor:
         for k, a_k, a_prev, noisy in self._pairs(alphas_cumprod):
-            eps = model.predict_noise(x, k)
             alpha = a_k / a_prev
             beta = 1 - alpha
-            x = (x - beta / (1 - a_k).sqrt() * eps) / alpha.sqrt()
-            if noisy:
-                x = x + beta.sqrt() * _randn(x, generator)
+            # drawn before the (checkpointed) step and added after it: the step itself is
+            # deterministic, so recomputing it on the backward pass draws nothing
+            noise = _randn(x, generator) if noisy else None
+
+            def step(x: torch.Tensor, k: int = k, a_k: torch.Tensor = a_k, alpha: torch.Tensor = alpha,
+                     beta: torch.Tensor = beta) -> torch.Tensor:
+                eps = model.predict_noise(x, k)
+                return (x - beta / (1 - a_k).sqrt() * eps) / alpha.sqrt()
+
+            x = _step(ckpt, step, x)
+            if noise is not None:
+                x = x + beta.sqrt() * noise
         return x
 
-    def _reverse_ddim(self, model: Backbone, x: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    def _reverse_ddim(self, model: Backbone, x: torch.Tensor, alphas_cumprod: torch.Tensor, *,
+                      ckpt: bool = False) -> torch.Tensor:
         for k, a_k, a_prev, _ in self._pairs(alphas_cumprod):
-            eps = model.predict_noise(x, k)
-            x0_hat = (x - (1 - a_k).sqrt() * eps) / a_k.sqrt()
-            x = a_prev.sqrt() * x0_hat + (1 - a_prev).sqrt() * eps
+            def step(x: torch.Tensor, k: int = k, a_k: torch.Tensor = a_k, a_prev: torch.Tensor = a_prev) -> torch.Tensor:
+                eps = model.predict_noise(x, k)
+                x0_hat = (x - (1 - a_k).sqrt() * eps) / a_k.sqrt()
+                return a_prev.sqrt() * x0_hat + (1 - a_prev).sqrt() * eps
+
+            x = _step(ckpt, step, x)
         return x
 
-    def _reverse_sde(self, model: Backbone, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def _reverse_sde(self, model: Backbone, x: torch.Tensor, generator: torch.Generator, *,
+                     ckpt: bool = False) -> torch.Tensor:
         config = model.scheduler.config
         if config.get("beta_schedule", "linear") != "linear" or config.get("trained_betas") is not None:
             raise ValueError(
@@ -226,10 +283,25 @@ class DiffPure(Defense):
             beta_t = beta_0 + t * (beta_1 - beta_0)
             alpha_bar_t = math.exp(-0.5 * (beta_1 - beta_0) * t * t - beta_0 * t)
             k = min(n - 1, max(0, round(t * n) - 1))
-            eps = model.predict_noise(x, k)
-            score = -eps / math.sqrt(1.0 - alpha_bar_t)
-            x = x + (0.5 * beta_t * x + beta_t * score) * h + math.sqrt(beta_t * h) * _randn(x, generator)
+            noise = _randn(x, generator)  # drawn before the checkpointed step, added after it
+
+            def step(x: torch.Tensor, k: int = k, h: float = h, beta_t: float = beta_t,
+                     alpha_bar_t: float = alpha_bar_t) -> torch.Tensor:
+                eps = model.predict_noise(x, k)
+                score = -eps / math.sqrt(1.0 - alpha_bar_t)
+                return x + (0.5 * beta_t * x + beta_t * score) * h
+
+            x = _step(ckpt, step, x) + math.sqrt(beta_t * h) * noise
         return x
+
+
+def _step(checkpoint: bool, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    """``fn(*args)``, under ``torch.utils.checkpoint`` when ``checkpoint`` (purify tracks gradients
+    with ``gradient_checkpointing`` on): only ``args`` are kept, and ``fn`` runs again on the backward
+    pass, so it must draw nothing random (the callers draw noise before it and add it after)."""
+    if checkpoint:
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
 
 
 def _randn(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -503,7 +503,8 @@ class ShapesDDPM:
                         f"diffusion_pytorch_model.safetensors and scheduler_config.json in {self.checkpoint}. "
                         "Remove 'checkpoint' to train one."
                     )
-                train_shapes_ddpm(self.config, self.cache_dir, progress=progress, device=self._device_name)
+                with torch.enable_grad():  # first use may come from inside no_grad purification
+                    train_shapes_ddpm(self.config, self.cache_dir, progress=progress, device=self._device_name)
             backbone = PixelDiffusion.from_pretrained(str(self.cache_dir), local_files_only=True)
             backbone.name = f"shapes-ddpm-{self.config.fingerprint()}"
             self._backbone = backbone.to(self._device_name)

@@ -32,7 +32,7 @@ import torch
 from pydantic import Field
 
 from defenses.training_pairs import PairSpec, PairTask, Pairs, make_pairs, parse_pair_attacks
-from harness.contracts import Defense, Victim
+from harness.contracts import Defense, TrainingAttack, Victim
 from harness.paths import codefend_home, publish_checkpoint
 
 PROMPT_FORMAT_VERSION = 2
@@ -117,8 +117,10 @@ class CoDefendPrompt(Defense):
 
     # -- training -------------------------------------------------------------------------------
     @property
-    def seen_attacks(self) -> list[str]:
-        return sorted({a.attack for a in self.train_attacks})
+    def training_attacks(self) -> list[TrainingAttack]:
+        """The ``train_attacks`` whose pairs selected (or trained) the prompt. A ``purifier`` given
+        here only filters those pairs; its own training attacks are the purifier's, not the prompt's."""
+        return [TrainingAttack(a.attack, dict(a.params), a.norm, a.eps) for a in self.train_attacks]  # type: ignore[arg-type]
 
     def bind(self, victim: Victim, *, prepare: bool = True) -> None:
         """Serve ``victim``; with ``prepare``, optimise or load the prompt now."""

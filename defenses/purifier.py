@@ -58,7 +58,7 @@ from defenses.training_pairs import (
     make_pairs,
     parse_pair_attacks,
 )
-from harness.contracts import Defense, Victim
+from harness.contracts import Defense, TrainingAttack, Victim
 from harness.paths import codefend_home, publish_checkpoint
 
 PURIFIER_FORMAT_VERSION = 1
@@ -321,9 +321,13 @@ class CoDefendPurifier(Defense):
 
     # -- the training contract ---------------------------------------------------------------
     @property
-    def seen_attacks(self) -> list[str]:
-        """Attack names this purifier was trained on (every other attack is unseen)."""
-        return [] if self.objective == "unsupervised" else sorted({a.attack for a in self.train_attacks})
+    def training_attacks(self) -> list[TrainingAttack]:
+        """The ``train_attacks`` this purifier was trained on (every other attack is unseen); none
+        for the unsupervised control, which never sees an adversarial image. ``seen_attacks`` (the
+        names) derives from this."""
+        if self.objective == "unsupervised":
+            return []
+        return [TrainingAttack(a.attack, dict(a.params), a.norm, a.eps) for a in self.train_attacks]  # type: ignore[arg-type]
 
     def bind(self, victim: Victim, *, prepare: bool = True) -> None:
         """Serve ``victim``; with ``prepare``, train or load the purifier now (not inside purify)."""

@@ -8,6 +8,11 @@ How the gradient gets through the defense is the defense's own declaration:
 - ``bpda = "approximate"``: BPDA through the defense's ``approximate(pixels)``, a differentiable
   stand-in with the same forward behaviour.
 - ``stochastic = True``: EOT — the loss is averaged over ``eot`` independent draws of the defense.
+  The draws run as one batch (the images tiled ``eot`` times): one purification and one victim
+  pass per step instead of ``eot``, with independent noise per copy, so the average is exact.
+- a surrogate process (:class:`~harness.contracts.SurrogateProcessDefense`, Lee & Kim 2023), when
+  the suite asks for one: the attack differentiates a cheaper process with the same noise level;
+  ``generate`` (and the runner's evaluation) still run the real defense.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-from harness.contracts import Defense, TaskKind, Victim
+from harness.contracts import Defense, SurrogateProcessDefense, TaskKind, Victim
 
 
 @dataclass
@@ -26,12 +31,19 @@ class GradientRoute:
 
     method: str  # "exact" | "bpda-identity" | "bpda-approximate"
     eot: int
+    surrogate: str | None = None
+    """Set when the gradient goes through a surrogate process: what it is (e.g. ``ddpm, 2 steps
+    at the same t*``); the board labels such columns."""
 
     def as_record(self) -> dict[str, Any]:
-        return {"gradient": self.method, "eot": self.eot}
+        return {"gradient": self.method, "eot": self.eot, **({"surrogate": self.surrogate} if self.surrogate else {})}
 
 
-def gradient_route(defense: Defense, eot: int | None) -> GradientRoute:
+def gradient_route(defense: Defense, eot: int | None, surrogate_steps: int | None = None) -> GradientRoute:
+    """The route an adaptive attack takes through ``defense``. ``eot`` overrides the defense's
+    own draw count for stochastic defenses; a deterministic one always gets a single draw.
+    ``surrogate_steps``: attack through the defense's surrogate process when it has more network
+    evaluations than this."""
     if defense.differentiable:
         method = "exact"
     elif defense.bpda == "approximate" and hasattr(defense, "approximate"):
@@ -40,8 +52,15 @@ def gradient_route(defense: Defense, eot: int | None) -> GradientRoute:
         method = "bpda-identity"
     else:
         raise ValueError(f"defense declares an unknown BPDA approximation {defense.bpda!r}")
-    draws = eot if eot is not None else (defense.eot_samples if defense.stochastic else 1)
-    return GradientRoute(method=method, eot=max(1, draws))
+    if not defense.stochastic:
+        draws = 1
+    else:
+        draws = eot if eot is not None else defense.eot_samples
+    surrogate = None
+    if (surrogate_steps is not None and method == "exact" and isinstance(defense, SurrogateProcessDefense)
+            and defense.passes_per_sample() > surrogate_steps):
+        surrogate = f"surrogate process: {surrogate_steps} of {defense.passes_per_sample()} network evaluations at the same noise level"
+    return GradientRoute(method=method, eot=max(1, draws), surrogate=surrogate)
 
 
 def soft_prompt_kwargs(defense: Defense) -> dict[str, Any]:
@@ -54,12 +73,19 @@ def soft_prompt_kwargs(defense: Defense) -> dict[str, Any]:
 class DefendedTarget:
     """``defense ∘ victim`` with the :class:`~harness.contracts.AttackTarget` interface."""
 
-    def __init__(self, victim: Victim, defense: Defense, route: GradientRoute, generator: torch.Generator):
+    def __init__(self, victim: Victim, defense: Defense, route: GradientRoute, generator: torch.Generator,
+                 *, surrogate_steps: int | None = None, eot_batch: int | None = None):
         self.victim, self.defense, self.route, self.generator = victim, defense, route, generator
+        self.differentiated: Defense = defense
+        if route.surrogate is not None:
+            assert isinstance(defense, SurrogateProcessDefense) and surrogate_steps is not None
+            self.differentiated = defense.surrogate_process(surrogate_steps)
+        self.eot_batch = eot_batch
+        """Draws per batched call (None: all at once); lower it when EOT × batch does not fit."""
 
     def _purify(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.route.method == "exact":
-            return self.defense.purify(pixels, self.generator)
+            return self.differentiated.purify(pixels, self.generator)
         purified = self.defense.purify(pixels.detach(), self.generator)
         surrogate = pixels if self.route.method == "bpda-identity" else self.defense.approximate(pixels)  # type: ignore[attr-defined]
         # forward: the real defense; backward: the surrogate's gradient
@@ -68,8 +94,18 @@ class DefendedTarget:
     def loss(self, pixels: torch.Tensor, prompts: Sequence[str], targets: Sequence[str], kind: TaskKind) -> torch.Tensor:
         prompts = self.defense.rewrite(prompts)
         extra = soft_prompt_kwargs(self.defense)
-        losses = [self.victim.loss(self._purify(pixels), prompts, targets, kind, **extra) for _ in range(self.route.eot)]
-        return torch.stack(losses).mean(dim=0)
+        n, draws = pixels.shape[0], self.route.eot
+        per_call = min(draws, self.eot_batch or draws)
+        total = pixels.new_zeros(n)
+        done = 0
+        while done < draws:
+            k = min(per_call, draws - done)
+            # k copies of every image, each purified with its own noise: k EOT draws in one batch
+            tiled = pixels.repeat(k, 1, 1, 1) if k > 1 else pixels
+            losses = self.victim.loss(self._purify(tiled), list(prompts) * k, list(targets) * k, kind, **extra)
+            total = total + losses.view(k, n).sum(dim=0)
+            done += k
+        return total / draws
 
     def generate(self, pixels: torch.Tensor, prompts: Sequence[str], kind: TaskKind) -> list[str]:
         with torch.no_grad():

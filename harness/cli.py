@@ -83,14 +83,34 @@ def cmd_validate(args: argparse.Namespace, plugins: Plugins) -> int:
     for cell in cells:
         print(f"  {cell.label}")
     estimate = estimate_passes(suite, plugins, counts)
-    samples = sum(counts[suite.tasks.index(c.task)] for c in cells)
+    index = {t.model_dump_json(exclude={"n"}): i for i, t in enumerate(suite.tasks)}
+    samples = sum(min(counts[index[c.task.model_dump_json(exclude={"n"})]], c.task.n or 10**9) for c in cells)
     print(f"{len(cells)} cells, {samples} sample evaluations")
     print(f"estimated passes: {estimate.attack_forward} attack forward + {estimate.attack_backward} attack backward "
           f"+ {estimate.defense} defense + {estimate.generate} generation = {estimate.total} "
           "(oblivious attacks are computed once and shared by all defenses; adaptive ones once per defense)")
+    protocol = suite.adaptive
+    if protocol.enabled:
+        added = [a for a in suite.protocol_attacks() if a.role != "probe"]
+        print(f"standard adaptive protocol: {protocol.attack} {protocol.params}, EOT {protocol.eot} (stochastic defenses), "
+              f"{protocol.draws} evaluation draws, on {protocol.samples or 'all'} samples per task, through every defense; "
+              f"{len([c for c in cells if c.attack.role != 'suite' and c.attack.role != 'probe'])} of the cells "
+              f"({', '.join(a.label for a in added)}); {estimate.adaptive_protocol} of the passes")
+        print(f"  gradient routes: " + "; ".join(
+            f"{d.label}: {_route_text(plugins, d, protocol)}" for d in suite.defenses))
+    else:
+        print(f"standard adaptive protocol: OFF ({protocol.reason}); the board will say 'no adaptive evaluation'")
     for note in notes:
         print(f"note: {note}")
     return 0
+
+
+def _route_text(plugins: Plugins, defense_spec: Any, protocol: Any) -> str:
+    from harness.adaptive import gradient_route
+
+    defense = plugins.defenses.create(defense_spec.name, defense_spec.params)
+    route = gradient_route(defense, protocol.eot, protocol.surrogate_steps)
+    return route.method + (f", EOT {route.eot}" if route.eot > 1 else "") + (f", {route.surrogate}" if route.surrogate else "")
 
 
 def cmd_run(args: argparse.Namespace, plugins: Plugins) -> int:
@@ -116,7 +136,9 @@ def cmd_run(args: argparse.Namespace, plugins: Plugins) -> int:
         store.close()
     print(text)
     print(f"leaderboard written to {', '.join(written)}", file=sys.stderr)
-    return 0
+    for failure in summary.failures:
+        print(f"error: cell failed: {failure}", file=sys.stderr)
+    return 1 if summary.failures else 0
 
 
 def _board(store):

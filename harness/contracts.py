@@ -119,6 +119,29 @@ class SoftPromptVictim(Protocol):
 
 
 @runtime_checkable
+class SurrogateProcessDefense(Protocol):
+    """A defense with a cheaper stand-in process that an exact-gradient attack may differentiate
+    instead (Lee & Kim, ICCV 2023: the same noise level, fewer denoising steps), when a suite asks
+    for one (``adaptive.surrogate_steps``). The real defense still purifies at evaluation."""
+
+    def surrogate_process(self, steps: int) -> "Defense":
+        """A defense with at most ``steps`` network evaluations and the same randomness model."""
+        ...
+
+
+@runtime_checkable
+class TransferAttack(Protocol):
+    """A transfer attack: its gradients come from a surrogate model, not from the victim. The
+    runner compares ``surrogate_fingerprint()`` with the victim's: when they are equal the attack
+    is white-box in fact, and is labelled (and checked) as such."""
+
+    surrogate: str
+    surrogate_params: Mapping[str, Any]
+
+    def surrogate_fingerprint(self) -> str: ...
+
+
+@runtime_checkable
 class Task(Protocol):
     """A benchmark task over a data set in its official on-disk format.
 
@@ -189,6 +212,10 @@ class AttackResult:
     """Victim outputs the attack looked at (query attacks count every one)."""
     losses: list[float] = field(default_factory=list)
     """Mean loss per step, first to last; lets tests and reports check that it rose."""
+    loss_rise: tuple[float, float] | None = None
+    """(mean loss at the start, mean loss at the end) of like-for-like runs, for attacks whose
+    ``losses`` chain several runs against different texts (ensembles); None: ``losses[0]`` and
+    ``losses[-1]`` compare like with like."""
 
 
 class Attack:
@@ -206,6 +233,13 @@ class Attack:
     target_text: str | None = None
     """Targeted attacks set this: the text the victim should be made to say. The runner records,
     per sample, whether the output contains it."""
+    defining_params: ClassVar[tuple[str, ...]] = ()
+    """Names of the parameters that make this a *different attack* rather than a different budget:
+    a targeted APGD and an untargeted one (``target``), transfer attacks aimed at other target
+    texts. :func:`harness.labels.training_label` compares them (and the plugin name, norm and ε)
+    with a defense's :class:`TrainingAttack` s to label a row seen or unseen. Budget parameters
+    (steps, step sizes, restarts, random starts) never make an attack unseen, so the default is
+    none: every instance of the plugin is the same attack."""
 
     def perturb(
         self,
@@ -227,6 +261,30 @@ class Attack:
         return (0, 0)
 
 
+@dataclass(frozen=True)
+class TrainingAttack:
+    """One attack whose adversarial examples a defense trained on: a registered attack plugin
+    (``name``) with its suite parameters (``params``, as written: defaults not filled in), at a
+    norm and radius. See :attr:`Defense.training_attacks` and :func:`harness.labels.training_label`."""
+
+    name: str
+    params: Mapping[str, Any]
+    norm: Norm
+    eps: float
+
+
+@runtime_checkable
+class CompositeAttack(Protocol):
+    """An attack made of other attacks (``ensemble``), all run inside the composite's threat model.
+
+    ``member_attacks()`` lists ``(plugin name, params, instance)`` per member: the name and the
+    parameters as the suite wrote them (defaults not filled in) and the created attack. A row of a
+    composite counts as seen in training when any member does (:func:`harness.labels.training_label`).
+    """
+
+    def member_attacks(self) -> list[tuple[str, Mapping[str, Any], "Attack"]]: ...
+
+
 class Defense:
     """Base class of defense plugins: ``purify`` images and/or ``rewrite`` prompts.
 
@@ -239,6 +297,8 @@ class Defense:
     """
 
     stochastic: ClassVar[bool] = False
+    """Draws are independent per image of a batch: EOT and N-draw evaluation tile the images and
+    purify the copies in one call, so a per-call draw shared by the whole batch is a bug."""
     differentiable: ClassVar[bool] = True
     bpda: ClassVar[str | None] = None
     eot_samples: ClassVar[int] = 1
@@ -254,10 +314,19 @@ class Defense:
         """
 
     @property
+    def training_attacks(self) -> list[TrainingAttack]:
+        """The attacks (plugin, parameters, norm, ε) whose adversarial examples this defense trained
+        on. The runner compares each row's attack and threat model with them
+        (:func:`harness.labels.training_label`) to label it ``seen``, ``seen-attack-unseen-eps``
+        or ``unseen``. Empty (the default) for defenses that never saw an adversarial example."""
+        return []
+
+    @property
     def seen_attacks(self) -> list[str]:
         """Names of the attacks whose examples this defense was trained on (recorded per row, so
-        a board can tell seen from unseen attacks). Empty for defenses that never saw one."""
-        return []
+        a board can tell seen from unseen attacks): the plugin names of :attr:`training_attacks`,
+        sorted. Empty for defenses that never saw one."""
+        return sorted({attack.name for attack in self.training_attacks})
 
     def purify(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Map [B,3,H,W] pixels in [0,1] to purified pixels of the same shape in [0,1]."""

@@ -123,6 +123,13 @@ class Entry(Generic[T]):
     def create(self, params: dict[str, Any] | None = None) -> T:
         return self.factory(**self.validate(params))
 
+    def code_version(self) -> str:
+        """``"<distribution>==<version>"`` for a normal install, else ``"src:<hash>"`` of its source
+        (editable installs, in-process plugins); see :mod:`harness.code_version`."""
+        from harness.code_version import code_version
+
+        return code_version(self.factory, self.distribution, self.version)
+
 
 @dataclass
 class Registry(Generic[T]):

@@ -12,6 +12,8 @@ Tables (schema version :data:`SCHEMA_VERSION`):
 - ``adversarial``: oblivious adversarial examples, keyed by (victim, task, sample, attack, threat,
   seed) so every defense reuses them; pixels live in ``artifacts``.
 - ``artifacts``: content-addressed float32 arrays (``.npy`` bytes), lossless by construction.
+- ``failures``: cells that failed (an attack outside its threat model, say), with the error and
+  its traceback; the run's other cells complete.
 
 Every write is one transaction: a killed process loses at most the chunk in flight.
 """
@@ -67,6 +69,9 @@ CREATE TABLE IF NOT EXISTS results (
     created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS results_cell ON results (victim, task, attack, threat, defense);
+CREATE TABLE IF NOT EXISTS failures (
+    run_id TEXT NOT NULL, cell TEXT NOT NULL, error TEXT NOT NULL, traceback TEXT NOT NULL, created REAL NOT NULL
+);
 """
 
 
@@ -245,6 +250,25 @@ class Store:
 
     def outputs(self, fingerprints: Iterable[str]) -> dict[str, str]:
         return dict(self._by_fingerprint("output", fingerprints))
+
+    def draw_outputs(self, fingerprints: Iterable[str]) -> dict[str, list[str]]:
+        """fingerprint -> the outputs of every purification draw, for rows evaluated over N draws."""
+        out = {}
+        for fp, text in self._by_fingerprint("record", fingerprints):
+            draws = json.loads(text).get("draw_outputs")
+            if draws:
+                out[fp] = list(draws)
+        return out
+
+    # -- failed cells -----------------------------------------------------------------------------
+    def record_failure(self, run_id: str, cell: str, error: str, traceback: str) -> None:
+        with self._db:
+            self._db.execute("INSERT INTO failures VALUES (?, ?, ?, ?, ?)", (run_id, cell, error, traceback, time.time()))
+
+    def failures(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        query = "SELECT run_id, cell, error, traceback, created FROM failures"
+        rows = self._db.execute(query + (" WHERE run_id=?" if run_id else "") + " ORDER BY created", (run_id,) if run_id else ())
+        return [{"run_id": r[0], "cell": r[1], "error": r[2], "traceback": r[3], "created": r[4]} for r in rows]
 
     def results(self, *, scored_only: bool = True) -> Iterator[ResultRow]:
         query = "SELECT * FROM results" + (" WHERE scores IS NOT NULL" if scored_only else "") + " ORDER BY created"

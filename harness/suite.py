@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from harness.contracts import CLEAN_THREAT, ThreatModel
 from harness.plugins import Plugins
+from harness.protocol import STANDARD_LABEL, AdaptiveProtocol, SanityProbes
 from harness.registry import ParamError, UnknownNameError, parse_fraction
 
 
@@ -91,6 +92,16 @@ class AttackSpec(_Strict):
     For attacks too costly to run through every defense (adaptive ones through long purifiers)."""
     tasks: list[str] | None = None
     """Cross this attack with these tasks only (names, or labels like ``vqav2:test``); default all."""
+    samples: int | None = Field(default=None, gt=0)
+    """Run on the first ``samples`` of each task's seeded subset only (costly attacks)."""
+    draws: int = Field(default=1, gt=0)
+    """Purification draws per sample at evaluation (stochastic defenses; deterministic ones get
+    one). The row's score is the per-sample worst over the draws (DiffHammer's resubmission)."""
+    surrogate_steps: int | None = Field(default=None, gt=0)
+    """Adaptive only: attack through a defense's surrogate process with at most this many network
+    evaluations, where it offers one (see :mod:`harness.protocol`)."""
+    role: Literal["suite", "standard", "n-draw", "clean-n-draw", "convergence", "probe"] = "suite"
+    """Set by the harness for the attacks it adds (:mod:`harness.protocol`); suites leave it."""
 
     def crosses(self, task: "TaskSpec") -> bool:
         return self.tasks is None or task.name in self.tasks or task.label in self.tasks
@@ -115,7 +126,15 @@ class DefenseSpec(_Strict):
         return self.id or self.name
 
 
-RESERVED_THREAT_NAMES = ("clean",)
+RESERVED_THREAT_NAMES = ("clean", "probe-eps0", "probe-large")
+
+
+PROBE_EPS0 = "probe-eps0"
+PROBE_LARGE = "probe-large"
+
+
+def _probes(value: Any) -> Any:
+    return {"enabled": value} if isinstance(value, bool) else value
 
 
 class Suite(_Strict):
@@ -128,9 +147,16 @@ class Suite(_Strict):
     threat_models: dict[str, ThreatSpec] = Field(default_factory=dict)
     attacks: list[AttackSpec] = Field(min_length=1)
     defenses: list[DefenseSpec] = Field(min_length=1)
+    adaptive: AdaptiveProtocol = Field(default_factory=AdaptiveProtocol)
+    """The standard adaptive protocol every defense faces (:mod:`harness.protocol`)."""
+    sanity_probes: SanityProbes = Field(default_factory=SanityProbes)
+    """``true`` adds Carlini's ε = 0 and large-ε probes on the undefended victim."""
+
+    _probe_switch = field_validator("sanity_probes", mode="before")(_probes)
 
     def threats(self) -> dict[str, ThreatModel]:
-        """Named threat models with sweeps expanded (``linf@2/255``-style names for sweeps)."""
+        """Named threat models with sweeps expanded (``linf@2/255``-style names for sweeps),
+        plus the sanity probes' radii when they are on."""
         out: dict[str, ThreatModel] = {}
         for name, spec in self.threat_models.items():
             if isinstance(spec.eps, list):
@@ -138,7 +164,52 @@ class Suite(_Strict):
                     out[f"{name}@{_eps_text(eps)}"] = ThreatModel(f"{name}@{_eps_text(eps)}", spec.norm, eps)
             else:
                 out[name] = ThreatModel(name, spec.norm, spec.eps)
+        if self.sanity_probes.enabled:
+            out[PROBE_EPS0] = ThreatModel(PROBE_EPS0, "linf", 0.0)
+            out[PROBE_LARGE] = ThreatModel(PROBE_LARGE, "linf", float(self.sanity_probes.large_eps))
         return out
+
+    def protocol_attacks(self) -> list[AttackSpec]:
+        """The attacks the harness adds: the standard adaptive attack through every defense, its
+        N-draw evaluation, the clean N-draw evaluation, the convergence re-run, and the probes."""
+        added: list[AttackSpec] = []
+        protocol = self.adaptive
+        threats = protocol.threats if protocol.threats is not None else list(self.threat_models)
+        if protocol.enabled and threats:
+            base = dict(name=protocol.attack, params=dict(protocol.params), threats=threats, adaptive=True,
+                        eot=protocol.eot, samples=protocol.samples, surrogate_steps=protocol.surrogate_steps)
+            added.append(AttackSpec(id=STANDARD_LABEL, role="standard", **base))
+            if protocol.draws > 1:
+                added.append(AttackSpec(id=f"{STANDARD_LABEL}-N{protocol.draws}", role="n-draw", draws=protocol.draws, **base))
+                added.append(AttackSpec(name="none", id=f"clean-N{protocol.draws}", role="clean-n-draw",
+                                        draws=protocol.draws, samples=protocol.samples))
+            check = protocol.convergence
+            if check.enabled:
+                params = dict(protocol.params)
+                steps_key = protocol.steps_param()
+                if steps_key:
+                    params[steps_key] = int(params.get(steps_key, 100)) * check.factor
+                samples = min(check.samples, protocol.samples) if protocol.samples else check.samples
+                added.append(AttackSpec(
+                    **{**base, "params": params, "eot": protocol.eot * check.factor, "samples": samples},
+                    id=f"{STANDARD_LABEL}-{check.factor}x", role="convergence",
+                ))
+        if self.sanity_probes.enabled:
+            probes = self.sanity_probes
+            undefended = ["none"] if any(d.label == "none" for d in self.defenses) else [self.defenses[0].label]
+            for attack in self.attacks:
+                if attack.threats and attack.role == "suite":
+                    added.append(attack.model_copy(update={
+                        "threats": [PROBE_EPS0], "defenses": undefended, "adaptive": False, "eot": None,
+                        "samples": probes.samples, "role": "probe", "tasks": attack.tasks,
+                    }))
+            added.append(AttackSpec(name=protocol.attack, id=STANDARD_LABEL, params=dict(protocol.params),
+                                    threats=[PROBE_LARGE], defenses=undefended, samples=probes.samples, role="probe"))
+        return added
+
+    def all_attacks(self) -> list[AttackSpec]:
+        """The suite's own attacks, then the ones the harness adds."""
+        return [*self.attacks, *self.protocol_attacks()]
 
     def defenses_of(self, attack: AttackSpec) -> list[DefenseSpec]:
         return [d for d in self.defenses if attack.defenses is None or d.label in attack.defenses]
@@ -324,6 +395,8 @@ def _check_plugins(path: Path, suite: Suite, plugins: Plugins) -> None:
             )
         if attack.eot is not None and not attack.adaptive:
             raise SuiteError(path, f"{key}.eot", "eot (expectation over transformation) only applies with adaptive: true")
+        if attack.surrogate_steps is not None and not attack.adaptive:
+            raise SuiteError(path, f"{key}.surrogate_steps", "a surrogate process only applies with adaptive: true")
         for field_name, declared in (("defenses", [d.label for d in suite.defenses]), ("tasks", sorted({t.name for t in suite.tasks} | {t.label for t in suite.tasks}))):
             for j, ref in enumerate(getattr(attack, field_name) or []):
                 if ref not in declared:
@@ -333,10 +406,36 @@ def _check_plugins(path: Path, suite: Suite, plugins: Plugins) -> None:
                         path, f"{key}.{field_name}[{j}]",
                         f"unknown {field_name[:-1]} '{ref}'{hint} (the suite's {field_name}: {', '.join(declared)})",
                     )
+    for i, attack in enumerate(suite.attacks):
+        if attack.role != "suite":
+            raise SuiteError(path, f"attacks[{i}].role", "is set by the harness for the attacks it adds; remove it")
+    _check_protocol(path, suite, create)
+    reserved = {a.label for a in suite.protocol_attacks() if a.role != "probe"}
+    for i, attack in enumerate(suite.attacks):
+        if attack.label in reserved:
+            raise SuiteError(path, f"attacks[{i}]", f"the label '{attack.label}' is the standard adaptive protocol's "
+                             "(see `adaptive:`); give this attack another 'id'")
     for label, items in (("attacks", [a.label for a in suite.attacks]), ("defenses", [d.label for d in suite.defenses])):
         dupes = {x for x in items if items.count(x) > 1}
         if dupes:
             raise SuiteError(path, label, f"duplicate entries {sorted(dupes)}; give repeated plugins distinct 'id's")
+
+
+def _check_protocol(path: Path, suite: Suite, create: Any) -> None:
+    protocol = suite.adaptive
+    if not protocol.enabled:
+        return
+    instance = create("attack", protocol.attack, protocol.params, "adaptive")
+    if instance.requires not in ("gradients", "queries"):
+        raise SuiteError(path, "adaptive.attack", f"attack '{protocol.attack}' needs {instance.requires!r} access; "
+                         "the standard adaptive attack must be a gradient or query attack (e.g. apgd)")
+    for j, ref in enumerate(protocol.threats or []):
+        if ref not in suite.threat_models:
+            declared = ", ".join(suite.threat_models) or "none declared"
+            raise SuiteError(path, f"adaptive.threats[{j}]", f"unknown threat model '{ref}' (declared under threat_models: {declared})")
+    if protocol.convergence.enabled and protocol.steps_param() is None:
+        raise SuiteError(path, "adaptive.convergence", f"attack '{protocol.attack}' has no 'steps' parameter to double; "
+                         "set adaptive.params.steps or turn the convergence check off")
 
 
 # -- the matrix ---------------------------------------------------------------------------------
@@ -359,16 +458,24 @@ class Cell:
         return f"{self.victim.name} | {self.task.label} | {self.attack.label}{threat} | {self.defense.label}"
 
 
+def subset(task: TaskSpec, attack: AttackSpec) -> TaskSpec:
+    """The task an attack runs on: capped at the attack's ``samples`` (the first of the task's
+    seeded subset, so they pair with the task's other cells)."""
+    if attack.samples is None or (task.n is not None and task.n <= attack.samples):
+        return task
+    return task.model_copy(update={"n": attack.samples})
+
+
 def expand(suite: Suite) -> list[Cell]:
     cells = []
     for victim in suite.victims:
         for task in suite.tasks:
-            for attack in suite.attacks:
+            for attack in suite.all_attacks():
                 if not attack.crosses(task):
                     continue
                 for threat in suite.threats_of(attack):
                     for defense in suite.defenses_of(attack):
-                        cells.append(Cell(victim, task, attack, threat, defense, suite.seed))
+                        cells.append(Cell(victim, subset(task, attack), attack, threat, defense, suite.seed))
     return cells
 
 
@@ -378,6 +485,8 @@ class PassEstimate:
     attack_backward: int
     defense: int
     generate: int
+    adaptive_protocol: int = 0
+    """Of the total, what the standard adaptive protocol (its attack, N-draw, convergence) costs."""
 
     @property
     def total(self) -> int:
@@ -387,24 +496,39 @@ class PassEstimate:
 def estimate_passes(suite: Suite, plugins: Plugins, sample_counts: dict[int, int]) -> PassEstimate:
     """Forward/backward passes the suite will cost, counting shared oblivious attacks once.
 
-    ``sample_counts`` maps a task's index to its sample count (``n`` or the split size).
+    ``sample_counts`` maps a task's index to its sample count (``n`` or the split size). An
+    adaptive attack costs, per step and EOT draw, the victim's pass and the defense's network
+    evaluations (forward, and again backward when the route is exact); N-draw evaluation costs
+    ``draws`` purifications and generations of stochastic defenses.
     """
-    fwd = bwd = purify = gen = 0
+    from harness.adaptive import gradient_route
+
+    fwd = bwd = purify = gen = protocol = 0
     instances = {d.label: plugins.defenses.create(d.name, d.params) for d in suite.defenses}
     for _victim in suite.victims:
         for t_index, task in enumerate(suite.tasks):
-            n = sample_counts[t_index]
-            for attack in suite.attacks:
+            for attack in suite.all_attacks():
                 if not attack.crosses(task):
                     continue
+                n = sample_counts[t_index] if attack.samples is None else min(sample_counts[t_index], attack.samples)
                 defenses = [instances[d.label] for d in suite.defenses_of(attack)]
                 instance = plugins.attacks.create(attack.name, attack.params)
-                # adaptive attacks run once per defense; oblivious ones once, shared by all
-                runs = len(defenses) if attack.adaptive else 1
+                f, b = instance.passes_per_sample()
+                # a cell that only re-evaluates stored adversarial examples (N-draw) attacks nothing
+                attacks_itself = attack.role != "n-draw"
+                before = fwd + bwd + purify + gen
                 for _threat in suite.threats_of(attack):
-                    f, b = instance.passes_per_sample()
-                    fwd, bwd = fwd + f * n * runs, bwd + b * n * runs
+                    if attacks_itself and not attack.adaptive:
+                        fwd, bwd = fwd + f * n, bwd + b * n
                     for defense in defenses:
-                        purify += defense.passes_per_sample() * n
-                        gen += n
-    return PassEstimate(fwd, bwd, purify, gen)
+                        draws = attack.draws if defense.stochastic else 1
+                        if attacks_itself and attack.adaptive:
+                            route = gradient_route(defense, attack.eot)
+                            calls = defense.passes_per_sample()
+                            fwd += f * n * route.eot * (1 + calls)
+                            bwd += b * n * route.eot * (1 + (calls if route.method == "exact" else 0))
+                        purify += defense.passes_per_sample() * n * draws
+                        gen += n * draws
+                if attack.role != "suite":
+                    protocol += fwd + bwd + purify + gen - before
+    return PassEstimate(fwd, bwd, purify, gen, protocol)

@@ -34,7 +34,7 @@ class Flag:
 
     code: str
     """``eps0-not-clean`` | ``score-rises-with-eps`` | ``large-eps-not-broken`` |
-    ``gradient-masking`` | ``loss-did-not-rise``"""
+    ``gradient-masking`` | ``loss-did-not-rise`` | ``not-converged``"""
     message: str
     defense: str | None = None
     """The defense row it concerns (None: the whole condition)."""
@@ -58,6 +58,8 @@ class BoardRow:
     ssim: dict[str, float] = field(default_factory=dict)
     seen: set[str] = field(default_factory=set)
     """Conditions whose attack this defense saw in training (its numbers there are not held out)."""
+    seen_other_eps: set[str] = field(default_factory=set)
+    """Conditions whose attack (plugin, defining parameters, norm) it trained on at another ε."""
     samples: dict[str, dict[str, float]] = field(default_factory=dict)
     """condition -> sample id -> headline score (what paired statistics and flags use)."""
     worst_samples: dict[str, float] = field(default_factory=dict)
@@ -66,8 +68,20 @@ class BoardRow:
     """The per-sample worst case over the conditions *every* row of the table was evaluated
     under: the fair ranking key when some defenses also faced extra (adaptive) attacks."""
     shared_worst_samples: dict[str, float] = field(default_factory=dict)
+    stochastic: bool = False
+    """The defense draws randomness per call (its rows say so)."""
+    robust: Score | None = None
+    """The ranking key: per sample, the worst over every ranked condition this row faced (the
+    ones all rows faced, the standard adaptive attack among them, plus its own N-draw
+    evaluation), averaged. Without an adaptive evaluation it is the shared worst case."""
+    robust_samples: dict[str, float] = field(default_factory=dict)
+    converged: bool | None = None
+    """Whether the standard adaptive score held when steps and EOT were multiplied (None: not
+    checked)."""
+    convergence: PairedComparison | None = None
+    """The larger-budget re-run against the standard attack, on the re-run's samples."""
     versus_next: PairedComparison | None = None
-    """This row against the next one down, on their per-sample worst cases."""
+    """This row against the next one down, on their robust (ranking) scores."""
     provenance: dict = field(default_factory=dict)
     """run ids, seeds, victim fingerprints, defense params and a digest of the rows behind it."""
 
@@ -91,6 +105,17 @@ class Condition:
     """defense -> share of samples whose output contains the target text (targeted attacks)."""
     norm: str = "linf"
     threat: str = "clean"
+    role: str = "suite"
+    """``suite`` (the suite's own attacks), or what the harness added: ``standard`` (the standard
+    adaptive attack), ``n-draw``, ``clean-n-draw``, ``convergence``, ``probe``."""
+    draws: int = 1
+    surrogate_is_victim: bool = False
+    """A transfer attack whose surrogate is the victim: labelled (and checked as) white-box."""
+
+    @property
+    def ranked(self) -> bool:
+        """Whether the condition enters worst cases and the ranking (diagnostics do not)."""
+        return self.role in ("suite", "standard", "n-draw")
 
 
 @dataclass
@@ -125,7 +150,11 @@ class Table:
     flags: list[Flag] = field(default_factory=list)
     examples: list[Example] = field(default_factory=list)
     shared_conditions: list[str] = field(default_factory=list)
-    """Conditions every row was evaluated under (the ranking's worst case is over these)."""
+    """Ranked conditions every row was evaluated under."""
+    adaptive: str | None = None
+    """The standard adaptive condition(s) every row faced, comma-separated (None: no adaptive
+    evaluation on this table)."""
+    no_adaptive_reason: str | None = None
 
     def flags_for(self, defense: str, condition: str | None = None) -> list[Flag]:
         return [f for f in self.flags if f.defense in (defense, None) and (condition is None or f.condition == condition)]
@@ -135,14 +164,20 @@ class Table:
 class Board:
     tables: list[Table]
     runs: list[dict]
+    failures: list[dict] = field(default_factory=list)
+    """Cells of the latest run that failed (their rows are never scored), with their errors."""
 
 
 def condition_of(row: ResultRow) -> str:
-    """A column: ``clean`` for the no-attack rows; attacks without an ε ball (typographic) by
-    their own name; bounded attacks as ``attack@threat``."""
+    """A column: ``clean`` for the no-attack rows; attacks without an ε ball (typographic) and the
+    clean N-draw evaluation by their own name; bounded attacks as ``attack@threat``."""
     if row.threat != CLEAN:
         return f"{row.attack}@{row.threat}"
-    return CLEAN if row.record.get("attack", {}).get("name", "none") == "none" else row.attack
+    attack = row.record.get("attack", {})
+    return CLEAN if attack.get("name", "none") == "none" and attack.get("role", "suite") == "suite" else row.attack
+
+
+_ROLE_ORDER = {"clean-n-draw": 1, "suite": 2, "standard": 3, "n-draw": 4, "convergence": 5, "probe": 6}
 
 
 def _condition_order(condition: str, eps: dict[str, float]) -> tuple:
@@ -163,29 +198,80 @@ def build_board(store: Store) -> Board:
             assert r.headline is not None
             per_defense[r.defense][condition_of(r)][r.sample_id] = r.headline
             costs[r.defense].add_row(r)
-        table = Table(victim=victim, task=task, metric=rows[0].metric, conditions=conditions,
-                      details={c: _condition(c, [r for r in rows if condition_of(r) == c]) for c in conditions})
+        details = {c: _condition(c, [r for r in rows if condition_of(r) == c]) for c in conditions}
+        conditions.sort(key=lambda c: (c != CLEAN, _ROLE_ORDER.get(details[c].role, 9), _condition_order(c, eps)))
+        table = Table(victim=victim, task=task, metric=rows[0].metric, conditions=conditions, details=details)
+        ranked = {c for c in conditions if table.details[c].ranked}
         for defense, by_condition in per_defense.items():
             scores = {c: score_of(list(v.values())) for c, v in by_condition.items()}
-            common = sorted(set.intersection(*(set(v) for v in by_condition.values())))
-            worst_samples = {s: min(by_condition[c][s] for c in by_condition) for s in common}
+            worst_samples = per_sample_worst({c: v for c, v in by_condition.items() if c in ranked})
             worst = score_of(list(worst_samples.values())) if worst_samples else None
             table.rows.append(BoardRow(defense=defense, scores=scores, worst_case=worst, **costs[defense].summary(),
                                        samples={c: dict(v) for c, v in by_condition.items()}, worst_samples=worst_samples))
-        shared = [c for c in table.conditions if all(c in row.samples for row in table.rows)]
+        shared = [c for c in table.conditions if c in ranked and all(c in row.samples for row in table.rows)]
         table.shared_conditions = shared
+        standard = [c for c in shared if table.details[c].role == "standard"]
+        table.adaptive = ", ".join(standard) or None
+        if not standard:
+            table.no_adaptive_reason = _no_adaptive_reason(store, table)
         for row in table.rows:
-            common_samples = sorted(set.intersection(*(set(row.samples[c]) for c in shared))) if shared else []
-            row.shared_worst_samples = {s: min(row.samples[c][s] for c in shared) for s in common_samples}
-            row.shared_worst_case = score_of(list(row.shared_worst_samples.values())) if common_samples else None
-        # rank on what every defense faced; a defense is not demoted for having been tested harder
-        table.rows.sort(key=lambda r: (-(r.shared_worst_case.mean if r.shared_worst_case else float("-inf")), r.defense))
+            row.shared_worst_samples = per_sample_worst({c: row.samples[c] for c in shared})
+            row.shared_worst_case = score_of(list(row.shared_worst_samples.values())) if row.shared_worst_samples else None
+            # rank on what every defense faced plus the defense's own N-draw evaluation: the
+            # adaptive attacker's result, and a defense is not demoted for extra attacks
+            own = [c for c in row.samples if table.details[c].role == "n-draw"]
+            row.robust_samples = per_sample_worst({c: row.samples[c] for c in [*shared, *own]})
+            row.robust = score_of(list(row.robust_samples.values())) if row.robust_samples else None
+            _check_convergence(table, row)
+        table.rows.sort(key=lambda r: (-(r.robust.mean if r.robust else float("-inf")), r.defense))
         for upper, lower in zip(table.rows, table.rows[1:]):
-            upper.versus_next = paired_comparison(upper.shared_worst_samples, lower.shared_worst_samples)
+            upper.versus_next = paired_comparison(upper.robust_samples, lower.robust_samples)
         table.flags = sanity_flags(table, rows)
         table.examples = _examples(store, table, rows)
         tables.append(table)
-    return Board(tables=tables, runs=store.runs())
+    runs = store.runs()
+    failures = store.failures(runs[-1]["run_id"]) if runs else []
+    return Board(tables=tables, runs=runs, failures=failures)
+
+
+def per_sample_worst(by_condition: dict[str, dict[str, float]]) -> dict[str, float]:
+    """sample -> its lowest score over the conditions, on the samples evaluated under all of them."""
+    if not by_condition:
+        return {}
+    common = set.intersection(*(set(v) for v in by_condition.values()))
+    return {s: min(v[s] for v in by_condition.values()) for s in sorted(common)}
+
+
+def _no_adaptive_reason(store: Store, table: Table) -> str:
+    """Why a table has no standard adaptive column, from the latest run's suite."""
+    for run in reversed(store.runs()):
+        suite = run.get("provenance", {}).get("suite", {})
+        protocol = suite.get("adaptive") or {}
+        if protocol and not protocol.get("enabled", True):
+            return f"the suite turned it off: {protocol.get('reason')}"
+        if suite:
+            break
+    return "no standard adaptive attack reached every defense of this table (see docs/leaderboard.md)"
+
+
+def _check_convergence(table: Table, row: BoardRow) -> None:
+    """Carlini's 'run to convergence': the re-run with more steps and EOT must not find more than
+    the standard attack's interval half-width."""
+    for condition, detail in table.details.items():
+        if detail.role != "convergence" or condition not in row.samples:
+            continue
+        standard = next((c for c, d in table.details.items() if d.role == "standard" and d.threat == detail.threat
+                         and c in row.samples), None)
+        if standard is None:
+            continue
+        comparison = paired_comparison(row.samples[condition], row.samples[standard])
+        interval = row.scores[standard].ci
+        if comparison is None or interval is None:
+            continue
+        half_width = (interval.high - interval.low) / 2
+        row.convergence = comparison
+        moved = comparison.mean_difference < -half_width
+        row.converged = (row.converged is not False) and not moved
 
 
 def _examples(store: Store, table: Table, rows: list[ResultRow], limit: int = 3) -> list[Example]:
@@ -232,6 +318,8 @@ class _DefenseFacts:
     psnr: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     ssim: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     seen: set[str] = field(default_factory=set)
+    seen_other_eps: set[str] = field(default_factory=set)
+    stochastic: bool = False
 
     run_ids: set[str] = field(default_factory=set)
     fingerprints: list[str] = field(default_factory=list)
@@ -252,6 +340,9 @@ class _DefenseFacts:
             self.ssim[condition].append(float(defense["ssim"]))
         if record.get("attack", {}).get("seen_in_training"):
             self.seen.add(condition)
+        self.stochastic = self.stochastic or bool(defense.get("stochastic", False))
+        if record.get("attack", {}).get("training_label") == "seen-attack-unseen-eps":
+            self.seen_other_eps.add(condition)
         self.run_ids.add(row.run_id)
         self.fingerprints.append(row.fingerprint)
         self.params = row.record.get("defense", {}).get("params", self.params)
@@ -267,6 +358,8 @@ class _DefenseFacts:
             "psnr": {c: v for c, values in sorted(self.psnr.items()) if (v := _mean(values)) is not None},
             "ssim": {c: v for c, values in sorted(self.ssim.items()) if (v := _mean(values)) is not None},
             "seen": set(self.seen),
+            "seen_other_eps": set(self.seen_other_eps),
+            "stochastic": self.stochastic,
             "provenance": {
                 "run_ids": sorted(self.run_ids),
                 "seeds": sorted(self.seeds),
@@ -289,7 +382,8 @@ def _condition(name: str, rows: list[ResultRow]) -> Condition:
         info = r.record.get("attack", {})
         if info.get("mode") == "adaptive":
             eot = info.get("eot") or 1
-            routes[r.defense] = info.get("gradient", "?") + (f", EOT {eot}" if eot > 1 else "")
+            routes[r.defense] = (info.get("gradient", "?") + (f", EOT {eot}" if eot > 1 else "")
+                                 + (f", {info['surrogate']}" if info.get("surrogate") else ""))
         targeted = r.record.get("attack", {}).get("targeted")
         if targeted:
             target_text = targeted["text"]
@@ -306,6 +400,9 @@ def _condition(name: str, rows: list[ResultRow]) -> Condition:
         max_linf=max(r.record.get("perturbation", {}).get("linf", 0.0) for r in rows),
         target_text=target_text,
         target_success={d: sum(v) / len(v) for d, v in sorted(success.items())},
+        role=attack.get("role", "suite"),
+        draws=max(int(r.record.get("attack", {}).get("draws", 1)) for r in rows),
+        surrogate_is_victim=bool(attack.get("surrogate_is_victim", False)),
     )
 
 
@@ -330,14 +427,20 @@ def sanity_flags(table: Table, rows: list[ResultRow]) -> list[Flag]:
         comparison = paired_comparison(row.samples[low], row.samples[high])
         return comparison if comparison and comparison.mean_difference < 0 and comparison.significant else None
 
+    outputs: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
+    for r in rows:
+        outputs[(r.defense, condition_of(r))][r.sample_id] = r.output
     for defense, row in by_defense.items():
         clean = row.scores.get(CLEAN)
         # 1. an attack at eps = 0 must reproduce the clean score
         for condition, detail in details.items():
             if detail.bounded and detail.eps == 0 and condition != CLEAN and clean and condition in row.samples:
-                moved = [s for s, v in row.samples[condition].items() if row.samples[CLEAN].get(s, v) != v]
-                if moved:
-                    flags.append(Flag("eps0-not-clean", f"{condition} at ε=0 changed {len(moved)} sample score(s) "
+                # outputs, not scores: set-level metrics (CIDEr) score a subset differently
+                attacked = outputs[(defense, condition)]
+                moved = [s for s, text in attacked.items() if outputs[(defense, CLEAN)].get(s, text) != text]
+                # a stochastic defense's draws differ between the two cells: only a significant drop counts
+                if moved and (not row.stochastic or significantly_lower(defense, condition, CLEAN)):
+                    flags.append(Flag("eps0-not-clean", f"{condition} at ε=0 changed {len(moved)} output(s) "
                                       "from clean: the attack or the pipeline is not deterministic", defense, condition))
         # 2. scores must not rise with eps (same attack, same norm)
         sweeps: dict[tuple[str, str, str], list[tuple[float, str]]] = defaultdict(list)
@@ -378,10 +481,18 @@ def sanity_flags(table: Table, rows: list[ResultRow]) -> list[Flag]:
                     flags.append(Flag("gradient-masking", f"{w_condition} ({kind}) beats the white-box {s_condition} "
                                       f"by {-comparison.mean_difference:.3f} ({comparison.test}, p={comparison.p_value:.2g}): "
                                       "possible gradient masking", defense, s_condition))
+    # 6. the standard adaptive attack must have converged (more steps and EOT find no more)
+    for row in table.rows:
+        if row.converged is False and row.convergence is not None:
+            standard = next(c for c, d in details.items() if d.role == "standard" and c in row.samples)
+            rerun = next(c for c, d in details.items() if d.role == "convergence" and c in row.samples)
+            flags.append(Flag("not-converged", f"{rerun} lowers {standard} by {-row.convergence.mean_difference:.3f} on "
+                              f"{row.convergence.n} samples, more than its interval's half-width: the adaptive number "
+                              "overstates robustness; raise adaptive.params.steps / adaptive.eot", row.defense, standard))
     # 5. a gradient attack's loss must rise
     for condition, detail in details.items():
-        if detail.access != "white-box" or condition == CLEAN:
-            continue
+        if detail.access != "white-box" or condition == CLEAN or (detail.bounded and detail.eps == 0):
+            continue  # at ε = 0 nothing can move
         firsts, lasts = [], []
         for r in rows:
             if condition_of(r) == condition:

@@ -11,7 +11,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-from leaderboard.aggregate import CLEAN, Board, BoardRow, Score, Table, score_of
+from leaderboard.aggregate import CLEAN, Board, BoardRow, Score, Table, per_sample_worst, score_of
 
 SCHEMA_ID = "codefend-bench/leaderboard-entry/1"
 
@@ -30,8 +30,10 @@ def _score(score: Score | None) -> dict[str, Any] | None:
 
 def _entry(board: Board, table: Table, row: BoardRow, threat: str) -> dict[str, Any]:
     conditions = [c for c in table.conditions if table.details[c].threat == threat and c in row.samples]
-    common = sorted(set.intersection(*(set(row.samples[c]) for c in conditions))) if conditions else []
-    robust = score_of([min(row.samples[c][s] for c in conditions) for s in common]) if common else None
+    ranked = [c for c in conditions if c in table.shared_conditions or table.details[c].role == "n-draw"]
+    worst = per_sample_worst({c: row.samples[c] for c in ranked})
+    robust = score_of(list(worst.values())) if worst else None
+    adaptive = any(table.details[c].role == "standard" for c in ranked)
     detail = table.details[conditions[0]] if conditions else None
     base = next((r for r in table.rows if r.defense == "none"), None)
     clean = row.scores.get(CLEAN)
@@ -53,6 +55,8 @@ def _entry(board: Board, table: Table, row: BoardRow, threat: str) -> dict[str, 
         },
         "clean": _score(clean),
         "robust": _score(robust),
+        "robust_basis": "adaptive" if adaptive else "oblivious-only",
+        "converged": row.converged,
         "attacks": [
             {
                 "condition": c,
@@ -60,6 +64,9 @@ def _entry(board: Board, table: Table, row: BoardRow, threat: str) -> dict[str, 
                 "access": table.details[c].access,
                 "gradient_route": table.details[c].routes.get(row.defense),
                 "seen_in_training": c in row.seen,
+                "training_label": "seen" if c in row.seen else ("seen-attack-unseen-eps" if c in row.seen_other_eps else "unseen"),
+                "role": table.details[c].role,
+                "ranked": c in ranked,
                 "score": _score(row.scores[c]),
             }
             for c in conditions

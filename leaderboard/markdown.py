@@ -32,12 +32,29 @@ def _versus(comparison, metric: str) -> str:
     return f"{comparison.mean_difference:+.{digits}f} ({p}, {verdict})"
 
 
+ROLE_NOTES = {
+    "standard": "the standard adaptive attack (harness.protocol), through every defense",
+    "n-draw": "the standard adaptive attack's examples, each judged over independent purification draws: "
+              "a sample counts only if every draw survives (deterministic defenses: one draw)",
+    "clean-n-draw": "clean images over independent purification draws: how often randomness alone flips an answer",
+    "convergence": "the standard attack re-run with more steps and EOT on a subset: the convergence check",
+    "probe": "a sanity probe on the undefended victim (Carlini et al. 2019)",
+}
+
+
 def _describe(c: Condition) -> str:
     how = c.mode
+    if c.mode == "oblivious" and c.access == "white-box" and c.role == "suite":
+        how = "oblivious: transfer from the undefended victim for every defense but none"
     if c.routes:
         how += " (" + "; ".join(f"{defense}: {route}" for defense, route in c.routes.items()) + ")"
     ball = f"ε={c.eps * 255:.3g}/255, max measured L∞ {c.max_linf * 255:.3g}/255" if c.bounded else "unbounded"
-    text = f"`{c.name}`: {c.access}, {how}, {ball}"
+    access = c.access + (" (a transfer attack whose surrogate is the victim itself)" if c.surrogate_is_victim else "")
+    text = f"`{c.name}`: {access}, {how}, {ball}"
+    if c.draws > 1:
+        text += f", {c.draws} draws"
+    if c.role in ROLE_NOTES:
+        text += f"; {ROLE_NOTES[c.role]}"
     if c.target_text:
         rates = ", ".join(f"{d} {rate:.0%}" for d, rate in c.target_success.items())
         text += f"; targeted '{c.target_text}', output contains it: {rates}"
@@ -47,7 +64,8 @@ def _describe(c: Condition) -> str:
 def _cost_table(table) -> list[str]:
     """Clean cost, compute cost and purification quality of each defense."""
     base = next((row.scores.get("clean") for row in table.rows if row.defense == "none"), None)
-    attacked = [c for c in table.conditions if c != "clean" and table.details[c].bounded and table.details[c].mode == "oblivious"]
+    attacked = [c for c in table.conditions if c != "clean" and table.details[c].bounded and table.details[c].mode == "oblivious"
+                and table.details[c].role == "suite"]
     lines = [
         "| defense | clean cost | s / image | network evals / image | PSNR clean (dB) | SSIM clean | PSNR attacked (dB) | SSIM attacked |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -87,32 +105,54 @@ def render_markdown(board: Board) -> str:
     if not board.tables:
         return "# Leaderboard\n\nNo scored results in this store yet: run a suite first (`codefend run SUITE`).\n"
     lines = ["# Leaderboard", ""]
+    if board.failures:
+        lines += [f"**{len(board.failures)} cell(s) of the latest run failed** and are not on this board:", ""]
+        lines += [f"- `{f['cell']}`: {f['error']}" for f in board.failures] + [""]
     for table in board.tables:
         n = max((s.n for row in table.rows for s in row.scores.values()), default=0)
         lines += [f"## {table.victim} · {table.task} — {table.metric} (n={n})", ""]
-        extra = any(set(row.samples) != set(table.shared_conditions) for row in table.rows)
-        header = ["defense", *table.conditions, "worst case", *(["worst, shared"] if extra else []), "vs next row"]
+        headline = "robust (adaptive)" if table.adaptive else "robust (oblivious only)"
+        converged = any(row.converged is not None for row in table.rows)
+        header = ["defense", *table.conditions, headline, "worst case", *(["converged"] if converged else []), "vs next row"]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
         for row in table.rows:
             cells = [
                 _fmt(row.scores.get(c), table.metric) + (" °" if c in row.seen else "")
+                + (" ◦" if c in row.seen_other_eps else "")
                 + (" ⚑" if table.flags_for(row.defense, c) else "")
                 for c in table.conditions
             ]
-            shared = [_fmt(row.shared_worst_case, table.metric)] if extra else []
-            lines.append("| " + " | ".join([row.defense, *cells, _fmt(row.worst_case, table.metric), *shared,
+            check = ([{True: "yes", False: "NO ⚑", None: "–"}[row.converged]] if converged else [])
+            lines.append("| " + " | ".join([row.defense, *cells, "**" + _fmt(row.robust, table.metric) + "**",
+                                            _fmt(row.worst_case, table.metric), *check,
                                             _versus(row.versus_next, table.metric)]) + " |")
         lines.append("")
+        if table.adaptive:
+            lines += [
+                f"**{headline}** ranks the board: per sample, the worst over the standard adaptive attack "
+                f"({table.adaptive}), its N-draw evaluation for stochastic defenses, and every other attack all rows "
+                f"faced ({', '.join(table.shared_conditions)}), then averaged. Oblivious columns are transfer from the "
+                "undefended victim, never the headline. 'worst case' adds the attacks only some rows faced.",
+                "",
+            ]
+        else:
+            lines += [
+                f"**No adaptive evaluation** on this table ({table.no_adaptive_reason}): '{headline}' is the worst case "
+                "over attacks that never saw the defenses, which overstates robustness. It is not a robustness claim.",
+                "",
+            ]
         lines += [
-            "± is the half-width of a 95% bootstrap interval of the mean; 'vs next row' is the paired "
-            "difference in worst case with the row below (paired bootstrap, or McNemar's exact test for 0/1 scores)."
-            + (" Some defenses faced extra attacks: rows are ranked, and compared, on 'worst, shared', the worst "
-               f"case over the conditions all of them faced ({', '.join(table.shared_conditions)})." if extra else ""),
+            "± is the half-width of a 95% bootstrap interval of the mean (adaptive columns on their own, smaller "
+            "subset); 'vs next row' is the paired difference in the ranking score with the row below (paired "
+            "bootstrap, or McNemar's exact test for 0/1 scores).",
             "",
         ]
         if any(row.seen for row in table.rows):
-            lines += ["° the defense was trained on this attack's examples (other attacks are unseen).", ""]
+            lines += ["° the defense was trained on this attack (same plugin, defining parameters, norm and ε), or on a "
+                      "member of this ensemble: not held out.", ""]
+        if any(row.seen_other_eps for row in table.rows):
+            lines += ["◦ seen attack, unseen ε: trained on this attack at another radius.", ""]
         if table.flags:
             lines += ["Sanity flags (⚑):", ""]
             lines += [f"- ⚑ `{f.code}`" + (f" ({f.defense})" if f.defense else "") + f": {f.message}" for f in table.flags]
@@ -122,9 +162,10 @@ def render_markdown(board: Board) -> str:
         if notes:
             lines += [f"- {note}" for note in notes] + [""]
     lines.append(
-        "Oblivious attacks are computed against the undefended victim and reused for every defense; "
-        "adaptive ones attack defense∘victim. Worst case: per sample, the lowest score over all "
-        "conditions (clean included), then averaged."
+        "Oblivious attacks are computed against the undefended victim and reused for every defense: for a defense "
+        "they are transfer attacks. Adaptive ones attack defense∘victim. Worst case: per sample, the lowest score "
+        "over the ranked conditions (clean included; diagnostics such as the convergence re-run and probes "
+        "excluded), then averaged."
     )
     return "\n".join(lines) + "\n"
 

@@ -110,6 +110,7 @@ def test_eps_zero_returns_the_clean_pixels_exactly(tiny_victim, batch) -> None:
         for attack in (APGD(steps=3), APGD(steps=3, random_start=True), APGD(steps=3, target=TARGET)):
             result = _run(attack, tiny_victim, batch.attack_batch(4), ThreatModel("zero", norm, 0.0))
             assert torch.equal(result.pixels, batch.pixels[:4])
+            assert len(result.losses) == 4  # no ε = 0 shortcut: the start and 3 iterates were evaluated
 
 
 def test_random_start_comes_from_the_per_sample_seeds(tiny_victim, batch) -> None:

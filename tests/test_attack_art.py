@@ -207,6 +207,7 @@ def test_eps_zero_returns_the_clean_pixels_exactly(tiny_victim, batch, attack) -
     for norm in ("linf", "l2"):
         result = _run(attack, tiny_victim, batch.attack_batch(4), ThreatModel("zero", norm, 0.0))
         assert torch.equal(result.pixels, batch.pixels[:4])
+        assert result.forward_passes >= 3 and len(result.losses) == 2  # no ε = 0 shortcut: ART ran
 
 
 def test_parameters_are_checked() -> None:

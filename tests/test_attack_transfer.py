@@ -167,6 +167,7 @@ def test_mfii_uses_a_cached_surrogate_that_is_not_the_victim(tiny_victim, mfii, 
 def test_mfii_eps_zero_returns_the_clean_pixels(mfii, colour_batch) -> None:
     result = mfii.perturb(NoAccess(), colour_batch, ThreatModel("zero", "linf", 0.0), torch.Generator())
     assert torch.equal(result.pixels, colour_batch.pixels)
+    assert result.forward_passes == mfii.steps + 1  # no ε = 0 shortcut: the surrogate loop ran
 
 
 def test_target_scenes_are_parsed_and_rendered() -> None:
@@ -300,10 +301,12 @@ def test_mftt_text_embedding(tiny_victim) -> None:
 
 
 def test_mftt_eps_zero_and_parameter_errors(tiny_victim, colour_batch) -> None:
-    attack = MFtt(target_text="red", start_from_transfer=False, surrogate_params=SURROGATE)
+    attack = MFtt(target_text="red", start_from_transfer=False, surrogate_params=SURROGATE, steps=1, num_queries=2)
     target = QueryOnly(tiny_victim)
     result = attack.perturb(target, colour_batch, ThreatModel("zero", "linf", 0.0), torch.Generator())
-    assert torch.equal(result.pixels, colour_batch.pixels) and result.queries == target.outputs == 0
+    assert torch.equal(result.pixels, colour_batch.pixels)
+    # no ε = 0 shortcut: the queries ran (the iterates stay on the clean pixels)
+    assert result.queries == target.outputs == len(colour_batch.prompts) * attack.queries_per_sample()
     assert attack.requires == "queries" and attack.target_text == "red"
     with pytest.raises(ValueError, match="num_queries"):
         MFtt(target_text="red", num_queries=0)

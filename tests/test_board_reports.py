@@ -76,6 +76,7 @@ defenses:
   - name: none
   - name: honest
   - name: masked
+adaptive: {enabled: false, reason: "this board tests the masking flag on its own adaptive PGD"}
 """
 
 

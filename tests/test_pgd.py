@@ -118,6 +118,8 @@ def test_eps_zero_returns_the_clean_pixels_exactly(tiny_victim, batch) -> None:
     for norm in ("linf", "l2"):
         result = _attack(tiny_victim, batch.attack_batch(4), ThreatModel("zero", norm, 0.0), steps=3)
         assert torch.equal(result.pixels, batch.pixels[:4])
+        # no ε = 0 shortcut: the loop ran (tests/test_eps_zero.py covers every attack)
+        assert (result.forward_passes, result.backward_passes, len(result.losses)) == (4, 3, 4)
 
 
 def test_same_seed_same_output_other_seed_differs(tiny_victim, batch) -> None:

@@ -1,0 +1,102 @@
+"""The standard adaptive protocol: what every defense in a suite faces by default.
+
+A robustness number measured with attacks that never saw the defense overstates robustness
+(Carlini et al. 2019; Tramèr et al. 2020). So the runner adds, for every defense and every bounded
+threat model of a suite, a *standard adaptive attack* through ``defense ∘ victim``, and the board
+ranks on what it achieves. Its gradient route is the defense's own declaration
+(:mod:`harness.adaptive`): exact gradients through differentiable defenses, BPDA through the
+others, EOT over the randomness of stochastic ones.
+
+The protocol is declared here, once. Each default, and why:
+
+- ``attack: apgd`` with ``steps: 100``: Auto-PGD on the victim's teacher-forced text loss, the
+  attack of RobustVLM (chs20/RobustVLM: APGD-100 on the text loss) and of AutoAttack's "rand"
+  version (APGD with EOT); its step-size schedule needs no tuning per defense. 100 iterations is
+  both protocols' budget; Lee & Kim (ICCV 2023) use 200 PGD iterations through purification.
+- ``eot: 20``: AutoAttack "rand" and DiffPure's own adaptive evaluation average 20 draws per
+  gradient; Lee & Kim recommend EOT 20 for diffusion purification. Deterministic defenses get 1.
+- ``draws: 10``: DiffHammer (NeurIPS 2024) evaluates by resubmission: a sample is robust only if
+  it survives every one of N purification draws (one draw hides vulnerabilities that 32-46% of
+  samples have in only some draws). The board shows the single-draw number, the N-draw number
+  and the clean N-draw number (how often randomness alone flips an answer).
+- ``samples: 100``: the adaptive attack costs EOT × steps passes per sample, so it may run on a
+  seeded subset of each task (the first ``samples`` of the task's own seeded subset), which gets
+  its own interval. DiffHammer evaluates on 100-512 images.
+- ``convergence``: Carlini's checklist asks for attacks run to convergence. The standard attack
+  is re-run on the first ``samples`` of that subset with ``factor`` × the steps and ``factor`` ×
+  the EOT; a defense whose score then falls by more than the half-width of its adaptive
+  interval is flagged ``not-converged``.
+- ``surrogate_steps``: off by default (exact gradients through the whole sampler, with gradient
+  checkpointing so memory does not grow with its length). When set, a defense that offers a
+  cheaper surrogate process (:class:`~harness.contracts.SurrogateProcessDefense`) with more
+  network calls than this is attacked through that surrogate (Lee & Kim: same noise level,
+  fewer denoising steps); the evaluation still runs the real defense, and the board labels it.
+
+A suite changes any of these under ``adaptive:``, or turns the protocol off with
+``adaptive: {enabled: false, reason: "..."}``; the board then says "no adaptive evaluation" and
+gives the reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+STANDARD_ATTACK = "apgd"
+"""Registry name of the standard adaptive attack (the kernel names it; it never imports it)."""
+
+STANDARD_LABEL = "adaptive"
+"""The label of its column: conditions read ``adaptive@<threat>``."""
+
+
+class Convergence(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    samples: int = Field(default=25, gt=0)
+    """Samples re-attacked with the larger budget (the first of the adaptive subset)."""
+    factor: int = Field(default=2, ge=2)
+    """Multiplier of the steps and of the EOT draws."""
+
+
+class AdaptiveProtocol(BaseModel):
+    """A suite's ``adaptive:`` section (every key optional; see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    reason: str | None = None
+    """Why the protocol is off (required with ``enabled: false``; shown on the board)."""
+    attack: str = STANDARD_ATTACK
+    params: dict[str, Any] = Field(default_factory=lambda: {"steps": 100})
+    eot: int = Field(default=20, gt=0)
+    draws: int = Field(default=10, gt=0)
+    samples: int | None = Field(default=100, gt=0)
+    """Seeded subset per task (None: every sample the task evaluates)."""
+    threats: list[str] | None = None
+    """Threat-model names to run it under (default: every bounded threat model of the suite)."""
+    surrogate_steps: int | None = Field(default=None, gt=0)
+    convergence: Convergence = Field(default_factory=Convergence)
+
+    @model_validator(mode="after")
+    def _reason_when_off(self) -> "AdaptiveProtocol":
+        if not self.enabled and not (self.reason and self.reason.strip()):
+            raise ValueError(
+                "turning the standard adaptive attack off needs a reason: "
+                "adaptive: {enabled: false, reason: \"...\"} (the board shows it)"
+            )
+        return self
+
+    def steps_param(self) -> str | None:
+        """The attack parameter that counts iterations (scaled by the convergence check)."""
+        return "steps" if "steps" in self.params or self.attack in ("apgd", "pgd") else None
+
+
+class SanityProbes(BaseModel):
+    """``sanity_probes: true`` adds Carlini's checklist probes on the undefended victim: every
+    bounded attack at ε = 0 (must reproduce the clean score through its real code path) and the
+    standard attack at a large ε (must drive the victim near zero)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = False
+    large_eps: float = 64 / 255
+    samples: int | None = Field(default=50, gt=0)

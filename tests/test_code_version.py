@@ -1,0 +1,183 @@
+"""Code versions: editable and in-process plugins are keyed by a hash of their source, so editing
+a plugin changes its code version; a normally installed distribution is keyed by its version."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from harness.code_version import clear_code_version_cache, code_version
+from harness.plugins import load_plugins
+
+PACKAGE = "cv_local_blur"
+
+PLUGIN_SOURCE = textwrap.dedent(
+    """
+    from harness.contracts import Defense
+    from harness.hookspecs import hookimpl
+
+    from .helpers import SIGMA
+
+
+    class Blur(Defense):
+        def __init__(self, sigma: float = SIGMA):
+            self.sigma = sigma
+
+
+    @hookimpl
+    def register_defenses(register):
+        register("blur", Blur, description="a local test plugin")
+    """
+)
+
+
+@pytest.fixture
+def on_path(tmp_path: Path):
+    """Put ``tmp_path`` first on sys.path; afterwards remove it and the modules imported from it."""
+    sys.path.insert(0, str(tmp_path))
+    importlib.invalidate_caches()
+    clear_code_version_cache()
+    yield tmp_path
+    sys.path.remove(str(tmp_path))
+    for name in [n for n, m in sys.modules.items() if str(getattr(m, "__file__", "") or "").startswith(str(tmp_path))]:
+        del sys.modules[name]
+    importlib.invalidate_caches()
+    clear_code_version_cache()
+
+
+@pytest.fixture
+def local_plugin(on_path: Path) -> Path:
+    package = on_path / PACKAGE
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "helpers.py").write_text("SIGMA = 1.0\n")
+    (package / "plugin.py").write_text(PLUGIN_SOURCE)
+    return package
+
+
+def _blur_version() -> str:
+    module = importlib.import_module(f"{PACKAGE}.plugin")
+    plugins = load_plugins(extra=[("blur", module)], use_entry_points=False)
+    entry = plugins.defenses.get("blur")
+    assert entry.distribution == "(in-process)"
+    return entry.code_version()
+
+
+def test_local_plugin_is_versioned_by_its_source(local_plugin: Path) -> None:
+    first = _blur_version()
+    assert first.startswith("src:") and len(first) == len("src:") + 16
+
+    clear_code_version_cache()
+    assert _blur_version() == first, "unchanged source must give the same version"
+
+    with open(local_plugin / "plugin.py", "a") as f:
+        f.write("# tuned the blur\n")
+    clear_code_version_cache()
+    edited = _blur_version()
+    assert edited.startswith("src:") and edited != first
+
+    (local_plugin / "helpers.py").write_text("SIGMA = 2.0\n")  # a sibling the plugin imports
+    clear_code_version_cache()
+    sibling_edited = _blur_version()
+    assert sibling_edited.startswith("src:") and sibling_edited not in (first, edited)
+
+    # Bytecode caches are not source.
+    (local_plugin / "__pycache__").mkdir(exist_ok=True)
+    (local_plugin / "__pycache__" / "stray.py").write_text("x = 1\n")
+    clear_code_version_cache()
+    assert _blur_version() == sibling_edited
+
+
+def test_cache_holds_until_cleared(local_plugin: Path) -> None:
+    first = _blur_version()
+    (local_plugin / "helpers.py").write_text("SIGMA = 3.0\n")
+    assert _blur_version() == first, "cached within the process until cleared"
+    clear_code_version_cache()
+    assert _blur_version() != first
+
+
+def test_top_level_module_is_hashed_alone(on_path: Path) -> None:
+    (on_path / "cv_single_module.py").write_text("def make():\n    return 1\n")
+    (on_path / "cv_unrelated.py").write_text("X = 1\n")
+    module = importlib.import_module("cv_single_module")
+    first = code_version(module.make, "(in-process)", "-")
+    assert first.startswith("src:")
+
+    (on_path / "cv_unrelated.py").write_text("X = 2\n")
+    clear_code_version_cache()
+    assert code_version(module.make, "(in-process)", "-") == first
+
+    (on_path / "cv_single_module.py").write_text("def make():\n    return 2\n")
+    clear_code_version_cache()
+    assert code_version(module.make, "(in-process)", "-") != first
+
+
+def test_module_without_source_is_unknown() -> None:
+    import types
+
+    module = types.ModuleType("cv_in_memory")
+    exec("def make():\n    return 1\n", module.__dict__)
+    sys.modules["cv_in_memory"] = module
+    try:
+        assert code_version(module.make, "(in-process)", "-") == "unknown"
+    finally:
+        del sys.modules["cv_in_memory"]
+
+
+def _codefend_bench_is_editable() -> bool:
+    """PEP 610 says so for some codefend-bench metadata on sys.path (site-packages' dist-info;
+    a stale egg-info in the checkout, found first from the repo root, carries no marker)."""
+    for dist in importlib.metadata.distributions(name="codefend-bench"):
+        text = dist.read_text("direct_url.json")
+        if text and json.loads(text).get("dir_info", {}).get("editable"):
+            return True
+    return False
+
+
+def test_builtin_attack_follows_how_the_project_is_installed() -> None:
+    clear_code_version_cache()
+    entry = load_plugins().attacks.get("apgd")
+    assert entry.distribution == "codefend-bench"
+    version = entry.code_version()
+    if _codefend_bench_is_editable():
+        assert version.startswith("src:"), version
+    else:
+        assert version == f"codefend-bench=={entry.version}"
+    assert entry.code_version() == version, "stable without edits"
+    clear_code_version_cache()
+    assert entry.code_version() == version, "stable across cache clears without edits"
+
+
+def test_normally_installed_distribution_uses_its_version(on_path: Path) -> None:
+    """A wheel-style install (dist-info with a RECORD listing the module) -> name==version; the
+    same module shadowed by a file the RECORD does not list -> its source hash."""
+    package = on_path / "cv_wheel_plugin"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "plugin.py").write_text("class Thing:\n    pass\n")
+    info = on_path / "cv_wheel_dist-1.2.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: cv-wheel-dist\nVersion: 1.2.3\n")
+    (info / "RECORD").write_text(
+        "cv_wheel_plugin/__init__.py,,\ncv_wheel_plugin/plugin.py,,\ncv_wheel_dist-1.2.3.dist-info/RECORD,,\n"
+    )
+    importlib.invalidate_caches()
+    module = importlib.import_module("cv_wheel_plugin.plugin")
+    assert code_version(module.Thing, "cv-wheel-dist", "1.2.3") == "cv-wheel-dist==1.2.3"
+
+    # Marked editable (PEP 610) -> the source is hashed even though the RECORD lists the file.
+    (info / "direct_url.json").write_text(json.dumps({"url": "file:///x", "dir_info": {"editable": True}}))
+    clear_code_version_cache()
+    assert code_version(module.Thing, "cv-wheel-dist", "1.2.3").startswith("src:")
+
+    # Not editable, but the module is not one the distribution installed -> the source is hashed.
+    (info / "direct_url.json").unlink()
+    (info / "RECORD").write_text("cv_wheel_plugin/other.py,,\n")
+    clear_code_version_cache()
+    assert code_version(module.Thing, "cv-wheel-dist", "1.2.3").startswith("src:")
