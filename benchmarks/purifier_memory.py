@@ -3,8 +3,7 @@ checkpointing (a benchmark, not a test).
 
 One attack step = ``purify`` of a batch of held-out shapes images (``--batch``, 32 x 32) that
 requires grad, a victim-free scalar loss (the mean of the purified pixels times a fixed random
-tensor) and ``backward`` to the input. Configurations, each in a fresh subprocess (one torch
-thread):
+tensor) and ``backward`` to the input. Configurations (one torch thread each):
 
     (i)   diffpure ddpm, t* = 0.1 (100 DDPM steps), gradient checkpointing on
     (ii)  the same, checkpointing off
@@ -14,15 +13,23 @@ It prints each one's peak memory and wall time, and the ratios checkpointed-100-
 peak (goal <= 1.5x: memory does not grow with the sampler's length) and checkpointed / unchecked
 time (goal <= 2.5x).
 
+Each configuration runs in two fresh subprocesses, one for memory and one for time, each of which
+loads the backbone and runs one no_grad warm-up ``purify`` first.
+
 Peak memory on CPU: the increase of the process's peak RSS over its RSS once the backbone is
-loaded and one no_grad warm-up ``purify`` has run. The worker returns freed heap to the OS
-(``malloc_trim``), records RSS, resets the kernel's high-water mark (``/proc/self/clear_refs``,
-``5``), runs the step and reads ``VmHWM`` from ``/proc/self/status``; glibc is told to serve every
-allocation over 64 KiB with ``mmap`` (``MALLOC_MMAP_THRESHOLD_``), so a freed tensor leaves the
-RSS at once and the RSS tracks live memory. Where ``clear_refs`` is not writable it falls back to
+loaded and the warm-up has run. The worker returns freed heap to the OS (``malloc_trim``),
+records RSS, resets the kernel's high-water mark (``/proc/self/clear_refs``, ``5``), runs one step
+and reads ``VmHWM`` from ``/proc/self/status``. glibc is told to serve every allocation over
+64 KiB with ``mmap`` (``MALLOC_MMAP_THRESHOLD_``), so a freed tensor leaves the RSS at once and
+the RSS tracks live memory (with glibc's default heap it does not: freed activations stay
+resident and are reused). Where ``clear_refs`` is not writable it falls back to
 ``resource.getrusage(...).ru_maxrss`` (which then also counts the warm-up's transient). On CUDA
 (``--device cuda``) it is ``torch.cuda.max_memory_allocated`` over the allocated memory after the
-warm-up. Wall time: the fastest of ``--repeats`` steps (the machine may be shared).
+warm-up.
+
+Wall time: the fastest of ``--repeats`` steps, in a process with glibc's default allocator (an
+``mmap`` per tensor makes every step page-fault its memory in afresh, which slows the
+checkpointed step, with its recomputation, about twice as much as the plain one).
 
     python benchmarks/purifier_memory.py [--batch 16] [--repeats 2] [--tiny] [--device cpu]
 
@@ -105,10 +112,21 @@ def worker(name: str, args: argparse.Namespace) -> dict:
     def attack_step() -> torch.Tensor:
         x = pixels.clone().requires_grad_(True)
         loss = (defense.purify(x, torch.Generator().manual_seed(1)) * weights).mean()
-        loss.backward()
-        return x.grad
+        (grad,) = torch.autograd.grad(loss, x)  # as the attacks do (non-reentrant checkpointing allows it)
+        return grad
 
     cuda = device.type == "cuda"
+    if args.measure == "time":
+        times = []
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            attack_step()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+        return {"name": name, "seconds": min(times), "unet_calls": defense.passes_per_sample(),
+                "threads": torch.get_num_threads()}
+
     _malloc_trim()
     if cuda:
         torch.cuda.synchronize()
@@ -121,30 +139,14 @@ def worker(name: str, args: argparse.Namespace) -> dict:
             method = "VmHWM (peak RSS, reset via /proc/self/clear_refs) - RSS after load + no_grad warm-up"
         else:
             method = "ru_maxrss (peak RSS, includes the warm-up's transient) - RSS after load + no_grad warm-up"
-    times = []
-    for i in range(args.repeats):
-        started = time.perf_counter()
-        grad = attack_step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-        if i == 0:  # memory of the first step
-            if cuda:
-                peak = torch.cuda.max_memory_allocated()
-            elif method.startswith("VmHWM"):
-                peak = _status_kib("VmHWM") * 1024
-            else:
-                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        del grad
-    return {
-        "name": name,
-        "peak_mib": (peak - base) / 2**20,
-        "baseline_mib": base / 2**20,
-        "seconds": min(times),
-        "unet_calls": defense.passes_per_sample(),
-        "method": method,
-        "threads": torch.get_num_threads(),
-    }
+    attack_step()
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
+    elif method.startswith("VmHWM"):
+        peak = _status_kib("VmHWM") * 1024
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"name": name, "peak_mib": (peak - base) / 2**20, "baseline_mib": base / 2**20, "method": method}
 
 
 def main() -> None:
@@ -154,6 +156,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="the tests' tiny shapes-ddpm (TINY_DDPM)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--worker", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
+    parser.add_argument("--measure", choices=("memory", "time"), default="memory", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
@@ -168,24 +171,30 @@ def main() -> None:
 
     load_backbone("shapes-ddpm", backbone_params(args.tiny, args.device))
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536",
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    results = {}
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    results: dict[str, dict] = {}
     for name in CONFIGS:
-        command = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--batch", str(args.batch),
-                   "--repeats", str(args.repeats), "--device", args.device, *(["--tiny"] if args.tiny else [])]
-        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if done.returncode or not lines:
-            sys.exit(f"{name} failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
-        results[name] = json.loads(lines[-1][len("RESULT "):])
+        results[name] = {}
+        for measure in ("memory", "time"):
+            command = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--measure", measure,
+                       "--batch", str(args.batch), "--repeats", str(args.repeats), "--device", args.device,
+                       *(["--tiny"] if args.tiny else [])]
+            extra = {"MALLOC_MMAP_THRESHOLD_": "65536"} if measure == "memory" else {}
+            done = subprocess.run(command, cwd=REPO, env={**env, **extra}, capture_output=True, text=True)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            if done.returncode or not lines:
+                sys.exit(f"{name} ({measure}) failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
+            results[name].update(json.loads(lines[-1][len("RESULT "):]))
 
     first = next(iter(results.values()))
     model = "tiny shapes-ddpm (TINY_DDPM)" if args.tiny else "default shapes-ddpm"
     print(f"one exact-gradient attack step (purify + (purified * w).mean() + backward to the input), "
           f"{model}, batch {args.batch} x 3 x 32 x 32, device {args.device}, torch threads {first['threads']}, "
-          f"time = fastest of {args.repeats}")
-    print(f"peak memory = {first['method']}")
+          f"time = fastest of {args.repeats} steps (default malloc)")
+    print(f"peak memory = {first['method']}" + ("" if args.device.startswith("cuda") else
+                                                 " (own process, MALLOC_MMAP_THRESHOLD_=65536)"))
     print(f"{'configuration':56s} {'UNet calls':>10s} {'peak MiB':>9s} {'seconds':>8s}")
     for name, (label, _) in CONFIGS.items():
         r = results[name]

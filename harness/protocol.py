@@ -74,6 +74,9 @@ class AdaptiveProtocol(BaseModel):
     """Seeded subset per task (None: every sample the task evaluates)."""
     threats: list[str] | None = None
     """Threat-model names to run it under (default: every bounded threat model of the suite)."""
+    tasks: list[str] | None = None
+    """Tasks to run it on (names or labels; default: every task). A task left out gets no
+    adaptive evaluation, and its board says so."""
     surrogate_steps: int | None = Field(default=None, gt=0)
     convergence: Convergence = Field(default_factory=Convergence)
 

@@ -177,12 +177,13 @@ class Suite(_Strict):
         threats = protocol.threats if protocol.threats is not None else list(self.threat_models)
         if protocol.enabled and threats:
             base = dict(name=protocol.attack, params=dict(protocol.params), threats=threats, adaptive=True,
-                        eot=protocol.eot, samples=protocol.samples, surrogate_steps=protocol.surrogate_steps)
+                        eot=protocol.eot, samples=protocol.samples, surrogate_steps=protocol.surrogate_steps,
+                        tasks=protocol.tasks)
             added.append(AttackSpec(id=STANDARD_LABEL, role="standard", **base))
             if protocol.draws > 1:
                 added.append(AttackSpec(id=f"{STANDARD_LABEL}-N{protocol.draws}", role="n-draw", draws=protocol.draws, **base))
                 added.append(AttackSpec(name="none", id=f"clean-N{protocol.draws}", role="clean-n-draw",
-                                        draws=protocol.draws, samples=protocol.samples))
+                                        draws=protocol.draws, samples=protocol.samples, tasks=protocol.tasks))
             check = protocol.convergence
             if check.enabled:
                 params = dict(protocol.params)
@@ -429,6 +430,10 @@ def _check_protocol(path: Path, suite: Suite, create: Any) -> None:
     if instance.requires not in ("gradients", "queries"):
         raise SuiteError(path, "adaptive.attack", f"attack '{protocol.attack}' needs {instance.requires!r} access; "
                          "the standard adaptive attack must be a gradient or query attack (e.g. apgd)")
+    declared_tasks = sorted({t.name for t in suite.tasks} | {t.label for t in suite.tasks})
+    for j, ref in enumerate(protocol.tasks or []):
+        if ref not in declared_tasks:
+            raise SuiteError(path, f"adaptive.tasks[{j}]", f"unknown task '{ref}' (the suite's tasks: {', '.join(declared_tasks)})")
     for j, ref in enumerate(protocol.threats or []):
         if ref not in suite.threat_models:
             declared = ", ".join(suite.threat_models) or "none declared"
@@ -523,8 +528,10 @@ def estimate_passes(suite: Suite, plugins: Plugins, sample_counts: dict[int, int
                     for defense in defenses:
                         draws = attack.draws if defense.stochastic else 1
                         if attacks_itself and attack.adaptive:
-                            route = gradient_route(defense, attack.eot)
+                            route = gradient_route(defense, attack.eot, attack.surrogate_steps)
                             calls = defense.passes_per_sample()
+                            if route.surrogate is not None and attack.surrogate_steps is not None:
+                                calls = min(calls, attack.surrogate_steps)
                             fwd += f * n * route.eot * (1 + calls)
                             bwd += b * n * route.eot * (1 + (calls if route.method == "exact" else 0))
                         purify += defense.passes_per_sample() * n * draws

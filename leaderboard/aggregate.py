@@ -249,6 +249,9 @@ def _no_adaptive_reason(store: Store, table: Table) -> str:
         protocol = suite.get("adaptive") or {}
         if protocol and not protocol.get("enabled", True):
             return f"the suite turned it off: {protocol.get('reason')}"
+        only = protocol.get("tasks") if protocol else None
+        if only and table.task.split(":")[0] not in only and table.task not in only:
+            return f"the suite ran the standard adaptive attack on {', '.join(only)} only"
         if suite:
             break
     return "no standard adaptive attack reached every defense of this table (see docs/leaderboard.md)"

@@ -21,6 +21,8 @@ class CSVReporter:
         for table in board.tables:
             for row in table.rows:
                 lines = [(c, row.scores[c]) for c in table.conditions if c in row.scores]
+                if row.robust is not None:
+                    lines.append(("robust (adaptive)" if table.adaptive else "robust (oblivious only)", row.robust))
                 if row.worst_case is not None:
                     lines.append(("worst case", row.worst_case))
                 if row.shared_worst_case is not None:

@@ -113,23 +113,23 @@ def _plots(table: Table) -> list[str]:
     figure, axis = plt.subplots(figsize=(5, 3.5))
     for row in table.rows:
         clean = row.scores.get(CLEAN)
-        if clean is not None and row.worst_case is not None:
-            axis.scatter(clean.mean, row.worst_case.mean)
-            axis.annotate(row.defense, (clean.mean, row.worst_case.mean), fontsize=7)
+        if clean is not None and row.robust is not None:
+            axis.scatter(clean.mean, row.robust.mean)
+            axis.annotate(row.defense, (clean.mean, row.robust.mean), fontsize=7)
     axis.set_xlabel(f"clean {table.metric}")
-    axis.set_ylabel(f"worst case {table.metric}")
+    axis.set_ylabel(f"robust ({'adaptive' if table.adaptive else 'oblivious only'}) {table.metric}")
     axis.set_title("clean vs robust")
     images.append(_png(figure))
 
     figure, axis = plt.subplots(figsize=(5, 3.5))
     for row in table.rows:
-        if row.worst_case is not None and row.seconds_per_image is not None:
+        if row.robust is not None and row.seconds_per_image is not None:
             seconds = max(row.seconds_per_image, 1e-6)
-            axis.scatter(seconds, row.worst_case.mean)
-            axis.annotate(row.defense, (seconds, row.worst_case.mean), fontsize=7)
+            axis.scatter(seconds, row.robust.mean)
+            axis.annotate(row.defense, (seconds, row.robust.mean), fontsize=7)
     axis.set_xscale("log")
     axis.set_xlabel("defense seconds / image (log)")
-    axis.set_ylabel(f"worst case {table.metric}")
+    axis.set_ylabel(f"robust {table.metric}")
     axis.set_title("cost vs robustness")
     images.append(_png(figure))
     return images
@@ -138,18 +138,20 @@ def _plots(table: Table) -> list[str]:
 def _table_html(table: Table) -> list[str]:
     out = ['<table class="sortable scores"><thead><tr><th>defense</th>']
     out += [f"<th>{html.escape(c)}</th>" for c in table.conditions]
-    extra = any(set(row.samples) != set(table.shared_conditions) for row in table.rows)
-    out += ["<th>worst case</th>" + ("<th>worst, shared</th>" if extra else "") + "<th>vs next row</th><th>s / image</th>"
+    headline = "robust (adaptive)" if table.adaptive else "robust (oblivious only)"
+    out += [f"<th>{headline}</th><th>worst case</th><th>converged</th><th>vs next row</th><th>s / image</th>"
             "<th>evals / image</th><th>PSNR clean</th><th>SSIM clean</th></tr></thead><tbody>"]
     for row in table.rows:
         cells = [f'<td data-value="{html.escape(row.defense)}">{html.escape(row.defense)}</td>']
         for c in table.conditions:
             marks = (' <span class="seen" title="seen in training">°</span>' if c in row.seen else "") + (
+                ' <span class="seen" title="seen attack, unseen ε">◦</span>' if c in row.seen_other_eps else "") + (
                 ' <span class="flag" title="sanity flag">⚑</span>' if table.flags_for(row.defense, c) else "")
             cells.append(_score_cell(row.scores.get(c), table.metric, marks))
+        cells.append(_score_cell(row.robust, table.metric))
         cells.append(_score_cell(row.worst_case, table.metric))
-        if extra:
-            cells.append(_score_cell(row.shared_worst_case, table.metric))
+        converged = {True: "yes", False: "NO", None: "–"}[row.converged]
+        cells.append(f'<td data-value="{converged}">{converged}</td>')
         versus = row.versus_next
         cells.append(f'<td data-value="{versus.mean_difference if versus else ""}">{html.escape(_versus(versus, table.metric))}</td>')
         for value, digits in ((row.seconds_per_image, 4), (row.passes_per_image, 0), (row.psnr.get(CLEAN), 1), (row.ssim.get(CLEAN), 3)):
@@ -187,12 +189,23 @@ def render_html(board: Board) -> str:
              f"<style>{_STYLE}</style></head><body><h1>Leaderboard</h1>"]
     if not board.tables:
         parts.append("<p>No scored results in this store yet: run a suite first (<code>codefend run SUITE</code>).</p>")
+    if board.failures:
+        parts.append(f"<p><strong>{len(board.failures)} cell(s) of the latest run failed</strong> and are not on this board:</p><ul>"
+                     + "".join(f"<li><code>{html.escape(f['cell'])}</code>: {html.escape(f['error'])}</li>" for f in board.failures)
+                     + "</ul>")
     for table in board.tables:
         n = max((s.n for row in table.rows for s in row.scores.values()), default=0)
         parts.append(f"<h2>{html.escape(table.victim)} · {html.escape(table.task)} — {html.escape(table.metric)} (n={n})</h2>")
         parts += _table_html(table)
-        parts.append('<p class="note">[low, high]: 95% bootstrap interval of the mean. ° the defense was trained on '
-                     "this attack's examples. ⚑ a sanity flag (listed below). Click a header to sort.</p>")
+        if table.adaptive:
+            basis = (f"Ranked on robust (adaptive): the per-sample worst over the standard adaptive attack "
+                     f"({html.escape(table.adaptive)}), its N-draw evaluation and the attacks every defense faced. "
+                     "Oblivious columns are transfer from the undefended victim.")
+        else:
+            basis = (f"<strong>No adaptive evaluation</strong> ({html.escape(table.no_adaptive_reason or '')}): the ranking "
+                     "is over attacks that never saw the defenses and is not a robustness claim.")
+        parts.append(f'<p class="note">{basis} [low, high]: 95% bootstrap interval of the mean. ° the defense was trained on '
+                     "this attack; ◦ on this attack at another ε. ⚑ a sanity flag (listed below). Click a header to sort.</p>")
         notes = [_describe(table.details[c]) for c in table.conditions if c != CLEAN]
         if notes:
             parts.append("<ul class=\"note\">" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")

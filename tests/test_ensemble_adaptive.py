@@ -125,10 +125,14 @@ def test_eot_averages_draws_of_a_stochastic_defense(tiny_victim, vqa_task, sampl
 
     class Counting(_Noise):
         def purify(self, pixels, generator):
-            calls.append(1)
+            calls.append(pixels.shape[0])
             return super().purify(pixels, generator)
 
     defense = Counting()
     target = DefendedTarget(tiny_victim, defense, gradient_route(defense, None), torch.Generator().manual_seed(0))
     target.loss(batch.pixels, batch.prompts, batch.targets, "vqa")
-    assert len(calls) == 4
+    assert calls == [4 * 4]  # the 4 draws of 4 images run as one batch
+    calls.clear()
+    DefendedTarget(tiny_victim, defense, gradient_route(defense, None), torch.Generator(), eot_batch=3).loss(
+        batch.pixels, batch.prompts, batch.targets, "vqa")
+    assert calls == [3 * 4, 1 * 4]

@@ -104,10 +104,10 @@ def test_markdown_shows_worst_case_and_sorts_by_it(store: Store) -> None:
     markdown = render_markdown(build_board(store))
     assert "## shapes-vlm · vqav2:test — vqa_accuracy (n=2)" in markdown
     assert _table_lines(markdown) == [
-        "| defense | clean | A@linf-8 | B@linf-8 | worst case | vs next row |",
-        "|---|---:|---:|---:|---:|---:|",
-        "| none | 1.000 ±0.000 | 0.300 ±0.000 | 0.300 ±0.000 | 0.300 ±0.000 | +0.300 (p<1e-4, n=2: too few to tell) |",
-        "| jpeg | 1.000 ±0.000 | 0.500 ±0.500 | 0.500 ±0.500 | 0.000 ±0.000 | – |",
+        "| defense | clean | A@linf-8 | B@linf-8 | robust (oblivious only) | worst case | vs next row |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        "| none | 1.000 ±0.000 | 0.300 ±0.000 | 0.300 ±0.000 | **0.300 ±0.000** | 0.300 ±0.000 | +0.300 (p<1e-4, n=2: too few to tell) |",
+        "| jpeg | 1.000 ±0.000 | 0.500 ±0.500 | 0.500 ±0.500 | **0.000 ±0.000** | 0.000 ±0.000 | – |",
     ]
 
 
@@ -144,7 +144,9 @@ def test_condition_order_and_one_table_per_task(store: Store) -> None:
     # CIDEr with one decimal; the c1-only linf-4 condition leaves the worst case over c1: min(170.54, 12, 50)
     none_row = next(line for line in markdown.splitlines() if line.startswith("| none |"))
     means = [cell.split(" ±")[0] for cell in none_row.strip("|").split("|")[1:5]]
-    assert [m.strip() for m in means] == ["135.3", "50.0", "21.0", "12.0"]
+    assert [m.strip() for m in means] == ["135.3", "50.0", "21.0", "**12.0"]  # the last: the ranking score
+    # without a standard adaptive column the board says it is no robustness claim
+    assert "**No adaptive evaluation** on this table" in markdown
 
 
 def test_empty_store_says_so(tmp_path: Path) -> None:

@@ -229,3 +229,71 @@ def test_the_suite_rejects_the_role_key_it_reserves(tmp_path) -> None:
     plugins = load_plugins(extra=[("protocol-test", sys.modules[__name__])])
     with pytest.raises(SuiteError, match="set by the harness"):
         load_suite(tmp_path / "role.yaml", plugins)
+
+
+class _FakeTransfer(Attack):
+    requires = "transfer"
+
+    def __init__(self, surrogate, surrogate_params, fingerprint):
+        self.surrogate, self.surrogate_params, self._fingerprint = surrogate, surrogate_params, fingerprint
+
+    def surrogate_fingerprint(self) -> str:
+        return self._fingerprint
+
+
+def test_a_transfer_attack_whose_surrogate_is_the_victim_is_white_box(tiny_victim) -> None:
+    from harness.contracts import TransferAttack
+    from harness.runner import _surrogate_is_victim
+    from harness.suite import AttackSpec, Cell, DefenseSpec, TaskSpec, VictimSpec
+
+    cell = Cell(VictimSpec(name="shapes-vlm", params={"steps": 100}), TaskSpec(name="vqav2"), AttackSpec(name="mf-ii"),
+                ThreatModel("t", "linf", 8 / 255), DefenseSpec(name="none"), 0)
+    same_spec = _FakeTransfer("shapes-vlm", {"steps": 100}, "not loaded")
+    same_weights = _FakeTransfer("hf-other-name", {}, tiny_victim.fingerprint)
+    other = _FakeTransfer("shapes-vlm", {"seed": 1}, "shapes-vlm:another")
+    assert all(isinstance(a, TransferAttack) for a in (same_spec, same_weights, other))
+    assert _surrogate_is_victim(same_spec, cell, tiny_victim)
+    assert _surrogate_is_victim(same_weights, cell, tiny_victim)
+    assert not _surrogate_is_victim(other, cell, tiny_victim)
+
+
+def test_editing_a_local_defense_plugin_changes_the_fingerprints_of_its_rows(tmp_path, vqa_task) -> None:
+    import importlib
+
+    from harness.code_version import clear_code_version_cache
+    from harness.runner import code_versions, result_fingerprint
+    from harness.suite import AttackSpec, Cell, DefenseSpec, TaskSpec, VictimSpec
+
+    package = tmp_path / "local_blur"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    source = textwrap.dedent('''
+        from harness.contracts import Defense
+        from harness.hookspecs import hookimpl
+
+        class Blur(Defense):
+            SIGMA = 1.0
+
+        @hookimpl
+        def register_defenses(register):
+            register("local-blur", Blur)
+    ''')
+    (package / "plugin.py").write_text(source)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        module = importlib.import_module("local_blur.plugin")
+        plugins = load_plugins(extra=[("local-blur", module)])
+        sample = vqa_task.samples("test", 1, 0)[0]
+        cell = Cell(VictimSpec(name="shapes-vlm"), TaskSpec(name="vqav2", data="shapes", n=1), AttackSpec(name="none"),
+                    ThreatModel("clean", "linf", 0.0), DefenseSpec(name="local-blur"), 0)
+        before = result_fingerprint(cell, "victim-fp", sample, code_versions(plugins, cell))
+        assert before == result_fingerprint(cell, "victim-fp", sample, code_versions(plugins, cell))
+        (package / "plugin.py").write_text(source.replace("SIGMA = 1.0", "SIGMA = 2.0"))
+        clear_code_version_cache()
+        after = result_fingerprint(cell, "victim-fp", sample, code_versions(plugins, cell))
+        assert after != before
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in [m for m in sys.modules if m.startswith("local_blur")]:
+            del sys.modules[name]
+        clear_code_version_cache()

@@ -92,7 +92,7 @@ def test_uninterrupted_run(run_a: Run) -> None:
     assert _count(run_a.store, "scores IS NULL OR headline IS NULL") == 0
     tables = [line for line in run_a.board.splitlines() if line.startswith("## ")]
     assert tables == ["## shapes-vlm · coco_captions:test — cider (n=4)", "## shapes-vlm · vqav2:test — vqa_accuracy (n=8)"]
-    assert run_a.board.count("| defense | clean | pgd@linf-8 | worst case | vs next row |") == 2
+    assert run_a.board.count("| defense | clean | pgd@linf-8 | robust (oblivious only) | worst case | vs next row |") == 2
     ((status, provenance),) = _query(run_a.store, "SELECT status, provenance FROM runs")
     assert status == "finished"
     assert json.loads(provenance)["computed_rows"] == ROWS

@@ -228,13 +228,19 @@ def test_quickstart_validates_with_cells_and_pass_estimate(run_cli) -> None:
     assert "suite 'quickstart' (suites/quickstart.yaml) is valid" in out
     assert "matrix: 1 victim(s) x 2 task(s) x 3 attack condition(s) x 2 defense(s)" in out
     cells = [line.strip() for line in out.splitlines() if line.startswith("  shapes-vlm | ")]
-    assert len(cells) == 12 and len(set(cells)) == 12
+    # 12 of the suite's own; 16 of the standard adaptive protocol (adaptive, its N-draw
+    # evaluation, clean N-draw and the convergence re-run, x 2 tasks x 2 defenses)
+    assert len(cells) == 28 and len(set(cells)) == 28
     assert "shapes-vlm | coco_captions:test | pgd@linf-8 | jpeg" in cells
-    assert "12 cells, 2400 sample evaluations" in out
-    # 400 samples x 2 threat models x PGD-20 (21 forward, 20 backward), shared by both defenses;
-    # one generation per cell and sample.
-    assert ("estimated passes: 16800 attack forward + 16000 attack backward + 0 defense + "
-            "2400 generation = 35200") in out
+    assert "shapes-vlm | coco_captions:test | adaptive@linf-8 | jpeg" in cells
+    assert "28 cells, 3100 sample evaluations" in out
+    # oblivious: 400 samples x 2 threat models x PGD-20 (21 forward, 20 backward), shared by both
+    # defenses; adaptive: 50 samples per task x APGD-100 (101 forward, 100 backward) per defense,
+    # plus the re-run at 200 steps on 25; one generation per cell and sample.
+    assert ("estimated passes: 57100 attack forward + 56000 attack backward + 0 defense + "
+            "3100 generation = 116200") in out
+    assert "standard adaptive protocol: apgd {'steps': 100}, EOT 20 (stochastic defenses)" in out
+    assert "gradient routes: none: exact; jpeg: bpda-identity" in out
     assert result.stderr.strip() == ""
 
 

@@ -159,7 +159,9 @@ def test_image_embeddings_are_differentiable_for_transfer_attacks(victim) -> Non
 def test_paper_suite_validates_here(run_cli) -> None:
     result = run_cli("validate", "suites/paper.yaml")
     assert result.returncode == 0, result.stderr
-    assert "96 cells" in result.stdout and "estimated passes:" in result.stdout
+    # 96 cells of the suite's own, 208 of the standard adaptive protocol through every defense
+    assert "304 cells" in result.stdout and "estimated passes:" in result.stdout
+    assert "standard adaptive protocol: apgd {'steps': 100}, EOT 20" in result.stdout
     assert "hf-llava | vqav2[data/vqav2]:val2014 | ensemble@linf@8/255 | codefend" in result.stdout
 
 
