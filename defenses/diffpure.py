@@ -29,6 +29,9 @@ SDE_DT = 1e-3
 SDE_T_END = 1e-5
 """DiffPure integrates the reverse SDE down to t = 1e-5, not to 0 (where the score blows up)."""
 DDIM_DEFAULT_STEPS = 5
+CHECKPOINT_ABOVE = 2
+"""Samplers with more network evaluations than this checkpoint each step by default: a 2-step
+purifier's activations fit anyway, and recomputing them costs ~30% of an attack step."""
 
 
 class DiffPure(Defense):
@@ -80,7 +83,9 @@ class DiffPure(Defense):
     the Hugging Face cache, e.g. ``google/ddpm-cifar10-32``). ``model_id`` with the default backbone
     loads a pixel model.
 
-    **Memory** (``gradient_checkpointing``, default True): when gradients are tracked (an input
+    **Memory** (``gradient_checkpointing``; default None: on for samplers with more than
+    :data:`CHECKPOINT_ABOVE` network evaluations, where memory would grow with the chain, off for the
+    short ones, where it only costs time): when gradients are tracked (an input
     that requires grad, grad mode on), every reverse step, and the backbone's map to and from model
     space (a latent backbone's VAE encode and decode), runs under
     ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``: the forward pass keeps only each
@@ -108,7 +113,7 @@ class DiffPure(Defense):
         backbone: Literal["shapes-ddpm", "pixel", "latent"] = "shapes-ddpm",
         backbone_params: dict[str, Any] | None = None,
         model_id: str | None = None,
-        gradient_checkpointing: bool = True,
+        gradient_checkpointing: bool | None = None,
     ):
         if isinstance(t_star, bool) or not isinstance(t_star, (int, float)) or not 0.0 < float(t_star) <= 1.0:
             raise ValueError(f"t_star must be in (0, 1] (the diffusion time to purify at), got {t_star!r}")
@@ -118,8 +123,8 @@ class DiffPure(Defense):
             raise ValueError(f"steps must be an integer >= 1 (or omitted for the sampler's default), got {steps!r}")
         if backbone not in BACKBONES:
             raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}, got {backbone!r}")
-        if not isinstance(gradient_checkpointing, bool):
-            raise ValueError(f"gradient_checkpointing must be true or false, got {gradient_checkpointing!r}")
+        if gradient_checkpointing is not None and not isinstance(gradient_checkpointing, bool):
+            raise ValueError(f"gradient_checkpointing must be true, false or omitted (auto), got {gradient_checkpointing!r}")
         self.t_star = float(t_star)
         self.sampler = sampler
         self.steps = steps
@@ -213,7 +218,10 @@ class DiffPure(Defense):
             raise ValueError(f"diffpure expects pixels of shape [B,3,H,W], got {tuple(pixels.shape)}")
         model = self._backbone_on(pixels.device)
         track = torch.is_grad_enabled() and pixels.requires_grad
-        ckpt = track and self.gradient_checkpointing
+        checkpointing = self.gradient_checkpointing
+        if checkpointing is None:
+            checkpointing = self.passes_per_sample() > CHECKPOINT_ABOVE
+        ckpt = track and checkpointing
         with torch.set_grad_enabled(track):
             x0 = _step(ckpt, model.to_model_space, pixels.float())
             alphas_cumprod = model.scheduler.alphas_cumprod.to(device=x0.device, dtype=x0.dtype)
