@@ -96,7 +96,8 @@ def _mean(values: list[float]) -> float | None:
 def board_entries(board: Board) -> list[dict[str, Any]]:
     entries = []
     for table in board.tables:
-        threats = sorted({d.threat for c, d in table.details.items() if c != CLEAN})
+        # one entry per threat model the board ranks on (diagnostics such as probes get none)
+        threats = sorted({d.threat for c, d in table.details.items() if c != CLEAN and d.ranked})
         for row in table.rows:
             for threat in threats:
                 if any(table.details[c].threat == threat for c in row.samples if c != CLEAN):

@@ -157,7 +157,7 @@ def test_csv_has_one_line_per_condition_with_intervals(board) -> None:
     lines = list(csv.DictReader(io.StringIO(CSVReporter()(board))))
     masked = [line for line in lines if line["defense"] == "masked"]
     assert {line["condition"] for line in masked} == {
-        "clean", "pgd@linf-16", "pgd-adaptive@linf-16", "worst case", "worst case, shared conditions"}
+        "clean", "pgd@linf-16", "pgd-adaptive@linf-16", "robust (oblivious only)", "worst case", "worst case, shared conditions"}
     flagged = next(line for line in masked if line["condition"] == "pgd-adaptive@linf-16")
     assert flagged["flags"] == "gradient-masking" and flagged["mode"] == "adaptive"
     assert float(flagged["ci95_low"]) <= float(flagged["mean"]) <= float(flagged["ci95_high"])

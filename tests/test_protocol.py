@@ -297,3 +297,27 @@ def test_editing_a_local_defense_plugin_changes_the_fingerprints_of_its_rows(tmp
         for name in [m for m in sys.modules if m.startswith("local_blur")]:
             del sys.modules[name]
         clear_code_version_cache()
+
+
+def test_the_protocol_expands_into_its_cells_on_a_seeded_subset_and_adds_the_probes(tmp_path) -> None:
+    from harness.suite import expand
+
+    text = textwrap.dedent(SUITE) + "sanity_probes: {enabled: true, samples: 5}\n"
+    (tmp_path / "probes.yaml").write_text(text)
+    suite = load_suite(tmp_path / "probes.yaml", load_plugins(extra=[("protocol-test", sys.modules[__name__])]))
+    cells = expand(suite)
+    by_role: dict[str, list] = {}
+    for cell in cells:
+        by_role.setdefault(cell.attack.role, []).append(cell)
+    defenses = {"none", "jpeg", "coin-flip"}
+    for role in ("standard", "n-draw", "convergence"):
+        assert {c.defense.label for c in by_role[role]} == defenses
+        assert {c.threat.name for c in by_role[role]} == {"linf-8"}
+    assert {c.task.n for c in by_role["standard"]} == {10} and {c.task.n for c in by_role["convergence"]} == {6}
+    (convergence,) = {(c.attack.params["steps"], c.attack.eot) for c in by_role["convergence"]}
+    assert convergence == (8, 4)  # steps and EOT doubled
+    probes = {(c.attack.label, c.threat.name, c.threat.eps, c.defense.label, c.task.n) for c in by_role["probe"]}
+    assert probes == {("pgd", "probe-eps0", 0.0, "none", 5), ("sloppy-noise", "probe-eps0", 0.0, "none", 5),
+                      ("adaptive", "probe-large", 64 / 255, "none", 5)}
+    # the suite's own cells keep the task's full subset
+    assert {c.task.n for c in by_role["suite"]} == {12}
