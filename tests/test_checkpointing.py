@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from defenses.diffpure import DiffPure
-from defenses.diffusion import LatentDiffusion, PixelDiffusion, ShapesDDPM, shapes_heldout_images
+from defenses.diffusion import PixelDiffusion, ShapesDDPM, shapes_heldout_images
 
 CASES = [("ddpm", 5), ("ddim", None), ("sde", 5)]  # 5 UNet calls each (ddim's default is 5 steps)
 
@@ -89,20 +89,9 @@ def test_no_grad_outputs_do_not_depend_on_the_flag(backbone, clean, sampler, ste
 
 
 def test_latent_backbone_encode_and_decode_are_checkpointed() -> None:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from harness.victims.tiny_models import build_tiny_latent_backbone
 
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-        latent_channels=4, norm_num_groups=8, sample_size=32,
-    )
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8, attention_head_dim=4, norm_num_groups=8,
-    )
-    model = LatentDiffusion(vae, unet, DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
+    model = build_tiny_latent_backbone()
     pixels = torch.rand(2, 3, 32, 32, generator=_gen(0))
     weights = torch.randn(pixels.shape, generator=_gen(1))
     encoder, decoder = _Calls(model.vae.encoder), _Calls(model.vae.decoder)
