@@ -136,3 +136,22 @@ def test_eot_averages_draws_of_a_stochastic_defense(tiny_victim, vqa_task, sampl
     DefendedTarget(tiny_victim, defense, gradient_route(defense, None), torch.Generator(), eot_batch=3).loss(
         batch.pixels, batch.prompts, batch.targets, "vqa")
     assert calls == [3 * 4, 1 * 4]
+
+
+def test_the_ensembles_loss_rise_compares_each_run_with_its_own_start(tiny_victim, vqa_task, samples) -> None:
+    batch = _batch(tiny_victim, vqa_task, samples[:8])
+    runs = []
+
+    class Recording(PGD):
+        def perturb(self, *args, **kwargs):
+            result = super().perturb(*args, **kwargs)
+            runs.append((result.losses[0], result.losses[-1], args[1].pixels.shape[0]))
+            return result
+
+    ensemble = Ensemble(members=[Member(name="pgd", params={"steps": 3})], references=2)
+    ensemble.members = [("pgd", Recording(steps=3))]
+    result = ensemble.perturb(tiny_victim, batch, LINF8, torch.Generator().manual_seed(0))
+    weight = sum(n for _, _, n in runs)
+    assert result.loss_rise == pytest.approx((sum(a * n for a, _, n in runs) / weight, sum(b * n for _, b, n in runs) / weight))
+    # not the first run's end against the last run's end (another reference text)
+    assert result.loss_rise[1] > result.loss_rise[0]
