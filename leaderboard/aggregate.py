@@ -284,7 +284,7 @@ def _examples(store: Store, table: Table, rows: list[ResultRow], limit: int = 3)
         return []
     none_row = next((row for row in table.rows if row.defense == "none"), table.rows[0])
     candidates = [c for c in table.conditions if c != CLEAN and table.details[c].bounded
-                  and table.details[c].mode == "oblivious" and c in none_row.scores]
+                  and table.details[c].mode == "oblivious" and table.details[c].role == "suite" and c in none_row.scores]
     condition = min(candidates, key=lambda c: none_row.scores[c].mean) if candidates else CLEAN
     by_key = {(condition_of(r), r.defense, r.sample_id): r for r in with_images}
     sample_ids = sorted({r.sample_id for r in with_images if condition_of(r) == condition})[:limit]
