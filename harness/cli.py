@@ -7,6 +7,7 @@ exit status 2; tracebacks are for bugs.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 import warnings
@@ -180,9 +181,64 @@ def _run_reference(text: str, store: str | None) -> tuple[Path, str | None]:
     return _store_path(text), None
 
 
+def cmd_compare_defenses(args: argparse.Namespace, plugins: Plugins) -> int:
+    """Two defenses of one store, paired sample by sample on every condition both faced and on the
+    board's ranking score (robust)."""
+    from harness.store import Store
+    from leaderboard.aggregate import build_board
+    from leaderboard.stats import paired_comparison
+
+    path = _store_path(args.results)
+    if not path.exists():
+        raise FileNotFoundError(f"no result store at {path}: pass a results folder written by `codefend run`")
+    store = Store(path)
+    try:
+        board = build_board(store)
+    finally:
+        store.close()
+    first, second = args.defenses
+    for table in board.tables:
+        known = sorted(row.defense for row in table.rows)
+        for name in (first, second):
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f" — did you mean '{close[0]}'?" if close else ""
+                raise FileNotFoundError(f"defense '{name}' is not on the {table.task} board{hint} (its defenses: {', '.join(known)})")
+    print(f"| victim | task | condition | n | {first} | {second} | difference (95% CI) | test | p |")
+    print("|---|---|---|---:|---:|---:|---:|---|---:|")
+    found = False
+    for table in board.tables:
+        rows = {row.defense: row for row in table.rows}
+        a, b = rows[first], rows[second]
+        pairs = [(c, a.samples[c], b.samples[c]) for c in table.conditions if c in a.samples and c in b.samples]
+        pairs.append(("robust (ranking)", a.robust_samples, b.robust_samples))
+        for condition, left, right in pairs:
+            comparison = paired_comparison(left, right)
+            if comparison is None:
+                continue
+            found = True
+            common = sorted(set(left) & set(right))
+            mean_a = sum(left[s] for s in common) / len(common)
+            mean_b = sum(right[s] for s in common) / len(common)
+            ci, mark = comparison.interval, " *" if comparison.significant else ""
+            print(f"| {table.victim} | {table.task} | {condition} | {comparison.n} | {mean_a:.4g} | {mean_b:.4g} | "
+                  f"{comparison.mean_difference:+.4g} [{ci.low:+.4g}, {ci.high:+.4g}]{mark} | {comparison.test} | {comparison.p_value:.2g} |")
+    if not found:
+        raise FileNotFoundError(f"{first} and {second} share no evaluated samples in {path}")
+    print(f"\nPaired on the samples both defenses were scored on; * significant at 95% (never below 10 samples).")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace, plugins: Plugins) -> int:
     from leaderboard.stats import paired_comparison
 
+    if args.defenses:
+        if args.run_b is not None or args.store is not None:
+            raise FileNotFoundError("--defenses A B compares two defenses of one results folder: pass only that folder")
+        args.results = args.run_a
+        return cmd_compare_defenses(args, plugins)
+    if args.run_b is None:
+        raise FileNotFoundError("compare needs two runs (A B), or one results folder with --defenses A B")
     a = _rows_by_key(*_run_reference(args.run_a, args.store))
     b = _rows_by_key(*_run_reference(args.run_b, args.store))
     common = sorted(set(a) & set(b))
@@ -290,10 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_leaderboard)
 
-    p = sub.add_parser("compare", help="paired differences between two runs (results folders, or run ids with --store)")
+    p = sub.add_parser("compare", help="paired differences between two runs (results folders, or run ids with --store), "
+                                       "or between two defenses of one results folder (--defenses A B)")
     p.add_argument("run_a", help="results folder / store.sqlite, or a run id with --store")
-    p.add_argument("run_b")
+    p.add_argument("run_b", nargs="?")
     p.add_argument("--store", help="compare two run ids inside this results folder / store")
+    p.add_argument("--defenses", nargs=2, metavar=("A", "B"), help="compare defense A with defense B inside RUN_A's store")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("train", help="train (or load from cache) a victim, a trainable defense or shapes-ddpm")

@@ -321,3 +321,15 @@ def test_the_protocol_expands_into_its_cells_on_a_seeded_subset_and_adds_the_pro
                       ("adaptive", "probe-large", 64 / 255, "none", 5)}
     # the suite's own cells keep the task's full subset
     assert {c.task.n for c in by_role["suite"]} == {12}
+
+
+def test_compare_pairs_two_defenses_of_one_store_on_every_condition_and_the_ranking(protocol_run, capsys) -> None:
+    from harness.cli import main
+
+    _, store, _ = protocol_run
+    assert main(["compare", str(store.path), "--defenses", "coin-flip", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "| shapes-vlm | vqav2:test | adaptive@linf-8 | 10 |" in out
+    assert "| shapes-vlm | vqav2:test | robust (ranking) | 10 |" in out
+    assert main(["compare", str(store.path), "--defenses", "coin-flop", "none"]) == 2
+    assert "did you mean 'coin-flip'?" in capsys.readouterr().err
