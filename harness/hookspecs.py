@@ -41,7 +41,10 @@ def register_attacks(register: Register) -> None:
 
     The attack's ``perturb`` must return pixels inside the threat model's ball (at the victim's
     input resolution) and inside [0,1], use only the generator it is given for randomness, and
-    declare ``requires`` (gradients | queries | none).
+    declare ``requires`` (gradients | queries | transfer | none). The runner checks the ball and
+    [0,1] on every result: an attack outside fails its cell with the measured norm. At ε = 0 it
+    must still run its real code path. ``defining_params`` names the parameters that make it a
+    different attack (not a different budget), for seen/unseen labels.
     """
 
 
@@ -50,7 +53,12 @@ def register_defenses(register: Register) -> None:
     """Register defense factories. Each returns a :class:`harness.contracts.Defense`.
 
     A defense declares ``stochastic``, ``differentiable`` and, when not differentiable, the
-    ``bpda`` approximation an adaptive attack should use. ``purify`` keeps shape and [0,1].
+    ``bpda`` approximation an adaptive attack should use. ``purify`` keeps shape and [0,1]; a
+    stochastic one draws independently per image (EOT and N-draw evaluation tile the batch).
+    Every defense faces the standard adaptive attack (:mod:`harness.protocol`) through that route.
+    A defense trained on adversarial examples lists them in ``training_attacks`` (rows are then
+    labelled seen / seen attack at an unseen ε / unseen). Rows are keyed by the plugin's code
+    version (:mod:`harness.code_version`): editing a defense re-runs its cells.
     """
 
 
