@@ -181,12 +181,28 @@ def _run_reference(text: str, store: str | None) -> tuple[Path, str | None]:
     return _store_path(text), None
 
 
+def _print_paired(labels: Sequence[str], a: dict[str, float], b: dict[str, float]) -> bool:
+    """One markdown row: the labels, n, both means on the shared samples, the paired difference
+    with its interval (* when significant), the test and its p-value. False when nothing is shared."""
+    from leaderboard.stats import paired_comparison
+
+    comparison = paired_comparison(a, b)
+    if comparison is None:
+        return False
+    common = sorted(set(a) & set(b))
+    mean_a = sum(a[s] for s in common) / len(common)
+    mean_b = sum(b[s] for s in common) / len(common)
+    ci, mark = comparison.interval, " *" if comparison.significant else ""
+    print(f"| {' | '.join(labels)} | {comparison.n} | {mean_a:.4g} | {mean_b:.4g} | "
+          f"{comparison.mean_difference:+.4g} [{ci.low:+.4g}, {ci.high:+.4g}]{mark} | {comparison.test} | {comparison.p_value:.2g} |")
+    return True
+
+
 def cmd_compare_defenses(args: argparse.Namespace, plugins: Plugins) -> int:
     """Two defenses of one store, paired sample by sample on every condition both faced and on the
     board's ranking score (robust)."""
     from harness.store import Store
     from leaderboard.aggregate import build_board
-    from leaderboard.stats import paired_comparison
 
     path = _store_path(args.results)
     if not path.exists():
@@ -213,16 +229,7 @@ def cmd_compare_defenses(args: argparse.Namespace, plugins: Plugins) -> int:
         pairs = [(c, a.samples[c], b.samples[c]) for c in table.conditions if c in a.samples and c in b.samples]
         pairs.append(("robust (ranking)", a.robust_samples, b.robust_samples))
         for condition, left, right in pairs:
-            comparison = paired_comparison(left, right)
-            if comparison is None:
-                continue
-            found = True
-            common = sorted(set(left) & set(right))
-            mean_a = sum(left[s] for s in common) / len(common)
-            mean_b = sum(right[s] for s in common) / len(common)
-            ci, mark = comparison.interval, " *" if comparison.significant else ""
-            print(f"| {table.victim} | {table.task} | {condition} | {comparison.n} | {mean_a:.4g} | {mean_b:.4g} | "
-                  f"{comparison.mean_difference:+.4g} [{ci.low:+.4g}, {ci.high:+.4g}]{mark} | {comparison.test} | {comparison.p_value:.2g} |")
+            found = _print_paired((table.victim, table.task, condition), left, right) or found
     if not found:
         raise FileNotFoundError(f"{first} and {second} share no evaluated samples in {path}")
     print(f"\nPaired on the samples both defenses were scored on; * significant at 95% (never below 10 samples).")
@@ -230,8 +237,6 @@ def cmd_compare_defenses(args: argparse.Namespace, plugins: Plugins) -> int:
 
 
 def cmd_compare(args: argparse.Namespace, plugins: Plugins) -> int:
-    from leaderboard.stats import paired_comparison
-
     if args.defenses:
         if args.run_b is not None or args.store is not None:
             raise FileNotFoundError("--defenses A B compares two defenses of one results folder: pass only that folder")
@@ -247,16 +252,7 @@ def cmd_compare(args: argparse.Namespace, plugins: Plugins) -> int:
     print(f"| victim | task | defense | condition | n | A | B | A − B (95% CI) | test | p |")
     print("|---|---|---|---|---:|---:|---:|---:|---|---:|")
     for key in common:
-        comparison = paired_comparison(a[key], b[key])
-        if comparison is None:
-            continue
-        samples = sorted(set(a[key]) & set(b[key]))
-        mean_a = sum(a[key][s] for s in samples) / len(samples)
-        mean_b = sum(b[key][s] for s in samples) / len(samples)
-        ci = comparison.interval
-        mark = " *" if comparison.significant else ""
-        print(f"| {' | '.join(key)} | {comparison.n} | {mean_a:.4g} | {mean_b:.4g} | "
-              f"{comparison.mean_difference:+.4g} [{ci.low:+.4g}, {ci.high:+.4g}]{mark} | {comparison.test} | {comparison.p_value:.2g} |")
+        _print_paired(key, a[key], b[key])
     print("\nPaired on the samples both runs scored; * significant at 95% (never below 10 samples).")
     return 0
 
