@@ -266,25 +266,30 @@ def run_chunk(chunk: Chunk, plugins: Plugins | None = None) -> ChunkOutcome:
     linf = delta.abs().max(dim=1).values.tolist()
     l2 = delta.norm(dim=1).tolist()
 
+    defended_prompts = defense.rewrite(prompts)
+    soft_prompt = soft_prompt_kwargs(defense)
+
+    def purified_by(generator: torch.Generator) -> torch.Tensor:
+        with torch.no_grad():
+            return defense.purify(adversarial, generator)
+
     started = time.perf_counter()
-    with torch.no_grad():
-        purified = defense.purify(adversarial, defense_generator)
+    purified = purified_by(defense_generator)
     defense_seconds = (time.perf_counter() - started) / len(chunk.samples)
     # inf PSNR (an untouched image) is stored as None: JSON has no infinity
     quality_psnr = [v if np.isfinite(v) else None for v in psnr(clean, purified).tolist()]
     quality_ssim = ssim(clean, purified).tolist()
     started = time.perf_counter()
-    defended_prompts = defense.rewrite(prompts)
-    outputs = victim.generate(purified, defended_prompts, task.kind, **soft_prompt_kwargs(defense))
+    outputs = victim.generate(purified, defended_prompts, task.kind, **soft_prompt)
     generate_seconds = (time.perf_counter() - started) / len(chunk.samples)
     # N-draw evaluation (DiffHammer's resubmission): independent purifications of the same images
     draws = cell.attack.draws if defense.stochastic else 1
-    draw_outputs = [outputs]
-    for j in range(1, draws):
-        generator = torch.Generator().manual_seed(_seed_for(cell.seed, cell.defense.model_dump(), chunk.fingerprints[0], "draw", j))
-        with torch.no_grad():
-            again = defense.purify(adversarial, generator)
-        draw_outputs.append(victim.generate(again, defended_prompts, task.kind, **soft_prompt_kwargs(defense)))
+    draw_outputs = [outputs] + [
+        victim.generate(purified_by(torch.Generator().manual_seed(
+            _seed_for(cell.seed, cell.defense.model_dump(), chunk.fingerprints[0], "draw", j))),
+            defended_prompts, task.kind, **soft_prompt)
+        for j in range(1, draws)
+    ]
 
     access = _ACCESS[attack.requires]
     surrogate_is_victim = isinstance(attack, TransferAttack) and _surrogate_is_victim(attack, cell, victim)
