@@ -41,6 +41,10 @@ CONFIGS = {
     "h128-e4-s2000-lr2e-3": {"hidden": 128, "encoder_layers": 4, "steps": 2000, "lr": 2e-3},
     "h128-e4-s2000-bs64": {"hidden": 128, "encoder_layers": 4, "steps": 2000, "batch_size": 64},
     "h128-e4-s2000-p2": {"hidden": 128, "encoder_layers": 4, "steps": 2000, "patch_size": 2},
+    # quickstart candidates: ~3 minutes on one CPU thread
+    "s1000-lr2e-3": {"steps": 1000, "lr": 2e-3},
+    "h64-e2-s1000-bs64-lr2e-3": {"hidden": 64, "encoder_layers": 2, "steps": 1000, "batch_size": 64, "lr": 2e-3},
+    "s1500-lr1.5e-3": {"steps": 1500, "lr": 1.5e-3},
 }
 
 

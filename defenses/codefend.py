@@ -13,7 +13,7 @@ import torch
 
 from defenses.prompt import CoDefendPrompt
 from defenses.purifier import CoDefendPurifier
-from harness.contracts import Defense, TrainingAttack, Victim
+from harness.contracts import Defense, Preparation, TrainingAttack, Victim
 
 
 class CoDefend(Defense):
@@ -39,6 +39,13 @@ class CoDefend(Defense):
             if attack not in union:
                 union.append(attack)
         return union
+
+    def preparations(self) -> list[Preparation]:
+        """The purifier's and the prompt's, each once (the prompt's already include the purifier)."""
+        out: dict[str, Preparation] = {}
+        for step in [*self.purifier.preparations(), *self.prompt.preparations()]:
+            out.setdefault(step.key, step)
+        return list(out.values())
 
     def bind(self, victim: Victim, *, prepare: bool = True) -> None:
         self.purifier.bind(victim, prepare=prepare)

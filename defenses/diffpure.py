@@ -18,9 +18,9 @@ import torch
 import torch.utils.checkpoint
 from pydantic import Field
 
-from harness.contracts import Defense
+from harness.contracts import Defense, Preparation
 
-from defenses.diffusion import BACKBONES, Backbone, check_backbone_params, load_backbone
+from defenses.diffusion import BACKBONES, Backbone, backbone_preparations, check_backbone_params, load_backbone
 
 Sampler = Literal["sde", "ddpm", "ddim"]
 SAMPLERS = ("sde", "ddpm", "ddim")
@@ -163,6 +163,9 @@ class DiffPure(Defense):
         surrogate._model = self._model
         surrogate._shares = self
         return surrogate
+
+    def preparations(self) -> list[Preparation]:
+        return backbone_preparations(self.backbone, self.backbone_params, self.model_id)
 
     # -- the model ------------------------------------------------------------------------------
     def load(self, *, progress: bool = True) -> Backbone:

@@ -22,6 +22,7 @@ The result (the prefix, or the soft embeddings) is cached under
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -32,7 +33,8 @@ import torch
 from pydantic import Field
 
 from defenses.training_pairs import PairSpec, PairTask, Pairs, make_pairs, parse_pair_attacks
-from harness.contracts import Defense, TrainingAttack, Victim
+from harness.contracts import Defense, Preparation, Prepared, TrainingAttack, Victim
+from harness.store import digest_json
 from harness.paths import codefend_home, publish_checkpoint
 
 PROMPT_FORMAT_VERSION = 2
@@ -95,6 +97,7 @@ class CoDefendPrompt(Defense):
         purifier: dict[str, Any] | None = None,
         seed: int = 0,
     ):
+        self.params = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.mode = mode
         self.candidates = tuple(candidates) if candidates is not None else DEFAULT_CANDIDATES
         if "" not in self.candidates:
@@ -121,6 +124,18 @@ class CoDefendPrompt(Defense):
         """The ``train_attacks`` whose pairs selected (or trained) the prompt. A ``purifier`` given
         here only filters those pairs; its own training attacks are the purifier's, not the prompt's."""
         return [TrainingAttack(a.attack, dict(a.params), a.norm, a.eps) for a in self.train_attacks]  # type: ignore[arg-type]
+
+    def preparations(self) -> list[Preparation]:
+        """The purifier it is selected behind (if any), then the prompt against the victim."""
+        before = self._purifier.preparations() if isinstance(self._purifier, Prepared) else []
+        pairs = (self.train_pairs_per_task + self.select_pairs_per_task) * len(self.train_tasks) * len(self.train_attacks)
+        learned = Preparation(
+            key=f"codefend-prompt:{digest_json(self.params)[:16]}", label=f"optimise codefend-prompt ({self.mode})",
+            run=functools.partial(_prepare_prompt, dict(self.params)), needs_victim=True,
+            after=tuple(p.key for p in before if p.needs_victim),
+            cost=20.0 * pairs + (6.0 * self.soft_steps * 32 if self.mode == "soft" else 2.0 * pairs * self.rounds * self.population),
+        )
+        return [*before, learned]
 
     def bind(self, victim: Victim, *, prepare: bool = True) -> None:
         """Serve ``victim``; with ``prepare``, optimise or load the prompt now."""
@@ -343,3 +358,7 @@ class CoDefendPrompt(Defense):
 
 def _prefixed(prefix: str, prompt: str) -> str:
     return f"{prefix} {prompt}".strip() if prefix else prompt
+
+
+def _prepare_prompt(params: dict[str, Any], victim: Victim) -> None:
+    CoDefendPrompt(**params).bind(victim)

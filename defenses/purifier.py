@@ -36,6 +36,7 @@ training.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -49,7 +50,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from defenses.diffpure import DiffPure
-from defenses.diffusion import BACKBONES, Backbone, check_backbone_params, load_backbone
+from defenses.diffusion import BACKBONES, Backbone, backbone_preparations, check_backbone_params, load_backbone
 from defenses.training_pairs import (
     DEFAULT_PAIR_TASKS,
     PairSpec,
@@ -58,7 +59,8 @@ from defenses.training_pairs import (
     make_pairs,
     parse_pair_attacks,
 )
-from harness.contracts import Defense, TrainingAttack, Victim
+from harness.contracts import Defense, Preparation, TrainingAttack, Victim
+from harness.store import digest_json
 from harness.paths import codefend_home, publish_checkpoint
 
 PURIFIER_FORMAT_VERSION = 1
@@ -302,6 +304,8 @@ class CoDefendPurifier(Defense):
     ):
         if backbone not in BACKBONES:
             raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}, got {backbone!r}")
+        # what rebuilds this purifier in a worker (its preparation)
+        self.params = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.t_star, self.steps = float(t_star), int(steps)
         self.objective = objective
         self.train_attacks = parse_pair_attacks(train_attacks)
@@ -328,6 +332,20 @@ class CoDefendPurifier(Defense):
         if self.objective == "unsupervised":
             return []
         return [TrainingAttack(a.attack, dict(a.params), a.norm, a.eps) for a in self.train_attacks]  # type: ignore[arg-type]
+
+    def preparations(self) -> list[Preparation]:
+        """The backbone, then the fine-tuning against the victim (pairs included)."""
+        base = backbone_preparations(self.backbone, self.backbone_params, self.model_id)
+        pairs = self.train_pairs_per_task * len(self.train_tasks) * len(self.train_attacks)
+        tuned = Preparation(
+            key=f"codefend-purifier:{digest_json(self.params)[:16]}",
+            label=f"train codefend-purifier ({self.objective})",
+            run=functools.partial(_prepare_purifier, dict(self.params)), needs_victim=True,
+            after=tuple(p.key for p in base),
+            # pairs: a PGD-10 attack each (~20 passes); fine-tuning: steps x batch x 2 UNet passes (~4 each)
+            cost=20.0 * pairs + 8.0 * self.training.steps * self.training.batch_size,
+        )
+        return [*base, tuned]
 
     def bind(self, victim: Victim, *, prepare: bool = True) -> None:
         """Serve ``victim``; with ``prepare``, train or load the purifier now (not inside purify)."""
@@ -406,3 +424,7 @@ class CoDefendPurifier(Defense):
 
     def passes_per_sample(self) -> int:
         return DiffPure(t_star=self.t_star, sampler="ddim", steps=self.steps).passes_per_sample()
+
+
+def _prepare_purifier(params: dict[str, Any], victim: Victim) -> None:
+    CoDefendPurifier(**params).bind(victim)

@@ -64,7 +64,7 @@ def cmd_plugins(args: argparse.Namespace, plugins: Plugins) -> int:
 def cmd_validate(args: argparse.Namespace, plugins: Plugins) -> int:
     from harness.suite import estimate_passes, expand, load_suite
 
-    suite = load_suite(args.suite, plugins)
+    suite = _with_executor(load_suite(args.suite, plugins), args, plugins)
     cells = expand(suite)
     counts: dict[int, int] = {}
     notes = []
@@ -101,9 +101,26 @@ def cmd_validate(args: argparse.Namespace, plugins: Plugins) -> int:
             f"{d.label}: {_route_text(plugins, d, protocol)}" for d in suite.defenses))
     else:
         print(f"standard adaptive protocol: OFF ({protocol.reason}); the board will say 'no adaptive evaluation'")
+    _print_graph(suite, plugins, counts)
     for note in notes:
         print(f"note: {note}")
     return 0
+
+
+def _print_graph(suite: Any, plugins: Plugins, counts: dict[int, int]) -> None:
+    from harness.graph import STAGES, plan
+
+    graph = plan(suite, plugins, {task.label: counts[i] for i, task in enumerate(suite.tasks)})
+    stages = graph.stage_counts()
+    length, path = graph.critical_path()
+    total = graph.total_cost
+    print(f"work graph: {len(graph.nodes)} nodes ({', '.join(f'{stages.get(s, 0)} {s}' for s in STAGES)}), "
+          f"executor {suite.executor.name} {suite.executor.params or ''}".rstrip())
+    print(f"  critical path: {length:.3g} of {total:.3g} passes of work ({length / total:.0%}; the most "
+          f"any number of workers can gain is {total / length:.1f}x), {len(path)} nodes:" if total else "  no work")
+    for node_id in path:
+        node = graph.nodes[node_id]
+        print(f"    {node.stage:6s} {node.label}  ({node.cost:.3g})")
 
 
 def _route_text(plugins: Plugins, defense_spec: Any, protocol: Any) -> str:
@@ -114,12 +131,42 @@ def _route_text(plugins: Plugins, defense_spec: Any, protocol: Any) -> str:
     return route.method + (f", EOT {route.eot}" if route.eot > 1 else "") + (f", {route.surrogate}" if route.surrogate else "")
 
 
+def _executor_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", help="run the work graph with this executor (local, ray), overriding the suite's")
+    p.add_argument("--address", help="ray: the cluster to join (auto, ray://HOST:10001); default a local Ray")
+    p.add_argument("--workers", type=int, help="local: worker processes; ray without --address: CPUs of the local Ray")
+
+
+def _with_executor(suite: Any, args: argparse.Namespace, plugins: Plugins) -> Any:
+    """The suite with ``--executor/--address/--workers`` applied (checked like the suite's own)."""
+    from harness.suite import ExecutorSpec
+
+    if args.executor is None and args.address is None and args.workers is None:
+        return suite
+    name = args.executor or suite.executor.name
+    params = dict(suite.executor.params) if name == suite.executor.name else {}
+    if args.workers is not None:
+        if args.workers < 1:
+            raise RegistryError(f"--workers must be at least 1, got {args.workers}")
+        params["num_cpus" if name == "ray" else "workers"] = args.workers
+    if args.address is not None:
+        if name != "ray":
+            raise RegistryError(f"--address is for the ray executor (got --executor {name}); add --executor ray")
+        params["address"] = args.address
+        params.pop("num_cpus", None)
+    try:
+        plugins.executors.create(name, params)
+    except (ValueError, TypeError) as exc:
+        raise RegistryError(f"executor '{name}' rejected its parameters: {exc}") from None
+    return suite.model_copy(update={"executor": ExecutorSpec(name=name, params=params)})
+
+
 def cmd_run(args: argparse.Namespace, plugins: Plugins) -> int:
     from harness.runner import default_store_path, run_suite
     from harness.store import Store
     from harness.suite import load_suite
 
-    suite = load_suite(args.suite, plugins)
+    suite = _with_executor(load_suite(args.suite, plugins), args, plugins)
     store_path = default_store_path(suite, args.out)
     store = Store(store_path)
     try:
@@ -326,10 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("suite", help="path of a YAML suite, e.g. suites/quickstart.yaml")
     p.add_argument("--out", help="results folder (default results/SUITE_NAME)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _executor_arguments(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("validate", help="check a suite and print its matrix, cell count and pass estimate")
+    p = sub.add_parser("validate", help="check a suite; print its matrix, pass estimate and work graph")
     p.add_argument("suite")
+    _executor_arguments(p)
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("plugins", help="list loaded plugins and what they register")

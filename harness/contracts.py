@@ -344,3 +344,73 @@ class Defense:
     def passes_per_sample(self) -> int:
         """Network evaluations ``purify`` costs per image (for ``validate`` estimates)."""
         return 0
+
+
+@dataclass(frozen=True)
+class Preparation:
+    """A model a component needs trained before it serves (a victim's weights, a diffusion
+    backbone, a purifier fine-tuned against the victim), declared so the work graph
+    (:mod:`harness.graph`) can run it beside other work, once however many components need it.
+
+    Contract:
+    - ``key`` identifies the trained artefact: equal keys are one job (``codefend`` and
+      ``codefend-purifier`` with the same purifier parameters share their purifier's job).
+    - ``run`` trains the artefact into its cache, or returns at once when it is cached. It runs in a
+      worker process (maybe on another machine), so it must pickle: a module-level function or a
+      :func:`functools.partial` of one over plain values. It is called as ``run(victim)`` when
+      ``needs_victim`` (a loaded victim, for models trained against it) and ``run()`` otherwise.
+    - ``after`` lists the keys of preparations that must finish first (a purifier's backbone).
+    - ``cost`` is a rough size in victim-equivalent passes (steps x batch x 2 for training), used
+      only to order the work and to print the critical path.
+    - The component must still work without the graph: its ``bind``/``load`` then finds the
+      cache filled, or trains itself (``codefend train`` and tests rely on that).
+    """
+
+    key: str
+    label: str
+    run: Callable[..., Any]
+    needs_victim: bool = False
+    after: tuple[str, ...] = ()
+    cost: float = 0.0
+
+
+@runtime_checkable
+class Prepared(Protocol):
+    """A victim or defense that declares the training it needs (:class:`Preparation`)."""
+
+    def preparations(self) -> list[Preparation]: ...
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Runs the nodes of a suite's work graph (:mod:`harness.graph`) for the driver
+    (:func:`harness.runner.run_suite`), which alone writes the store.
+
+    Contract:
+    - The constructor is cheap and acquires nothing (``codefend validate`` builds one to check
+      its parameters); :meth:`start` acquires workers (starts or joins Ray); :meth:`close`
+      releases them and may be called twice.
+    - ``submit(fn, call, resources)`` schedules ``fn(call)`` with at least ``resources`` (a
+      :class:`harness.suite.ResourceSpec`) and returns a hashable handle at once. ``fn`` is a
+      module-level function and ``call`` pickles; ``fn`` never raises (a node's exception comes
+      back as its value), so an exception here means the executor itself failed.
+    - :meth:`wait` blocks until at least one submitted call has finished and returns each
+      finished ``(handle, value)`` exactly once.
+    - A worker that dies mid-call is retried (Ray's task retries) or fails the run; it never
+      returns a value twice, so the driver never commits a node twice.
+    - ``threads_for(resources)``: the torch threads a call runs with (the driver puts it in the
+      call), or None to leave the process's setting alone.
+    - ``dashboard_url``: where to watch the run, or None.
+    """
+
+    dashboard_url: str | None
+
+    def threads_for(self, resources: Any) -> int | None: ...
+
+    def start(self) -> None: ...
+
+    def submit(self, fn: Callable[[Any], Any], call: Any, resources: Any) -> Any: ...
+
+    def wait(self) -> list[tuple[Any, Any]]: ...
+
+    def close(self) -> None: ...

@@ -92,9 +92,9 @@ def register_reporters(register: Register) -> None:
 
 @hookspec
 def register_executors(register: Register) -> None:
-    """Register cell executors: ``factory()`` returns an object with
-    ``map(run_cell, cells) -> Iterator[CellOutcome]``.
-
-    ``run_cell`` is a pure function of a cell spec returning rows; only the calling process
-    writes the store, so an executor may run cells anywhere.
+    """Register executors of the work graph: ``factory(**params)`` returns an
+    :class:`harness.contracts.Executor` (``submit`` a node with its resources, ``wait`` for
+    finished ones). Nodes are pure functions of what they are sent and return rows, adversarial
+    examples and artefacts; only the driver writes the store, so an executor may run them
+    anywhere. Chosen by a suite's ``executor:`` or ``codefend run --executor``.
     """

@@ -23,7 +23,8 @@ def publish_checkpoint(out_dir: Path) -> Iterator[Path]:
     The rename is atomic, so a training killed half-way never leaves a half-written checkpoint
     where a later load would find it.
     """
-    scratch = out_dir.with_name(out_dir.name + ".partial")
+    # one scratch folder per process: two workers training the same model never share one
+    scratch = out_dir.with_name(f"{out_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     yield scratch

@@ -51,6 +51,13 @@ class Plugins:
 
     registries: dict[str, Registry[Any]]
     plugins: dict[str, PluginInfo]
+    extra_modules: tuple[tuple[str, str], ...] = ()
+    """(name, module) of the in-process plugins, so a worker process can load the same set."""
+    use_entry_points: bool = True
+
+    def recipe(self) -> tuple[tuple[tuple[str, str], ...], bool]:
+        """How another process rebuilds this plugin set (:func:`load_plugins` arguments)."""
+        return self.extra_modules, self.use_entry_points
 
     def registry(self, kind: str) -> Registry[Any]:
         return self.registries[kind]
@@ -92,6 +99,7 @@ def load_plugins(
     manager.add_hookspecs(hookspecs)
     infos: dict[str, PluginInfo] = {}
 
+    extra = list(extra)
     sources: list[tuple[str, Callable[[], object], str, str, str]] = []
     if use_entry_points:
         # Built-ins first, so that they keep their plain names if a third party reuses one.
@@ -155,7 +163,8 @@ def load_plugins(
                     PluginLoadWarning,
                     stacklevel=2,
                 )
-    return Plugins(registries=registries, plugins=infos)
+    modules = tuple((name, getattr(module, "__name__", "")) for name, module in extra)
+    return Plugins(registries=registries, plugins=infos, extra_modules=modules, use_entry_points=use_entry_points)
 
 
 _loaded: Plugins | None = None

@@ -15,6 +15,7 @@ import os
 import platform
 import re
 import socket
+import sys
 import time
 import traceback
 import uuid
@@ -28,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from harness.adaptive import DefendedTarget, gradient_route, soft_prompt_kwargs
+from harness.graph import victim_key
 from harness.contracts import AttackBatch, Sample, Task, ThreatModel, TransferAttack, Victim
 from harness.image_quality import psnr, ssim
 from harness.labels import training_label
@@ -199,31 +201,30 @@ def result_fingerprint(cell: Cell, victim_fp: str, sample: Sample, code: CodeVer
     )
 
 
-def run_chunk(chunk: Chunk, plugins: Plugins | None = None) -> ChunkOutcome:
-    """Attack (or reuse), defend, generate: the rows of one chunk, unscored."""
+def run_attack_chunk(chunk: Chunk, plugins: Plugins | None = None) -> ChunkOutcome:
+    """The adversarial examples of one chunk of an oblivious attack (no defense, no rows): the
+    graph's ``attack`` node, shared by every defense's rows."""
     plugins = plugins or get_plugins()
     cell = chunk.cell
     victim: Victim = component(plugins, "victim", cell.victim.name, cell.victim.params)
     victim.load()
     task: Task = component(plugins, "task", cell.task.name, cell.task.factory_params())
     attack = component(plugins, "attack", cell.attack.name, cell.attack.params)
-    defense = component(plugins, "defense", cell.defense.name, cell.defense.params)
-    defense.bind(victim)
-
     clean = victim.prepare([s.image for s in chunk.samples]).to(victim.device)
+    _, new_adversarial = _attack_chunk(chunk, victim, task, attack, victim, clean)
+    return ChunkOutcome(rows=[], adversarial=new_adversarial)
+
+
+def _attack_chunk(chunk: Chunk, victim: Victim, task: Task, attack: Any, attack_target: Any,
+                  clean: torch.Tensor) -> tuple[torch.Tensor, dict[str, tuple[np.ndarray, dict[str, Any]]]]:
+    """The chunk's adversarial images: cached ones reused, the others attacked (and checked
+    against the threat model) as one batch; returns them and the new ones by key."""
+    cell = chunk.cell
     prompts = [s.prompt for s in chunk.samples]
     references = [task.attack_targets(s) for s in chunk.samples]
     targets = [refs[0] for refs in references]
     adversarial = clean.clone()
     new_adversarial: dict[str, tuple[np.ndarray, dict[str, Any]]] = {}
-    attack_record: dict[str, Any] = {}
-    defense_generator = torch.Generator().manual_seed(_seed_for(cell.seed, cell.defense.model_dump(), chunk.fingerprints[0]))
-    route = gradient_route(defense, cell.attack.eot, cell.attack.surrogate_steps) if cell.attack.adaptive else None
-    attack_target = (
-        DefendedTarget(victim, defense, route, defense_generator, surrogate_steps=cell.attack.surrogate_steps)
-        if route else victim
-    )
-
     todo = [i for i, key in enumerate(chunk.adversarial_keys) if key is not None and key not in chunk.cached_adversarial]
     for i, key in enumerate(chunk.adversarial_keys):
         if key is not None and key in chunk.cached_adversarial:
@@ -261,6 +262,30 @@ def run_chunk(chunk: Chunk, plugins: Plugins | None = None) -> ChunkOutcome:
             key = chunk.adversarial_keys[i]
             assert key is not None
             new_adversarial[key] = (adversarial[i].detach().cpu().numpy(), {**attack_record, "sample": chunk.samples[i].id})
+    return adversarial, new_adversarial
+
+
+def run_chunk(chunk: Chunk, plugins: Plugins | None = None) -> ChunkOutcome:
+    """Attack (adaptive, or reuse), defend, generate: the rows of one chunk, unscored."""
+    plugins = plugins or get_plugins()
+    cell = chunk.cell
+    victim: Victim = component(plugins, "victim", cell.victim.name, cell.victim.params)
+    victim.load()
+    task: Task = component(plugins, "task", cell.task.name, cell.task.factory_params())
+    attack = component(plugins, "attack", cell.attack.name, cell.attack.params)
+    defense = component(plugins, "defense", cell.defense.name, cell.defense.params)
+    defense.bind(victim)
+
+    clean = victim.prepare([s.image for s in chunk.samples]).to(victim.device)
+    prompts = [s.prompt for s in chunk.samples]
+    targets = [task.attack_targets(s)[0] for s in chunk.samples]
+    defense_generator = torch.Generator().manual_seed(_seed_for(cell.seed, cell.defense.model_dump(exclude={"resources"}), chunk.fingerprints[0]))
+    route = gradient_route(defense, cell.attack.eot, cell.attack.surrogate_steps) if cell.attack.adaptive else None
+    attack_target = (
+        DefendedTarget(victim, defense, route, defense_generator, surrogate_steps=cell.attack.surrogate_steps)
+        if route else victim
+    )
+    adversarial, new_adversarial = _attack_chunk(chunk, victim, task, attack, attack_target, clean)
 
     delta = (adversarial - clean).flatten(1)
     linf = delta.abs().max(dim=1).values.tolist()
@@ -286,7 +311,7 @@ def run_chunk(chunk: Chunk, plugins: Plugins | None = None) -> ChunkOutcome:
     draws = cell.attack.draws if defense.stochastic else 1
     draw_outputs = [outputs] + [
         victim.generate(purified_by(torch.Generator().manual_seed(
-            _seed_for(cell.seed, cell.defense.model_dump(), chunk.fingerprints[0], "draw", j))),
+            _seed_for(cell.seed, cell.defense.model_dump(exclude={"resources"}), chunk.fingerprints[0], "draw", j))),
             defended_prompts, task.kind, **soft_prompt)
         for j in range(1, draws)
     ]
@@ -402,6 +427,80 @@ def provenance(suite: Suite, plugins: Plugins) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class NodeCall:
+    """What a worker needs to run one node of the work graph (it must pickle)."""
+
+    stage: str
+    payload: Any
+    plugin_modules: tuple[tuple[str, str], ...] = ()
+    """(name, module) pairs of in-process plugins beyond the entry points (tests, ``load_plugins(extra=...)``)."""
+    use_entry_points: bool = True
+    threads: int | None = None
+
+
+@dataclass
+class NodeResult:
+    value: Any = None
+    seconds: float = 0.0
+    error: str | None = None
+    traceback: str | None = None
+
+
+_worker_plugins: dict[tuple[Any, ...], Plugins] = {}
+
+
+def _plugins_for(call: NodeCall) -> Plugins:
+    import importlib
+
+    from harness.plugins import load_plugins
+
+    key = (call.plugin_modules, call.use_entry_points)
+    if key not in _worker_plugins:
+        if not call.plugin_modules and call.use_entry_points:
+            _worker_plugins[key] = get_plugins()
+        else:
+            extra = [(name, importlib.import_module(module)) for name, module in call.plugin_modules]
+            _worker_plugins[key] = load_plugins(extra=extra, use_entry_points=call.use_entry_points)
+    return _worker_plugins[key]
+
+
+def execute_node(call: NodeCall, plugins: Plugins | None = None) -> NodeResult:
+    """Run one node in this process (a worker, or the driver itself). An exception becomes a
+    :class:`NodeResult` with its traceback, so that it fails its own cells only; a worker that
+    dies is the executor's to retry."""
+    started = time.perf_counter()
+    try:
+        if call.threads is not None and torch.get_num_threads() != call.threads:
+            torch.set_num_threads(call.threads)
+        plugins = plugins or _plugins_for(call)
+        if call.stage == "train":
+            preparation, victim_spec = call.payload
+            if preparation.needs_victim:
+                victim = component(plugins, "victim", victim_spec.name, victim_spec.params)
+                victim.load()
+                with torch.enable_grad():
+                    preparation.run(victim)
+            else:
+                with torch.enable_grad():
+                    preparation.run()
+            value = None
+        elif call.stage == "victim":
+            victim = component(plugins, "victim", call.payload.name, call.payload.params)
+            victim.load()
+            value = victim.fingerprint
+        elif call.stage == "attack":
+            value = run_attack_chunk(call.payload, plugins)
+        elif call.stage == "rows":
+            value = run_chunk(call.payload, plugins)
+        else:
+            raise ValueError(f"unknown work-graph stage {call.stage!r}")
+        return NodeResult(value=value, seconds=time.perf_counter() - started)
+    except Exception as exc:  # noqa: BLE001 - a failing node fails its cells, never the run
+        return NodeResult(error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(),
+                          seconds=time.perf_counter() - started)
+
+
 @dataclass
 class RunSummary:
     run_id: str
@@ -411,78 +510,266 @@ class RunSummary:
     seconds: float
     failures: list[str] = field(default_factory=list)
     """One line per failed cell: its label and what went wrong (the store keeps the traceback)."""
+    node_seconds: dict[str, float] = field(default_factory=dict)
+    """Measured seconds of each node that ran (by node id): the benchmark's critical path."""
+
+
+def task_sizes(suite: Suite, plugins: Plugins) -> dict[str, int]:
+    """Each task's sample count, by label (``n``, or its split's size, which reads the data)."""
+    sizes: dict[str, int] = {}
+    for spec in suite.tasks:
+        if spec.n is not None:
+            sizes[spec.label] = spec.n
+        else:
+            task = plugins.tasks.create(spec.name, spec.factory_params())
+            sizes[spec.label] = len(task.samples(spec.split, None, suite.seed))
+    return sizes
 
 
 def run_suite(suite: Suite, store: Store, *, plugins: Plugins | None = None, progress: bool = True,
-              suite_path: str = "") -> RunSummary:
-    """Run every cell of ``suite`` into ``store``, skipping rows that are already there."""
+              suite_path: str = "", executor: Any = None) -> RunSummary:
+    """Run the suite's work graph into ``store``, skipping rows that are already there.
+
+    ``executor`` (an :class:`harness.executors.Executor`) defaults to the suite's. Only this
+    process writes the store: workers return rows and adversarial examples, committed as they
+    arrive, so a rerun after any interruption resumes from the last committed node."""
+    from harness.graph import plan
+
     plugins = plugins or get_plugins()
     started = time.perf_counter()
     run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     store.begin_run(run_id, suite.name, suite_path, provenance(suite, plugins))
-    executor = plugins.executors.create(suite.executor)
-    cells = expand(suite)
-    computed = reused = 0
-    failures: list[str] = []
+    graph = plan(suite, plugins, task_sizes(suite, plugins))
+    own_executor = executor is None
+    if executor is None:
+        executor = plugins.executors.create(suite.executor.name, suite.executor.params)
+    driver = _Driver(suite, store, plugins, graph, executor, run_id, progress)
     status = "failed"
     try:
-        with tqdm(total=len(cells), desc="cells", unit="cell", disable=not progress) as cell_bar:
-            for cell in cells:
-                cell_bar.set_postfix_str(cell.label, refresh=False)
-                victim: Victim = component(plugins, "victim", cell.victim.name, cell.victim.params)
-                victim.load()
-                task: Task = component(plugins, "task", cell.task.name, cell.task.factory_params())
-                samples = task.samples(cell.task.split, cell.task.n, suite.seed)
-                code = code_versions(plugins, cell)
-                fingerprints = [result_fingerprint(cell, victim.fingerprint, s, code) for s in samples]
-                existing = store.existing(fingerprints)
-                pending = [i for i, fp in enumerate(fingerprints) if fp not in existing]
-                reused += len(samples) - len(pending)
-                chunks = _chunks(cell, run_id, suite, victim.fingerprint, samples, fingerprints, pending, store, progress, code)
-                try:
-                    with tqdm(total=len(pending), desc="  samples", unit="sample", leave=False, disable=not progress or not pending) as bar:
-                        for outcome in executor.map(run_chunk, chunks):
-                            store.commit_chunk(outcome.rows, outcome.adversarial, outcome.artifacts)
-                            computed += len(outcome.rows)
-                            bar.update(len(outcome.rows))
-                except CellError as exc:
-                    # this cell's rows stay unscored (never on a board); every other cell goes on
-                    failures.append(f"{cell.label}: {exc}")
-                    store.record_failure(run_id, cell.label, str(exc), traceback.format_exc())
-                    cell_bar.update(1)
-                    continue
-                if not all(existing.get(fp, False) for fp in fingerprints):
-                    _score_cell(store, task, samples, fingerprints)
-                cell_bar.update(1)
-        status = "finished" if not failures else "finished with failed cells"
+        executor.start()
+        if progress and executor.dashboard_url:
+            print(f"Ray dashboard: {executor.dashboard_url}", file=sys.stderr)
+        driver.run()
+        status = "finished" if not driver.failures else "finished with failed cells"
     except KeyboardInterrupt:
         status = "interrupted"
         raise
     finally:
+        if own_executor:
+            executor.close()
+        driver.close_bars()
         seconds = time.perf_counter() - started
-        store.finish_run(run_id, status, {"seconds": round(seconds, 2), "computed_rows": computed, "reused_rows": reused,
-                                          "failed_cells": len(failures)})
-    return RunSummary(run_id, len(cells), computed, reused, seconds, failures)
+        store.finish_run(run_id, status, {"seconds": round(seconds, 2), "computed_rows": driver.computed,
+                                          "reused_rows": driver.reused, "failed_cells": len(driver.failures)})
+    return RunSummary(run_id, len(graph.cells), driver.computed, driver.reused, seconds,
+                      [f"{label}: {error}" for label, error in driver.failures.items()], driver.node_seconds)
 
 
-def _chunks(cell: Cell, run_id: str, suite: Suite, victim_fp: str, samples: list[Sample], fingerprints: list[str],
-            pending: list[int], store: Store, progress: bool, code: CodeVersions) -> Iterator[Chunk]:
-    """Chunks are built lazily so each one sees adversarial examples committed before it."""
-    for start in range(0, len(pending), suite.batch_size):
-        indices = pending[start : start + suite.batch_size]
-        keys = [adversarial_key(cell, victim_fp, samples[i], code) for i in indices]
-        yield Chunk(
-            cell=cell,
-            run_id=run_id,
-            suite=suite.name,
-            victim_fingerprint=victim_fp,
-            samples=[samples[i] for i in indices],
-            fingerprints=[fingerprints[i] for i in indices],
-            adversarial_keys=keys,
-            cached_adversarial=store.adversarial(k for k in keys if k is not None),
-            progress=progress,
-            keep_images=frozenset(s.id for s in samples[:IMAGE_EXAMPLES]),
+class _Driver:
+    """Walks the work graph: submits nodes whose dependencies are done, critical path first;
+    commits what comes back; plans a victim's chunks once its fingerprint is known."""
+
+    def __init__(self, suite: Suite, store: Store, plugins: Plugins, graph: Any, executor: Any, run_id: str,
+                 progress: bool):
+        from harness.graph import STAGES
+
+        self.suite, self.store, self.plugins, self.graph, self.executor = suite, store, plugins, graph, executor
+        self.run_id, self.progress = run_id, progress
+        self.state = {node_id: "waiting" for node_id in graph.nodes}
+        self.dependents = graph.dependents()
+        self.priority = graph.remaining_path()
+        self.victim_fp: dict[str, str] = {}
+        self.cell_data: dict[int, dict[str, Any]] = {}
+        self.samples_cache: dict[tuple[str, int | None], list[Sample]] = {}
+        self.failures: dict[str, str] = {}
+        self.computed = self.reused = 0
+        self.node_seconds: dict[str, float] = {}
+        self.running: dict[Any, str] = {}
+        self.recipe = plugins.recipe()
+        counts = graph.stage_counts()
+        self.bars = {stage: tqdm(total=counts.get(stage, 0), desc=f"{stage:6s}", unit="node", position=i,
+                                 disable=not progress, leave=True, dynamic_ncols=True)
+                     for i, stage in enumerate(STAGES)}
+
+    def close_bars(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+    # -- the walk ---------------------------------------------------------------------------
+    def run(self) -> None:
+        ready = [n for n, node in self.graph.nodes.items() if not node.deps]
+        while True:
+            ready.sort(key=lambda n: -self.priority[n])
+            while ready:
+                self._dispatch(ready.pop(0), ready)
+            if not self.running:
+                break
+            for handle, result in self.executor.wait():
+                node_id = self.running.pop(handle)
+                self.node_seconds[node_id] = result.seconds
+                if result.error is not None:
+                    self._fail(node_id, result.error, result.traceback or "")
+                else:
+                    self._complete(node_id, result.value)
+                self._release(node_id, ready)
+        waiting = [n for n, s in self.state.items() if s == "waiting"]
+        if waiting:  # only a failed dependency can leave nodes waiting
+            raise RuntimeError(f"work graph stalled with {len(waiting)} nodes waiting, first {waiting[0]}")
+
+    def _release(self, node_id: str, ready: list[str]) -> None:
+        for dependent in self.dependents[node_id]:
+            if self.state[dependent] == "waiting" and all(self.state[d] == "done" for d in self.graph.nodes[dependent].deps):
+                ready.append(dependent)
+
+    def _finish(self, node_id: str, state: str = "done") -> None:
+        self.state[node_id] = state
+        self.bars[self.graph.nodes[node_id].stage].update(1)
+
+    def _dispatch(self, node_id: str, ready: list[str]) -> None:
+        node = self.graph.nodes[node_id]
+        if self.state[node_id] != "waiting":
+            return
+        call = None
+        if node.stage == "train":
+            if not self._needed(node_id):
+                self._finish(node_id)
+            else:
+                call = NodeCall("train", (node.preparation, node.victim), *self.recipe)
+        elif node.stage == "victim":
+            call = NodeCall("victim", node.victim, *self.recipe)
+        elif node.stage == "attack":
+            chunk = self._attack_chunk(node)
+            if chunk is None:
+                self._finish(node_id)
+            else:
+                call = NodeCall("attack", chunk, *self.recipe)
+        elif node.stage == "rows":
+            chunk = self._rows_chunk(node)
+            if chunk is None:
+                self._finish(node_id)
+            else:
+                call = NodeCall("rows", chunk, *self.recipe)
+        else:
+            self._score(node)
+            self._finish(node_id)
+        if call is None:
+            self._release(node_id, ready)
+            return
+        threads = self.executor.threads_for(node.resources)
+        call = NodeCall(call.stage, call.payload, call.plugin_modules, call.use_entry_points, threads)
+        self.state[node_id] = "running"
+        self.running[self.executor.submit(execute_node, call, node.resources)] = node_id
+
+    def _needed(self, node_id: str) -> bool:
+        """Whether any work waiting on this node is still to do (a rerun skips cached training)."""
+        stack, seen = list(self.dependents[node_id]), set()
+        while stack:
+            current = stack.pop()
+            if current in seen:
+                continue
+            seen.add(current)
+            if self.graph.nodes[current].stage in ("rows", "score", "victim") and self.state[current] == "waiting":
+                return True
+            stack.extend(self.dependents[current])
+        return False
+
+    def _complete(self, node_id: str, value: Any) -> None:
+        node = self.graph.nodes[node_id]
+        if node.stage == "victim":
+            self.victim_fp[node_id.removeprefix("victim:")] = value
+            self._plan_victim(node_id)
+        elif node.stage in ("attack", "rows"):
+            outcome: ChunkOutcome = value
+            self.store.commit_chunk(outcome.rows, outcome.adversarial, outcome.artifacts)
+            self.computed += len(outcome.rows)
+        self._finish(node_id)
+
+    def _fail(self, node_id: str, error: str, trace: str) -> None:
+        """Fail the node and everything that waits on it; record each affected cell once."""
+        root = self.graph.nodes[node_id]
+        stack = [node_id]
+        while stack:
+            current = stack.pop()
+            if self.state[current] in ("failed", "done"):
+                continue
+            node = self.graph.nodes[current]
+            self._finish(current, "failed")
+            if node.stage in ("rows", "score"):
+                for index in node.cells:
+                    label = self.graph.cells[index].label
+                    if label not in self.failures:
+                        where = "" if root.stage in ("rows", "score") else f"{root.stage} node '{root.label}' failed: "
+                        self.failures[label] = where + error
+                        self.store.record_failure(self.run_id, label, where + error, trace)
+            stack.extend(self.dependents[current])
+
+    # -- planning a victim's chunks -----------------------------------------------------------
+    def _samples(self, cell: Cell) -> list[Sample]:
+        key = (cell.task.model_dump_json(), cell.task.n)
+        if key not in self.samples_cache:
+            task: Task = component(self.plugins, "task", cell.task.name, cell.task.factory_params())
+            self.samples_cache[key] = task.samples(cell.task.split, cell.task.n, self.suite.seed)
+        return self.samples_cache[key]
+
+    def _plan_victim(self, victim_node: str) -> None:
+        """With the victim's fingerprint known: every row's fingerprint; rows already in the
+        store are skipped (and the nodes that only they needed)."""
+        from harness.graph import victim_key
+
+        key = victim_node.removeprefix("victim:")
+        for index, cell in enumerate(self.graph.cells):
+            if victim_key(cell.victim) != key:
+                continue
+            samples = self._samples(cell)
+            code = code_versions(self.plugins, cell)
+            fingerprints = [result_fingerprint(cell, self.victim_fp[key], s, code) for s in samples]
+            existing = self.store.existing(fingerprints)
+            self.reused += len(existing)
+            self.cell_data[index] = {"samples": samples, "fingerprints": fingerprints, "existing": existing, "code": code}
+        for node_id, node in self.graph.nodes.items():
+            if node.stage == "rows" and node.cells[0] in self.cell_data and self.state[node_id] == "waiting":
+                data = self.cell_data[node.cells[0]]
+                if all(data["fingerprints"][i] in data["existing"] for i in self.graph.chunk_positions(node.cells[0], node.chunk)):
+                    self._finish(node_id)
+        for node_id, node in self.graph.nodes.items():
+            if node.stage == "score" and node.cells[0] in self.cell_data and self.state[node_id] == "waiting":
+                data = self.cell_data[node.cells[0]]
+                if len(data["existing"]) == len(data["fingerprints"]) and all(data["existing"].values()):
+                    self._finish(node_id)
+
+    def _chunk(self, index: int, positions: list[int]) -> Chunk:
+        cell, data = self.graph.cells[index], self.cell_data[index]
+        samples = [data["samples"][i] for i in positions]
+        fp = self.victim_fp[victim_key(cell.victim)]
+        keys = [adversarial_key(cell, fp, s, data["code"]) for s in samples]
+        return Chunk(
+            cell=cell, run_id=self.run_id, suite=self.suite.name, victim_fingerprint=fp, samples=samples,
+            fingerprints=[data["fingerprints"][i] for i in positions], adversarial_keys=keys,
+            cached_adversarial=self.store.adversarial(k for k in keys if k is not None),
+            progress=False, keep_images=frozenset(s.id for s in data["samples"][:IMAGE_EXAMPLES]),
         )
+
+    def _attack_chunk(self, node: Any) -> Chunk | None:
+        """The attack chunk's missing examples; None when every one is stored or no rows need them."""
+        if not any(self.state[d] == "waiting" for d in self.dependents[node.id]):
+            return None
+        index = max(node.cells, key=lambda i: self.graph.sample_counts[i])
+        chunk = self._chunk(index, list(self.graph.chunk_positions(index, node.chunk)))
+        if all(k is None or k in chunk.cached_adversarial for k in chunk.adversarial_keys):
+            return None
+        return chunk
+
+    def _rows_chunk(self, node: Any) -> Chunk | None:
+        index = node.cells[0]
+        data = self.cell_data[index]
+        pending = [i for i in self.graph.chunk_positions(index, node.chunk) if data["fingerprints"][i] not in data["existing"]]
+        return self._chunk(index, pending) if pending else None
+
+    def _score(self, node: Any) -> None:
+        index = node.cells[0]
+        cell, data = self.graph.cells[index], self.cell_data[index]
+        task: Task = component(self.plugins, "task", cell.task.name, cell.task.factory_params())
+        _score_cell(self.store, task, data["samples"], data["fingerprints"])
 
 
 def _score_cell(store: Store, task: Task, samples: list[Sample], fingerprints: list[str]) -> None:

@@ -36,9 +36,37 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ResourceSpec(_Strict):
+    """What one node of the work graph needs (:mod:`harness.graph`): CPU threads, GPUs (a
+    fraction shares one), memory. Executors that schedule (``ray``) reserve it; ``local`` sets
+    the threads."""
+
+    threads: int = Field(default=1, gt=0)
+    gpus: float = Field(default=0.0, ge=0)
+    memory_gb: float | None = Field(default=None, gt=0)
+
+    def union(self, other: "ResourceSpec") -> "ResourceSpec":
+        """Enough for both (a rows node holds the victim and the defense)."""
+        memory = [m for m in (self.memory_gb, other.memory_gb) if m is not None]
+        return ResourceSpec(threads=max(self.threads, other.threads), gpus=max(self.gpus, other.gpus),
+                            memory_gb=max(memory) if memory else None)
+
+
+class ExecutorSpec(_Strict):
+    """``executor: local`` or ``executor: {name: ray, params: {address: ...}}``."""
+
+    name: str = "local"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+def _executor(value: Any) -> Any:
+    return {"name": value} if isinstance(value, str) else value
+
+
 class VictimSpec(_Strict):
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
+    resources: ResourceSpec = Field(default_factory=ResourceSpec)
 
 
 class TaskSpec(_Strict):
@@ -120,6 +148,7 @@ class DefenseSpec(_Strict):
     name: str
     id: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
+    resources: ResourceSpec = Field(default_factory=ResourceSpec)
 
     @property
     def label(self) -> str:
@@ -141,7 +170,8 @@ class Suite(_Strict):
     name: str
     seed: int = 0
     batch_size: int = Field(default=32, gt=0)
-    executor: str = "local"
+    executor: ExecutorSpec = Field(default_factory=ExecutorSpec)
+    """Where the work graph runs (:mod:`harness.executors`); ``codefend run --executor`` overrides it."""
     victims: list[VictimSpec] = Field(min_length=1)
     tasks: list[TaskSpec] = Field(min_length=1)
     threat_models: dict[str, ThreatSpec] = Field(default_factory=dict)
@@ -153,6 +183,7 @@ class Suite(_Strict):
     """``true`` adds Carlini's ε = 0 and large-ε probes on the undefended victim."""
 
     _probe_switch = field_validator("sanity_probes", mode="before")(_probes)
+    _executor_name = field_validator("executor", mode="before")(_executor)
 
     def threats(self) -> dict[str, ThreatModel]:
         """Named threat models with sweeps expanded (``linf@2/255``-style names for sweeps),
@@ -370,10 +401,7 @@ def _check_plugins(path: Path, suite: Suite, plugins: Plugins) -> None:
         create("task", task.name, task.factory_params(), f"tasks[{i}]")
     for i, defense in enumerate(suite.defenses):
         create("defense", defense.name, defense.params, f"defenses[{i}]")
-    try:
-        plugins.executors.get(suite.executor)
-    except UnknownNameError as exc:
-        raise SuiteError(path, "executor", str(exc)) from None
+    create("executor", suite.executor.name, suite.executor.params, "executor")
 
     for i, attack in enumerate(suite.attacks):
         key = f"attacks[{i}]"

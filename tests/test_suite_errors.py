@@ -99,7 +99,7 @@ CASES = [
     Bad("duplicate-defense", "include: base.yaml\ndefenses: [{name: jpeg}, {name: jpeg, params: {quality: 50}}]",
         "defenses", ("duplicate entries ['jpeg']", "distinct 'id'")),
     Bad("unknown-executor", "include: base.yaml\nexecutor: locl",
-        "executor", ("unknown executor 'locl'", "did you mean 'local'?")),
+        "executor.name", ("unknown executor 'locl'", "did you mean 'local'?")),
     Bad("bad-norm", "include: base.yaml\nthreat_models:\n  linf-8: {norm: linf2, eps: 8/255}",
         "threat_models.linf-8.norm", ("'linf2'", "'linf' or 'l2'")),
     Bad("invalid-yaml", "name: x\nvictims: [{name: shapes-vlm}\ntasks: []\n",

@@ -11,6 +11,7 @@ an attack optimises exactly the text the model is asked to produce.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from harness.contracts import Sample, TaskKind
+from harness.contracts import Preparation, Sample, TaskKind
 from harness.paths import codefend_home, publish_checkpoint
 
 PAD, BOS, SEP, EOS, UNK = "[PAD]", "[BOS]", "[SEP]", "[EOS]", "[UNK]"
@@ -117,8 +118,15 @@ class ShapesVLM:
     MEAN = (0.5, 0.5, 0.5)
     STD = (0.5, 0.5, 0.5)
 
-    def __init__(self, *, seed: int = 0, steps: int = 3000, checkpoint: str | None = None, device: str | None = None):
-        self.config = ShapesVLMConfig(seed=seed, steps=steps)
+    def __init__(self, *, seed: int = 0, steps: int = ShapesVLMConfig.steps, batch_size: int = ShapesVLMConfig.batch_size,
+                 lr: float = ShapesVLMConfig.lr, checkpoint: str | None = None, device: str | None = None):
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"shapes-vlm steps must be an integer >= 1, got {steps!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"shapes-vlm batch_size must be an integer >= 1, got {batch_size!r}")
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr < 1:
+            raise ValueError(f"shapes-vlm lr must be a number in (0, 1), got {lr!r}")
+        self.config = ShapesVLMConfig(seed=seed, steps=steps, batch_size=batch_size, lr=float(lr))
         self._device_name = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.checkpoint = Path(checkpoint).expanduser() if checkpoint else None
         self.input_size = (self.config.image_size, self.config.image_size)
@@ -135,6 +143,16 @@ class ShapesVLM:
 
     def is_trained(self) -> bool:
         return (self.cache_dir / "model.safetensors").exists() and (self.cache_dir / "tokenizer.json").exists()
+
+    def preparations(self) -> list[Preparation]:
+        """Training the weights (none for a given checkpoint)."""
+        if self.checkpoint is not None:
+            return []
+        return [Preparation(
+            key=f"shapes-vlm-{self.config.fingerprint()}", label="train shapes-vlm",
+            run=functools.partial(_prepare_shapes_vlm, self.config, self._device_name),
+            cost=2.0 * self.config.steps * self.config.batch_size,
+        )]
 
     def load(self, *, progress: bool = True) -> None:
         if self._model is not None:
@@ -327,6 +345,13 @@ def _per_sample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tor
 # -- training -----------------------------------------------------------------------------------
 
 
+def _prepare_shapes_vlm(config: ShapesVLMConfig, device: str) -> None:
+    victim = ShapesVLM(seed=config.seed, steps=config.steps, batch_size=config.batch_size, lr=config.lr, device=device)
+    if not victim.is_trained():
+        with torch.enable_grad():
+            train_shapes_vlm(config, victim.cache_dir, progress=False, device=device)
+
+
 def _training_samples(config: ShapesVLMConfig) -> tuple[list[Sample], list[Sample]]:
     from tasks.coco_captions import CocoCaptionsTask
     from tasks.vqav2 import VQAv2Task
@@ -366,7 +391,7 @@ def train_shapes_vlm(
     model.train()
 
     # Train through the victim's own template and normalisation code: one code path.
-    victim = ShapesVLM(seed=config.seed, steps=config.steps)
+    victim = ShapesVLM(seed=config.seed, steps=config.steps, batch_size=config.batch_size, lr=config.lr)
     victim.config, victim._tokenizer, victim._model = config, tokenizer, model
     pixels = victim.prepare([images[i] for i in image_ids])
     owner: list[int] = []
