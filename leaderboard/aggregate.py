@@ -5,6 +5,8 @@ Nothing here runs a model: a board is a pure function of the store's scored rows
 
 from __future__ import annotations
 
+import math
+
 import hashlib
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ class Score:
 
 
 def score_of(values: list[float]) -> Score:
-    return Score(sum(values) / len(values), len(values), bootstrap_ci(values))
+    return Score(math.fsum(values) / len(values), len(values), bootstrap_ci(values))
 
 
 @dataclass(frozen=True)
@@ -311,7 +313,7 @@ def _examples(store: Store, table: Table, rows: list[ResultRow], limit: int = 3)
 
 
 def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
+    return math.fsum(values) / len(values) if values else None
 
 
 @dataclass

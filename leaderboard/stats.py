@@ -32,7 +32,8 @@ class Interval:
 def bootstrap_ci(values: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
     """Percentile bootstrap interval of the mean (a point interval for fewer than 2 values or
     constant values)."""
-    data = np.asarray(values, dtype=float)
+    # sorted: the interval is a function of the values, not of the order the store returns them in
+    data = np.sort(np.asarray(values, dtype=float))
     if data.size < 2 or np.all(data == data[0]):
         value = float(data.mean()) if data.size else float("nan")
         return Interval(value, value)

@@ -1,0 +1,171 @@
+"""The work graph under each executor: the same rows and board under ``local`` and ``ray``, a Ray
+worker killed mid-task is retried without lost or duplicated rows, and a failing node fails
+its own cells only. Ray runs locally with 2 CPUs (``--executor ray --workers 2``).
+
+The driver killed mid-run (and resumed) is tests/test_store_resume.py, which runs the same graph.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from harness.plugins import load_plugins
+from harness.runner import run_suite
+from harness.store import Store
+from harness.suite import load_suite
+
+REPO = Path(__file__).resolve().parents[1]
+SUITE = Path(__file__).resolve().parent / "fixtures" / "suites" / "store_resume.yaml"
+PLUGINS = Path(__file__).resolve().parent / "fixtures" / "plugins"
+ROWS = 2 * (8 + 4) * 2
+ADVERSARIAL = 8 + 4
+RAY = ("--executor", "ray", "--workers", "2")
+
+
+def _rows(store: Path) -> dict[str, tuple]:
+    db = sqlite3.connect(store)
+    try:
+        return {fp: (output, scores, headline) for fp, output, scores, headline in
+                db.execute("SELECT fingerprint, output, scores, headline FROM results")}
+    finally:
+        db.close()
+
+
+def _count(store: Path, table: str = "results") -> int:
+    if not store.exists():
+        return 0
+    db = sqlite3.connect(store, timeout=10)
+    try:
+        return db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        db.close()
+
+
+def _comparable(board: dict) -> dict:
+    """The JSON board without what is a measurement of one run (its ids, wall-clock seconds)."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in ("run_ids", "seconds_per_image")}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+    return strip(board)
+
+
+@pytest.fixture(scope="module")
+def local_run(trained_home, run_cli, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("executors") / "local"
+    result = run_cli("run", SUITE, "--out", out, "--quiet")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_ray_and_local_give_the_same_rows_and_board(local_run: Path, run_cli, tmp_path: Path) -> None:
+    out = tmp_path / "ray"
+    result = run_cli("run", SUITE, "--out", out, "--quiet", *RAY)
+    assert result.returncode == 0, result.stderr
+    assert f"{ROWS} rows computed, 0 reused" in result.stderr
+    assert _rows(out / "store.sqlite") == _rows(local_run / "store.sqlite")
+    ray_board = json.loads((out / "leaderboard.json").read_text())
+    local_board = json.loads((local_run / "leaderboard.json").read_text())
+    assert _comparable(ray_board) == _comparable(local_board)
+    assert _count(out / "store.sqlite", "adversarial") == ADVERSARIAL  # each example computed once
+
+
+def _executing_workers() -> list[psutil.Process]:
+    """Ray workers in the middle of a node (Ray titles a busy worker after its task's function)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info.get("cmdline") or [])
+        if cmdline.startswith("ray::execute_node"):
+            found.append(process)
+    return found
+
+
+def test_a_ray_worker_killed_mid_task_is_retried_with_no_lost_or_duplicated_rows(
+        local_run: Path, codefend_cmd, tmp_path: Path) -> None:
+    out = tmp_path / "killed-worker"
+    log = tmp_path / "run.log"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen([*codefend_cmd, "run", str(SUITE), "--out", str(out), "--quiet", *RAY],
+                                   cwd=REPO, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=stderr)
+        killed = None
+        try:
+            deadline = time.monotonic() + 240
+            # mid-run: some rows are in, and a worker is executing a node right now
+            while killed is None:
+                assert process.poll() is None, f"the run ended before a worker could be killed:\n{log.read_text()}"
+                assert time.monotonic() < deadline, "no busy Ray worker was seen in time"
+                if _count(out / "store.sqlite") > 0:
+                    for worker in _executing_workers():
+                        worker.send_signal(signal.SIGKILL)
+                        killed = worker.pid
+                        break
+                time.sleep(0.005)
+            process.wait(timeout=300)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert process.returncode == 0, log.read_text()
+    assert not psutil.pid_exists(killed) or psutil.Process(killed).status() == psutil.STATUS_ZOMBIE
+    assert f"{ROWS} rows computed, 0 reused" in log.read_text()
+    assert _count(out / "store.sqlite") == ROWS
+    assert _count(out / "store.sqlite", "adversarial") == ADVERSARIAL
+    assert _rows(out / "store.sqlite") == _rows(local_run / "store.sqlite")
+
+
+FAILING_SUITE = """
+name: failing-node
+seed: 0
+batch_size: 4
+victims: [{name: shapes-vlm, params: {steps: 100}}]
+tasks:
+  - {name: vqav2, data: shapes, split: test, n: 8}
+  - {name: coco_captions, data: shapes, split: test, n: 4, params: {meteor: false}}
+threat_models: {linf-8: {norm: linf, eps: 8/255}}
+attacks: [{name: none}, {name: pgd, threats: [linf-8], params: {steps: 3}}]
+defenses: [{name: none}, {name: fails-to-purify}]
+adaptive: {enabled: false, reason: "a fixture for another test"}
+"""
+
+
+@pytest.mark.parametrize("executor", [{"name": "local"}, {"name": "ray", "params": {"num_cpus": 2}}], ids=["local", "ray"])
+def test_a_failing_node_fails_only_its_own_cells(executor, trained_home, tmp_path: Path, monkeypatch, fresh_plugins) -> None:
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    # Ray workers import the fixture plugin by name: they inherit PYTHONPATH from the local Ray
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(PLUGINS), os.environ.get("PYTHONPATH", "")]))
+    import failing_defense
+
+    plugins = load_plugins(extra=[("failing", failing_defense)])
+    path = tmp_path / "suite.yaml"
+    path.write_text(FAILING_SUITE + f"executor: {json.dumps(executor)}\n")
+    suite = load_suite(path, plugins)
+    store = Store(tmp_path / "store.sqlite")
+    try:
+        summary = run_suite(suite, store, plugins=plugins, progress=False)
+        failures = store.failures()
+    finally:
+        store.close()
+    failed = sorted(line.split(": ")[0].rsplit(" | ", 1)[-1] for line in summary.failures)
+    assert failed == ["fails-to-purify"] * 4, summary.failures  # 2 tasks x (clean, pgd)
+    assert all("this defense always fails" in f["traceback"] and "Traceback" in f["traceback"] for f in failures)
+    # every cell of the other defense completed and is scored
+    assert summary.computed_rows == 2 * (8 + 4)
+    db = sqlite3.connect(tmp_path / "store.sqlite")
+    try:
+        assert db.execute("SELECT count(*) FROM results WHERE defense = 'none' AND headline IS NOT NULL").fetchone()[0] == 24
+    finally:
+        db.close()
