@@ -45,6 +45,11 @@ CONFIGS = {
     "s1000-lr2e-3": {"steps": 1000, "lr": 2e-3},
     "h64-e2-s1000-bs64-lr2e-3": {"hidden": 64, "encoder_layers": 2, "steps": 1000, "batch_size": 64, "lr": 2e-3},
     "s1500-lr1.5e-3": {"steps": 1500, "lr": 1.5e-3},
+    "p8-s1500-lr1.5e-3": {"patch_size": 8, "steps": 1500, "lr": 1.5e-3},
+    "s2000-bs16": {"steps": 2000, "batch_size": 16},
+    "h64-e2-s2000-lr2e-3": {"hidden": 64, "encoder_layers": 2, "steps": 2000, "lr": 2e-3},
+    "p8-h64-e2-s3000-lr2e-3": {"patch_size": 8, "hidden": 64, "encoder_layers": 2, "steps": 3000, "lr": 2e-3},
+    "p8-s2000-lr1.5e-3": {"patch_size": 8, "steps": 2000, "lr": 1.5e-3},
 }
 
 

@@ -5,9 +5,15 @@ cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-# torch first and pinned: 2.13.0 is a CPU build on these machines; a bare requirement pulls CUDA.
-.venv/bin/pip install --quiet --disable-pip-version-check torch==2.13.0
-.venv/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
+# torch pinned: 2.13.0 is a CPU build on these machines; a bare requirement pulls CUDA. One pip
+# call resolves everything once. A stamp of what was installed (this script and pyproject.toml)
+# skips pip on the next call, so a rerun of the main command costs seconds, not a resolution.
+stamp=.venv/.codefend-bootstrap
+want=$(cat scripts/bootstrap.sh pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c 'import harness, torch, ray' 2>/dev/null; then
+  .venv/bin/pip install --quiet --disable-pip-version-check torch==2.13.0 -e '.[test]'
+  echo "$want" > "$stamp"
+fi
 if ! command -v java >/dev/null 2>&1; then
   echo "note: java not found: caption metrics need it (PTB tokenizer, METEOR); install a JRE (Debian: default-jre-headless)" >&2
 fi

@@ -72,9 +72,10 @@ def local_run(trained_home, run_cli, tmp_path_factory) -> Path:
     return out
 
 
-def test_ray_and_local_give_the_same_rows_and_board(local_run: Path, run_cli, tmp_path: Path) -> None:
-    out = tmp_path / "ray"
-    result = run_cli("run", SUITE, "--out", out, "--quiet", *RAY)
+@pytest.mark.parametrize("executor", [RAY, ("--executor", "local", "--workers", "2")], ids=["ray-2", "local-pool-2"])
+def test_every_executor_gives_the_same_rows_and_board(executor, local_run: Path, run_cli, tmp_path: Path) -> None:
+    out = tmp_path / "other"
+    result = run_cli("run", SUITE, "--out", out, "--quiet", *executor)
     assert result.returncode == 0, result.stderr
     assert f"{ROWS} rows computed, 0 reused" in result.stderr
     assert _rows(out / "store.sqlite") == _rows(local_run / "store.sqlite")
@@ -82,6 +83,26 @@ def test_ray_and_local_give_the_same_rows_and_board(local_run: Path, run_cli, tm
     local_board = json.loads((local_run / "leaderboard.json").read_text())
     assert _comparable(ray_board) == _comparable(local_board)
     assert _count(out / "store.sqlite", "adversarial") == ADVERSARIAL  # each example computed once
+
+
+def test_validate_prints_the_work_graph_and_its_critical_path(run_cli) -> None:
+    result = run_cli("validate", SUITE, *RAY)
+    assert result.returncode == 0, result.stderr
+    # 1 training (the tiny victim), its load, PGD chunks (4 VQA + 2 caption, shared by both
+    # defenses), 24 rows chunks (8 cells), 8 scorings
+    assert "work graph: 40 nodes (1 train, 1 victim, 6 attack, 24 rows, 8 score), executor ray {'num_cpus': 2}" in result.stdout
+    path = result.stdout.split("critical path: ", 1)[1].splitlines()
+    assert "passes of work" in path[0]
+    assert path[1].split()[:2] == ["train", "train"] and path[2].split()[:2] == ["victim", "load"]
+    assert path[-1].split()[0] == "score"
+
+
+def test_bad_executor_options_are_one_clear_error(run_cli) -> None:
+    result = run_cli("run", SUITE, "--address", "auto")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: --address is for the ray executor") and "Traceback" not in result.stderr
+    result = run_cli("validate", SUITE, "--executor", "rya")
+    assert result.returncode == 2 and "did you mean 'ray'?" in result.stderr and "Traceback" not in result.stderr
 
 
 def _executing_workers() -> list[psutil.Process]:

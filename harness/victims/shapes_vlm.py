@@ -119,14 +119,21 @@ class ShapesVLM:
     STD = (0.5, 0.5, 0.5)
 
     def __init__(self, *, seed: int = 0, steps: int = ShapesVLMConfig.steps, batch_size: int = ShapesVLMConfig.batch_size,
-                 lr: float = ShapesVLMConfig.lr, checkpoint: str | None = None, device: str | None = None):
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"shapes-vlm steps must be an integer >= 1, got {steps!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"shapes-vlm batch_size must be an integer >= 1, got {batch_size!r}")
+                 lr: float = ShapesVLMConfig.lr, hidden: int = ShapesVLMConfig.hidden,
+                 encoder_layers: int = ShapesVLMConfig.encoder_layers, decoder_layers: int = ShapesVLMConfig.decoder_layers,
+                 patch_size: int = ShapesVLMConfig.patch_size, checkpoint: str | None = None, device: str | None = None):
+        sizes = {"steps": steps, "batch_size": batch_size, "hidden": hidden, "encoder_layers": encoder_layers,
+                 "decoder_layers": decoder_layers, "patch_size": patch_size}
+        for name, value in sizes.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"shapes-vlm {name} must be an integer >= 1, got {value!r}")
+        if ShapesVLMConfig.image_size % patch_size:
+            raise ValueError(f"shapes-vlm patch_size must divide the image size {ShapesVLMConfig.image_size}, got {patch_size}")
+        if hidden % ShapesVLMConfig.heads:
+            raise ValueError(f"shapes-vlm hidden must be a multiple of its {ShapesVLMConfig.heads} heads, got {hidden}")
         if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr < 1:
             raise ValueError(f"shapes-vlm lr must be a number in (0, 1), got {lr!r}")
-        self.config = ShapesVLMConfig(seed=seed, steps=steps, batch_size=batch_size, lr=float(lr))
+        self.config = ShapesVLMConfig(seed=seed, lr=float(lr), **sizes)
         self._device_name = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.checkpoint = Path(checkpoint).expanduser() if checkpoint else None
         self.input_size = (self.config.image_size, self.config.image_size)
@@ -346,7 +353,8 @@ def _per_sample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tor
 
 
 def _prepare_shapes_vlm(config: ShapesVLMConfig, device: str) -> None:
-    victim = ShapesVLM(seed=config.seed, steps=config.steps, batch_size=config.batch_size, lr=config.lr, device=device)
+    victim = ShapesVLM(device=device)
+    victim.config = config
     if not victim.is_trained():
         with torch.enable_grad():
             train_shapes_vlm(config, victim.cache_dir, progress=False, device=device)
@@ -391,7 +399,7 @@ def train_shapes_vlm(
     model.train()
 
     # Train through the victim's own template and normalisation code: one code path.
-    victim = ShapesVLM(seed=config.seed, steps=config.steps, batch_size=config.batch_size, lr=config.lr)
+    victim = ShapesVLM()
     victim.config, victim._tokenizer, victim._model = config, tokenizer, model
     pixels = victim.prepare([images[i] for i in image_ids])
     owner: list[int] = []
