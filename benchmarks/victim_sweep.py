@@ -50,6 +50,10 @@ CONFIGS = {
     "h64-e2-s2000-lr2e-3": {"hidden": 64, "encoder_layers": 2, "steps": 2000, "lr": 2e-3},
     "p8-h64-e2-s3000-lr2e-3": {"patch_size": 8, "hidden": 64, "encoder_layers": 2, "steps": 3000, "lr": 2e-3},
     "p8-s2000-lr1.5e-3": {"patch_size": 8, "steps": 2000, "lr": 1.5e-3},
+    "p8-h64-e2-s2000-lr2e-3": {"patch_size": 8, "hidden": 64, "encoder_layers": 2, "steps": 2000, "lr": 2e-3},
+    "p8-h64-e2-s2000-lr3e-3": {"patch_size": 8, "hidden": 64, "encoder_layers": 2, "steps": 2000, "lr": 3e-3},
+    "p8-h64-e2-s2500-lr2e-3": {"patch_size": 8, "hidden": 64, "encoder_layers": 2, "steps": 2500, "lr": 2e-3},
+    "h64-e2-s1500-lr2e-3": {"hidden": 64, "encoder_layers": 2, "steps": 1500, "lr": 2e-3},
 }
 
 

@@ -559,12 +559,13 @@ def backbone_preparations(backbone: str, params: dict[str, Any], model_id: str |
     (``model_id``) nothing."""
     if model_id or backbone != "shapes-ddpm" or params.get("checkpoint"):
         return []
-    config = ShapesDDPM(**params).config
+    ddpm = ShapesDDPM(**params)
+    config = ddpm.config
     return [Preparation(
         key=f"shapes-ddpm-{config.fingerprint()}", label="train shapes-ddpm",
         run=functools.partial(_prepare_shapes_ddpm, dict(params)),
         # a UNet step costs ~4 victim passes per image (measured: 0.17 s vs 0.2 s for 32 victim images)
-        cost=2.0 * config.steps * config.batch_size * 4,
+        cost=2.0 * config.steps * config.batch_size * 4, done=ddpm.is_trained,
     )]
 
 

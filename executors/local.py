@@ -2,9 +2,11 @@
 
 With ``workers: 1`` (the default) each node runs in the driver, in submission order (the
 critical path first), with the driver's torch threads. With ``workers: N`` nodes run in N
-spawned processes of ``threads`` torch threads each (default: this machine's cores shared out),
-e.g. the victim's training beside the diffusion backbone's on a 2-core machine. A worker keeps
-its models loaded between nodes. The rows are the same either way: every node's inputs and
+spawned processes, e.g. the victim's training beside the diffusion backbone's on a 2-core
+machine. Each node gets the torch threads its resources ask for (``resources.threads``, at most
+``cpus``, default this machine's cores), and nodes start in submission order while their threads
+fit in ``cpus``: a 2-thread training on a 2-core machine runs alone, two 1-thread nodes side by
+side. A worker keeps its models loaded between nodes. The rows are the same either way: every node's inputs and
 seeds come from the graph, not from where or when it runs (thread counts can move floating
 point sums, so compare runs at equal threads).
 """
@@ -27,29 +29,38 @@ def _init_worker(threads: int) -> None:
 
 
 class LocalExecutor:
-    def __init__(self, *, workers: Annotated[int, Field(ge=1)] = 1, threads: Annotated[int, Field(ge=1)] | None = None):
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"local executor: workers must be an integer >= 1, got {workers!r}")
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"local executor: threads must be an integer >= 1, got {threads!r}")
+    def __init__(self, *, workers: Annotated[int, Field(ge=1)] = 1, threads: Annotated[int, Field(ge=1)] | None = None,
+                 cpus: Annotated[int, Field(ge=1)] | None = None):
+        for name, value in (("workers", workers), ("threads", threads), ("cpus", cpus)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"local executor: {name} must be an integer >= 1, got {value!r}")
+        if workers > 1 and threads is not None:
+            raise ValueError("local executor: 'threads' sets the driver's threads (workers: 1); with a pool, "
+                             "each node's resources.threads sets its own, within 'cpus'")
         self.workers = workers
-        self.threads = threads if threads is not None or workers == 1 else max(1, (os.cpu_count() or 1) // workers)
+        self.threads = threads
+        self.cpus = cpus or os.cpu_count() or 1
         self.dashboard_url: str | None = None
         self._queue: deque[tuple[int, Callable[[Any], Any], Any]] = deque()
-        self._futures: dict[concurrent.futures.Future, int] = {}
+        self._waiting: deque[tuple[int, Callable[[Any], Any], Any, int]] = deque()
+        self._futures: dict[concurrent.futures.Future, tuple[int, int]] = {}
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._busy = 0
         self._next = 0
 
     def threads_for(self, resources: Any) -> int | None:
-        """Every node gets this executor's threads (None: the driver's, untouched)."""
-        return self.threads
+        """In the driver: ``threads`` (None leaves the driver's setting alone); in the pool: the
+        node's own, capped at ``cpus``."""
+        if self.workers == 1:
+            return self.threads
+        return min(int(resources.threads), self.cpus)
 
     def start(self) -> None:
         if self.workers > 1 and self._pool is None:
             # spawn, not fork: torch and its thread pools do not survive a fork
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker, initargs=(self.threads or 1,),
+                initializer=_init_worker, initargs=(1,),
             )
 
     def submit(self, fn: Callable[[Any], Any], call: Any, resources: Any) -> int:
@@ -57,19 +68,36 @@ class LocalExecutor:
         if self._pool is None:
             self._queue.append((self._next, fn, call))
         else:
-            self._futures[self._pool.submit(fn, call)] = self._next
+            self._waiting.append((self._next, fn, call, min(int(resources.threads), self.cpus)))
+            self._start_what_fits()
         return self._next
+
+    def _start_what_fits(self) -> None:
+        """Start waiting nodes in submission order while their threads fit in ``cpus``."""
+        assert self._pool is not None
+        while self._waiting and len(self._futures) < self.workers and self._busy + self._waiting[0][3] <= self.cpus:
+            handle, fn, call, threads = self._waiting.popleft()
+            self._busy += threads
+            self._futures[self._pool.submit(fn, call)] = (handle, threads)
 
     def wait(self) -> list[tuple[int, Any]]:
         if self._pool is None:
             handle, fn, call = self._queue.popleft()
             return [(handle, fn(call))]
         done, _ = concurrent.futures.wait(self._futures, return_when=concurrent.futures.FIRST_COMPLETED)
-        # a worker that died (BrokenProcessPool) raises here: the run stops, and a rerun resumes
-        return [(self._futures.pop(future), future.result()) for future in done]
+        finished = []
+        for future in done:
+            handle, threads = self._futures.pop(future)
+            self._busy -= threads
+            # a worker that died (BrokenProcessPool) raises here: the run stops, and a rerun resumes
+            finished.append((handle, future.result()))
+        self._start_what_fits()
+        return finished
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
         self._queue.clear()
+        self._waiting.clear()
+        self._busy = 0

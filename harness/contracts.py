@@ -362,6 +362,8 @@ class Preparation:
     - ``after`` lists the keys of preparations that must finish first (a purifier's backbone).
     - ``cost`` is a rough size in victim-equivalent passes (steps x batch x 2 for training), used
       only to order the work and to print the critical path.
+    - ``done``, if given, answers cheaply in the driver whether the artefact is already cached (a
+      file check, no model load), so that a rerun skips the node without a worker.
     - The component must still work without the graph: its ``bind``/``load`` then finds the
       cache filled, or trains itself (``codefend train`` and tests rely on that).
     """
@@ -372,6 +374,7 @@ class Preparation:
     needs_victim: bool = False
     after: tuple[str, ...] = ()
     cost: float = 0.0
+    done: Callable[[], bool] | None = None
 
 
 @runtime_checkable

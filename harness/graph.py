@@ -152,7 +152,8 @@ def plan(suite: Suite, plugins: Plugins, task_sizes: dict[str, int]) -> WorkGrap
     victims: dict[str, Any] = {}
     for spec in suite.victims:
         instance = plugins.victims.create(spec.name, spec.params)
-        trained = preparation_nodes(instance.preparations() if isinstance(instance, Prepared) else [], spec, spec.resources)
+        trained = preparation_nodes(instance.preparations() if isinstance(instance, Prepared) else [], spec,
+                                    spec.train_resources or spec.resources)
         victims[victim_key(spec)] = add(Node(f"victim:{victim_key(spec)}", "victim", f"load {spec.name}", trained,
                                              spec.resources, 1.0, victim=spec))
 
@@ -167,10 +168,12 @@ def plan(suite: Suite, plugins: Plugins, task_sizes: dict[str, int]) -> WorkGrap
         counts.append(n)
         vkey = victim_key(cell.victim)
         defense = defenses[cell.defense.label]
-        resources = cell.victim.resources.union(next(d.resources for d in suite.defenses if d.label == cell.defense.label))
+        defense_spec = next(d for d in suite.defenses if d.label == cell.defense.label)
+        resources = cell.victim.resources.union(defense_spec.resources)
         if (vkey, cell.defense.label) not in ready:
             steps = defense.preparations() if isinstance(defense, Prepared) else []
-            ready[(vkey, cell.defense.label)] = preparation_nodes(steps, cell.victim, resources)
+            training = cell.victim.resources.union(defense_spec.train_resources or defense_spec.resources)
+            ready[(vkey, cell.defense.label)] = preparation_nodes(steps, cell.victim, training)
         attack = attacks.setdefault(cell.attack.label + digest_json(cell.attack.params), plugins.attacks.create(cell.attack.name, cell.attack.params))
         forward, backward = attack.passes_per_sample()
         draws = cell.attack.draws if defense.stochastic else 1

@@ -279,7 +279,7 @@ def run_chunk(chunk: Chunk, plugins: Plugins | None = None) -> ChunkOutcome:
     clean = victim.prepare([s.image for s in chunk.samples]).to(victim.device)
     prompts = [s.prompt for s in chunk.samples]
     targets = [task.attack_targets(s)[0] for s in chunk.samples]
-    defense_generator = torch.Generator().manual_seed(_seed_for(cell.seed, cell.defense.model_dump(exclude={"resources"}), chunk.fingerprints[0]))
+    defense_generator = torch.Generator().manual_seed(_seed_for(cell.seed, cell.defense.model_dump(exclude={"resources", "train_resources"}), chunk.fingerprints[0]))
     route = gradient_route(defense, cell.attack.eot, cell.attack.surrogate_steps) if cell.attack.adaptive else None
     attack_target = (
         DefendedTarget(victim, defense, route, defense_generator, surrogate_steps=cell.attack.surrogate_steps)
@@ -311,7 +311,7 @@ def run_chunk(chunk: Chunk, plugins: Plugins | None = None) -> ChunkOutcome:
     draws = cell.attack.draws if defense.stochastic else 1
     draw_outputs = [outputs] + [
         victim.generate(purified_by(torch.Generator().manual_seed(
-            _seed_for(cell.seed, cell.defense.model_dump(exclude={"resources"}), chunk.fingerprints[0], "draw", j))),
+            _seed_for(cell.seed, cell.defense.model_dump(exclude={"resources", "train_resources"}), chunk.fingerprints[0], "draw", j))),
             defended_prompts, task.kind, **soft_prompt)
         for j in range(1, draws)
     ]
@@ -631,7 +631,8 @@ class _Driver:
             return
         call = None
         if node.stage == "train":
-            if not self._needed(node_id):
+            done = node.preparation.done
+            if not self._needed(node_id) or (done is not None and done()):
                 self._finish(node_id)
             else:
                 call = NodeCall("train", (node.preparation, node.victim), *self.recipe)

@@ -67,6 +67,9 @@ class VictimSpec(_Strict):
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
+    """What each of its work-graph nodes needs (load, attacks, rows)."""
+    train_resources: ResourceSpec | None = None
+    """What its training needs, if not ``resources`` (e.g. more threads while nothing else can run)."""
 
 
 class TaskSpec(_Strict):
@@ -149,6 +152,8 @@ class DefenseSpec(_Strict):
     id: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
+    train_resources: ResourceSpec | None = None
+    """What its trainings (against the victim, or of a backbone) need, if not ``resources``."""
 
     @property
     def label(self) -> str:

@@ -158,7 +158,7 @@ class ShapesVLM:
         return [Preparation(
             key=f"shapes-vlm-{self.config.fingerprint()}", label="train shapes-vlm",
             run=functools.partial(_prepare_shapes_vlm, self.config, self._device_name),
-            cost=2.0 * self.config.steps * self.config.batch_size,
+            cost=2.0 * self.config.steps * self.config.batch_size, done=self.is_trained,
         )]
 
     def load(self, *, progress: bool = True) -> None:
