@@ -2,8 +2,8 @@
 
     python benchmarks/executors.py [suites/quickstart.yaml] [--out /tmp/executor-bench]
 
-Runs the suite three times, each into a fresh store, after one untimed run that trains (or
-finds cached) every model it needs, so the three compare evaluation, not training:
+Runs the suite three times, each into a fresh store, after the suite's training nodes have run
+untimed (or found their models cached), so the three compare evaluation, not training:
 
 - ``local-1``: ``local`` in this process with 1 torch thread;
 - ``local-2``: ``local`` in this process with 2 torch threads;
@@ -27,7 +27,7 @@ import torch
 from harness import runner
 from harness.graph import plan
 from harness.plugins import get_plugins
-from harness.runner import run_suite, task_sizes
+from harness.runner import NodeCall, execute_node, run_suite, task_sizes
 from harness.store import Store
 from harness.suite import load_suite
 
@@ -70,8 +70,14 @@ def main() -> None:
     plugins = get_plugins()
     suite = load_suite(args.suite, plugins)
     out = Path(args.out)
-    local = plugins.executors.create("local", {})
-    print(f"warm-up (training or cache): {timed_run(suite, plugins, local, out / 'warm-up', 2)[0]:.1f} s", flush=True)
+    started = time.perf_counter()
+    for node in plan(suite, plugins, task_sizes(suite, plugins)).nodes.values():
+        if node.stage in ("train", "victim"):
+            payload = (node.preparation, node.victim) if node.stage == "train" else node.victim
+            result = execute_node(NodeCall(node.stage, payload), plugins)
+            if result.error:
+                sys.exit(f"{node.label}: {result.error}")
+    print(f"trainings (or cache): {time.perf_counter() - started:.1f} s", flush=True)
 
     results: dict[str, tuple[float, dict[str, float]]] = {}
     results["local-1"] = timed_run(suite, plugins, plugins.executors.create("local", {}), out / "local-1", 1)

@@ -11,7 +11,9 @@ fi
 stamp=.venv/.codefend-bootstrap
 want=$(cat scripts/bootstrap.sh pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c 'import harness, torch, ray' 2>/dev/null; then
-  .venv/bin/pip install --quiet --disable-pip-version-check torch==2.13.0 -e '.[test]'
+  # --no-compile: byte-compiling every installed file (torch, ray) costs a minute; Python compiles
+  # what it imports on first use instead
+  .venv/bin/pip install --quiet --disable-pip-version-check --no-compile torch==2.13.0 -e '.[test]'
   echo "$want" > "$stamp"
 fi
 if ! command -v java >/dev/null 2>&1; then

@@ -226,21 +226,22 @@ def test_quickstart_validates_with_cells_and_pass_estimate(run_cli) -> None:
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "suite 'quickstart' (suites/quickstart.yaml) is valid" in out
-    assert "matrix: 1 victim(s) x 2 task(s) x 3 attack condition(s) x 2 defense(s)" in out
+    assert "matrix: 1 victim(s) x 2 task(s) x 3 attack condition(s) x 4 defense(s)" in out
     cells = [line.strip() for line in out.splitlines() if line.startswith("  shapes-vlm | ")]
-    # 12 of the suite's own; 16 of the standard adaptive protocol (adaptive, its N-draw
-    # evaluation, clean N-draw and the convergence re-run, x 2 tasks x 2 defenses)
-    assert len(cells) == 28 and len(set(cells)) == 28
-    assert "shapes-vlm | coco_captions:test | pgd@linf-8 | jpeg" in cells
-    assert "shapes-vlm | coco_captions:test | adaptive@linf-8 | jpeg" in cells
-    assert "28 cells, 3100 sample evaluations" in out
-    # oblivious: 400 samples x 2 threat models x PGD-20 (21 forward, 20 backward), shared by both
-    # defenses; adaptive: 50 samples per task x APGD-100 (101 forward, 100 backward) per defense,
-    # plus the re-run at 200 steps on 25; one generation per cell and sample.
-    assert ("estimated passes: 57100 attack forward + 56000 attack backward + 0 defense + "
-            "3100 generation = 116200") in out
-    assert "standard adaptive protocol: apgd {'steps': 100}, EOT 20 (stochastic defenses)" in out
-    assert "gradient routes: none: exact; jpeg: bpda-identity" in out
+    # 24 of the suite's own; 32 of the standard adaptive protocol (adaptive, its N-draw
+    # evaluation, clean N-draw and the convergence re-run, x 2 tasks x 4 defenses)
+    assert len(cells) == 56 and len(set(cells)) == 56
+    assert "shapes-vlm | coco_captions:test | pgd@linf-8 | codefend-purifier" in cells
+    assert "shapes-vlm | coco_captions:test | adaptive@linf-8 | diffpure" in cells
+    assert "56 cells, 3560 sample evaluations" in out
+    # oblivious: 250 samples x 2 threat models x PGD-20 (21 forward, 20 backward), shared by all
+    # defenses; adaptive: 20 samples per task x APGD-20 per defense, x EOT 2 x (1 + 2 UNet calls)
+    # through diffpure and the purifier; the re-run at 40 steps and EOT 4 on 10
+    assert ("estimated passes: 43580 attack forward + 42000 attack backward + 4520 defense + "
+            "4040 generation = 94140") in out
+    assert "standard adaptive protocol: apgd {'steps': 20}, EOT 2 (stochastic defenses)" in out
+    assert "work graph: 232 nodes (3 train, 1 victim, 20 attack, 152 rows, 56 score), executor local {'workers': 2}" in out
+    assert "gradient routes: none: exact; jpeg: bpda-identity; diffpure: exact, EOT 2; codefend-purifier: exact, EOT 2" in out
     assert result.stderr.strip() == ""
 
 
