@@ -1,6 +1,6 @@
 """Wall time of one suite's work graph under three executors, and its critical path.
 
-    python benchmarks/executors.py [suites/quickstart.yaml] [--out /tmp/executor-bench]
+    python benchmarks/executor_speed.py [suites/quickstart.yaml] [--out /tmp/executor-bench]
 
 Runs the suite three times, each into a fresh store, after the suite's training nodes have run
 untimed (or found their models cached), so the three compare evaluation, not training:
