@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import os
+import threading
 from collections import deque
 from typing import Annotated, Any, Callable
 
@@ -47,6 +48,11 @@ class LocalExecutor:
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._busy = 0
         self._next = 0
+        # a finished node frees its threads from the pool's own thread, so that the next node
+        # starts even while the driver is busy (scoring a cell)
+        self._lock = threading.RLock()
+        self._finished: deque[tuple[int, Any]] = deque()
+        self._any_finished = threading.Condition(self._lock)
 
     def threads_for(self, resources: Any) -> int | None:
         """In the driver: ``threads`` (None leaves the driver's setting alone); in the pool: the
@@ -62,42 +68,62 @@ class LocalExecutor:
                 max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_worker, initargs=(1,),
             )
+            # spawn every worker now: spawned on demand, a second worker arrives seconds after
+            # the nodes it should run have queued behind the first
+            for future in [self._pool.submit(os.getpid) for _ in range(self.workers)]:
+                future.result()
 
     def submit(self, fn: Callable[[Any], Any], call: Any, resources: Any) -> int:
         self._next += 1
         if self._pool is None:
             self._queue.append((self._next, fn, call))
         else:
-            self._waiting.append((self._next, fn, call, min(int(resources.threads), self.cpus)))
-            self._start_what_fits()
+            with self._lock:
+                self._waiting.append((self._next, fn, call, min(int(resources.threads), self.cpus)))
+                self._start_what_fits()
         return self._next
 
     def _start_what_fits(self) -> None:
         """Start waiting nodes in submission order while their threads fit in ``cpus``."""
-        assert self._pool is not None
-        while self._waiting and len(self._futures) < self.workers and self._busy + self._waiting[0][3] <= self.cpus:
-            handle, fn, call, threads = self._waiting.popleft()
-            self._busy += threads
-            self._futures[self._pool.submit(fn, call)] = (handle, threads)
+        with self._lock:
+            while (self._pool is not None and self._waiting and len(self._futures) < self.workers
+                   and self._busy + self._waiting[0][3] <= self.cpus):
+                handle, fn, call, threads = self._waiting.popleft()
+                self._busy += threads
+                future = self._pool.submit(fn, call)
+                self._futures[future] = (handle, threads)
+                future.add_done_callback(self._on_done)
+
+    def _on_done(self, future: concurrent.futures.Future) -> None:
+        with self._lock:
+            handle, threads = self._futures.pop(future)
+            self._busy -= threads
+            self._finished.append((handle, future))
+            self._any_finished.notify_all()
+        self._start_what_fits()
 
     def wait(self) -> list[tuple[int, Any]]:
         if self._pool is None:
             handle, fn, call = self._queue.popleft()
             return [(handle, fn(call))]
-        done, _ = concurrent.futures.wait(self._futures, return_when=concurrent.futures.FIRST_COMPLETED)
-        finished = []
-        for future in done:
-            handle, threads = self._futures.pop(future)
-            self._busy -= threads
-            # a worker that died (BrokenProcessPool) raises here: the run stops, and a rerun resumes
-            finished.append((handle, future.result()))
-        self._start_what_fits()
-        return finished
+        with self._lock:
+            while not self._finished:
+                self._any_finished.wait()
+            finished = list(self._finished)
+            self._finished.clear()
+        # a worker that died (BrokenProcessPool) raises here: the run stops, and a rerun resumes
+        return [(handle, future.result()) for handle, future in finished]
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            # not wait=True: after Ctrl-C a worker may be minutes into a training; its result would
+            # be thrown away anyway (only committed nodes count), so the workers stop now
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            for child in multiprocessing.active_children():
+                child.terminate()
             self._pool = None
         self._queue.clear()
-        self._waiting.clear()
-        self._busy = 0
+        with self._lock:
+            self._waiting.clear()
+            self._finished.clear()
+            self._busy = 0

@@ -151,15 +151,24 @@ class _Meteor(Meteor):
         self.shutdown()
 
 
+_shared: _Meteor | None = None
+"""One METEOR JVM per process, reused: starting one (and loading its paraphrase tables) costs ~7 s,
+and a suite scores dozens of caption cells (each draw of an N-draw cell as a whole cell). METEOR's
+stdio protocol is stateless between calls: each SCORE line is scored on its own."""
+
+
 def _meteor(
     gts: dict[K, list[str]], res: dict[K, list[str]], *, timeout_s: float
 ) -> tuple[float, list[float]] | None:
     """METEOR corpus score and per-sample scores, or None (with a warning) if it cannot run."""
-    try:
-        scorer = _Meteor()
-    except OSError as exc:
-        warnings.warn(f"METEOR was skipped: its Java process did not start ({exc})", RuntimeWarning, stacklevel=3)
-        return None
+    global _shared
+    if _shared is None or _shared.meteor_p.poll() is not None:
+        try:
+            _shared = _Meteor()
+        except OSError as exc:
+            warnings.warn(f"METEOR was skipped: its Java process did not start ({exc})", RuntimeWarning, stacklevel=3)
+            return None
+    scorer = _shared
 
     outcome: dict[str, object] = {}
 
@@ -175,6 +184,7 @@ def _meteor(
     if worker.is_alive():
         # The scorer blocks on the JVM's stdout; killing the JVM ends the read (EOF) and the thread.
         scorer.shutdown()
+        _shared = None
         worker.join(10.0)
         warnings.warn(
             f"METEOR was skipped: no answer from its Java process within {timeout_s:g} s",
@@ -182,8 +192,9 @@ def _meteor(
             stacklevel=3,
         )
         return None
-    said = scorer.shutdown()
     if "error" in outcome:
+        said = scorer.shutdown()  # a JVM that failed once is not trusted again
+        _shared = None
         error = outcome["error"]
         warnings.warn(
             f"METEOR was skipped: {type(error).__name__}: {error}" + (f"; java said: {said}" if said else ""),

@@ -190,3 +190,27 @@ def test_a_failing_node_fails_only_its_own_cells(executor, trained_home, tmp_pat
         assert db.execute("SELECT count(*) FROM results WHERE defense = 'none' AND headline IS NOT NULL").fetchone()[0] == 24
     finally:
         db.close()
+
+
+def test_the_local_pool_runs_nodes_within_its_cpu_budget(monkeypatch) -> None:
+    """A 2-thread node on 2 CPUs runs alone; two 1-thread nodes after it run side by side."""
+    from executors.local import LocalExecutor
+    from harness.suite import ResourceSpec
+
+    monkeypatch.syspath_prepend(str(PLUGINS))  # spawned workers inherit sys.path
+    import sleepy
+
+    executor = LocalExecutor(workers=2, cpus=2)
+    executor.start()
+    try:
+        wide = executor.submit(sleepy.sleep_and_time, 1.0, ResourceSpec(threads=2))
+        narrow = [executor.submit(sleepy.sleep_and_time, 1.0, ResourceSpec(threads=1)) for _ in range(2)]
+        assert executor.threads_for(ResourceSpec(threads=2)) == 2 and executor.threads_for(ResourceSpec(threads=8)) == 2
+        times: dict[int, tuple[float, float]] = {}
+        while len(times) < 3:
+            times.update(executor.wait())
+    finally:
+        executor.close()
+    assert all(times[n][0] >= times[wide][1] - 0.05 for n in narrow)  # waited for the 2 CPUs
+    first, second = (times[n] for n in narrow)
+    assert first[0] < second[1] and second[0] < first[1]  # together, one CPU each
