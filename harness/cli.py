@@ -173,17 +173,24 @@ def cmd_run(args: argparse.Namespace, plugins: Plugins) -> int:
         summary = run_suite(suite, store, plugins=plugins, progress=not args.quiet, suite_path=str(args.suite))
         print(f"run {summary.run_id}: {summary.cells} cells, {summary.computed_rows} rows computed, "
               f"{summary.reused_rows} reused from {store_path}, {summary.seconds:.1f} s", file=sys.stderr)
-        board = _board(store)
-        written = []
-        for fmt in ("md", "html", "json"):
-            out_file = store_path.parent / f"leaderboard.{fmt}"
-            out_file.write_text(plugins.reporters.create(fmt)(board))
-            written.append(str(out_file))
-        text = plugins.reporters.create("md")(board)
+        formats = ("md", "html", "json")
+        written = [store_path.parent / f"leaderboard.{fmt}" for fmt in formats]
+        # a board is a function of the store and the reporters' code: a rerun that added nothing
+        # keeps the boards it would render again (rendering the HTML plots costs seconds)
+        stamp_file = store_path.parent / "leaderboard.stamp"
+        stamp = json.dumps({"store": store.content_stamp(),
+                            "reporters": {f: plugins.reporters.get(f).code_version() for f in formats}}, sort_keys=True)
+        if not (summary.computed_rows == 0 and all(p.exists() for p in written)
+                and stamp_file.exists() and stamp_file.read_text() == stamp):
+            board = _board(store)
+            for fmt, out_file in zip(formats, written):
+                out_file.write_text(plugins.reporters.create(fmt)(board))
+            stamp_file.write_text(stamp)
+        text = written[0].read_text()
     finally:
         store.close()
     print(text)
-    print(f"leaderboard written to {', '.join(written)}", file=sys.stderr)
+    print(f"leaderboard written to {', '.join(str(p) for p in written)}", file=sys.stderr)
     for failure in summary.failures:
         print(f"error: cell failed: {failure}", file=sys.stderr)
     return 1 if summary.failures else 0

@@ -151,6 +151,14 @@ class Store:
                 if recorded.get("host") == host and not _process_alive(recorded.get("pid")):
                     self._db.execute("UPDATE runs SET status='killed' WHERE run_id=?", (run_id,))
 
+    def content_stamp(self) -> str:
+        """A digest of everything a board is built from (rows, their scores, failed cells): equal
+        stamps, equal boards."""
+        rows = self._db.execute(
+            "SELECT count(*), max(created), total(headline), sum(scores IS NOT NULL) FROM results").fetchone()
+        failures = self._db.execute("SELECT count(*), max(created) FROM failures").fetchone()
+        return digest_json([list(rows), list(failures), SCHEMA_VERSION])
+
     def finish_run(self, run_id: str, status: str, extra: dict[str, Any] | None = None) -> None:
         with self._db:
             row = self._db.execute("SELECT provenance FROM runs WHERE run_id=?", (run_id,)).fetchone()
