@@ -32,19 +32,6 @@ from harness.store import Store
 from harness.suite import load_suite
 
 
-def measured_critical_path(graph, node_seconds: dict[str, float]) -> tuple[float, list[str]]:
-    best: dict[str, tuple[float, str | None]] = {}
-    for node_id, node in graph.nodes.items():
-        before = max(((best[d][0], d) for d in node.deps), default=(0.0, None))
-        best[node_id] = (before[0] + node_seconds.get(node_id, 0.0), before[1])
-    end = max(best, key=lambda k: best[k][0])
-    path, cursor = [], end
-    while cursor is not None:
-        path.append(cursor)
-        cursor = best[cursor][1]
-    return best[end][0], path[::-1]
-
-
 def timed_run(suite, plugins, executor, out: Path, threads: int) -> tuple[float, dict[str, float]]:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -95,7 +82,7 @@ def main() -> None:
 
     graph = plan(suite, plugins, task_sizes(suite, plugins))
     node_seconds = results["local-1"][1]  # one thread per node, as in a ray-2 worker, without contention
-    length, path = measured_critical_path(graph, node_seconds)
+    length, path = graph.critical_path(node_seconds)
     total = sum(node_seconds.values())
     estimate, _ = graph.critical_path()
     print(f"\nwork graph: {len(graph.nodes)} nodes; measured (local-1 node times): sum of all work {total:.1f} s, "

@@ -84,12 +84,14 @@ class WorkGraph:
             out[node_id] = self.nodes[node_id].cost + max((out[d] for d in dependents[node_id]), default=0.0)
         return out
 
-    def critical_path(self) -> tuple[float, list[str]]:
-        """The costliest chain of dependent nodes (what no number of workers can shorten)."""
+    def critical_path(self, costs: dict[str, float] | None = None) -> tuple[float, list[str]]:
+        """The costliest chain of dependent nodes (what no number of workers can shorten), by
+        the planned costs or by ``costs`` (e.g. measured seconds; a missing node costs 0)."""
         best: dict[str, tuple[float, str | None]] = {}
         for node_id, node in self.nodes.items():  # insertion order is topological
             before = max(((best[d][0], d) for d in node.deps), default=(0.0, None))
-            best[node_id] = (before[0] + node.cost, before[1])
+            cost = node.cost if costs is None else costs.get(node_id, 0.0)
+            best[node_id] = (before[0] + cost, before[1])
         if not best:
             return 0.0, []
         end = max(best, key=lambda k: best[k][0])

@@ -9,6 +9,7 @@ other defense reuses them from the store.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -201,15 +202,20 @@ def result_fingerprint(cell: Cell, victim_fp: str, sample: Sample, code: CodeVer
     )
 
 
+def _attack_components(plugins: Plugins, cell: Cell) -> tuple[Victim, Task, Any]:
+    """The loaded victim, the task and the attack of a cell (from this process's cache)."""
+    victim: Victim = component(plugins, "victim", cell.victim.name, cell.victim.params)
+    victim.load()
+    task: Task = component(plugins, "task", cell.task.name, cell.task.factory_params())
+    return victim, task, component(plugins, "attack", cell.attack.name, cell.attack.params)
+
+
 def run_attack_chunk(chunk: Chunk, plugins: Plugins | None = None) -> ChunkOutcome:
     """The adversarial examples of one chunk of an oblivious attack (no defense, no rows): the
     graph's ``attack`` node, shared by every defense's rows."""
     plugins = plugins or get_plugins()
     cell = chunk.cell
-    victim: Victim = component(plugins, "victim", cell.victim.name, cell.victim.params)
-    victim.load()
-    task: Task = component(plugins, "task", cell.task.name, cell.task.factory_params())
-    attack = component(plugins, "attack", cell.attack.name, cell.attack.params)
+    victim, task, attack = _attack_components(plugins, cell)
     clean = victim.prepare([s.image for s in chunk.samples]).to(victim.device)
     _, new_adversarial = _attack_chunk(chunk, victim, task, attack, victim, clean)
     return ChunkOutcome(rows=[], adversarial=new_adversarial)
@@ -269,10 +275,7 @@ def run_chunk(chunk: Chunk, plugins: Plugins | None = None) -> ChunkOutcome:
     """Attack (adaptive, or reuse), defend, generate: the rows of one chunk, unscored."""
     plugins = plugins or get_plugins()
     cell = chunk.cell
-    victim: Victim = component(plugins, "victim", cell.victim.name, cell.victim.params)
-    victim.load()
-    task: Task = component(plugins, "task", cell.task.name, cell.task.factory_params())
-    attack = component(plugins, "attack", cell.attack.name, cell.attack.params)
+    victim, task, attack = _attack_components(plugins, cell)
     defense = component(plugins, "defense", cell.defense.name, cell.defense.params)
     defense.bind(victim)
 
@@ -656,8 +659,7 @@ class _Driver:
         if call is None:
             self._release(node_id, ready)
             return
-        threads = self.executor.threads_for(node.resources)
-        call = NodeCall(call.stage, call.payload, call.plugin_modules, call.use_entry_points, threads)
+        call = dataclasses.replace(call, threads=self.executor.threads_for(node.resources))
         self.state[node_id] = "running"
         self.running[self.executor.submit(execute_node, call, node.resources)] = node_id
 
@@ -715,8 +717,6 @@ class _Driver:
     def _plan_victim(self, victim_node: str) -> None:
         """With the victim's fingerprint known: every row's fingerprint; rows already in the
         store are skipped (and the nodes that only they needed)."""
-        from harness.graph import victim_key
-
         key = victim_node.removeprefix("victim:")
         for index, cell in enumerate(self.graph.cells):
             if victim_key(cell.victim) != key:
