@@ -91,6 +91,17 @@ class Victim(Protocol):
 
 
 @runtime_checkable
+class CheapFingerprintVictim(Protocol):
+    """A victim that can name its weights' fingerprint without loading them (a cached checkpoint's
+    file hash), so that a rerun whose rows are all stored starts no worker and loads no model."""
+
+    def fingerprint_without_loading(self) -> str | None:
+        """Exactly what ``fingerprint`` will return, or None when that needs a load or a training
+        first. Must be cheap: the driver calls it in its own process."""
+        ...
+
+
+@runtime_checkable
 class EmbeddingVictim(Protocol):
     """A victim that also exposes image features (for feature-space and transfer attacks)."""
 

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from harness.adaptive import DefendedTarget, gradient_route, soft_prompt_kwargs
 from harness.graph import victim_key
-from harness.contracts import AttackBatch, Sample, Task, ThreatModel, TransferAttack, Victim
+from harness.contracts import AttackBatch, CheapFingerprintVictim, Sample, Task, ThreatModel, TransferAttack, Victim
 from harness.image_quality import psnr, ssim
 from harness.labels import training_label
 from harness.plugins import Plugins, get_plugins
@@ -549,9 +549,6 @@ def run_suite(suite: Suite, store: Store, *, plugins: Plugins | None = None, pro
     driver = _Driver(suite, store, plugins, graph, executor, run_id, progress)
     status = "failed"
     try:
-        executor.start()
-        if progress and executor.dashboard_url:
-            print(f"Ray dashboard: {executor.dashboard_url}", file=sys.stderr)
         driver.run()
         status = "finished" if not driver.failures else "finished with failed cells"
     except KeyboardInterrupt:
@@ -588,6 +585,8 @@ class _Driver:
         self.computed = self.reused = 0
         self.node_seconds: dict[str, float] = {}
         self.running: dict[Any, str] = {}
+        # started on the first submission: a rerun whose rows are all stored starts no worker
+        self.executor_started = False
         self.recipe = plugins.recipe()
         counts = graph.stage_counts()
         self.bars = {stage: tqdm(total=counts.get(stage, 0), desc=f"{stage:6s}", unit="node", position=i,
@@ -640,7 +639,12 @@ class _Driver:
             else:
                 call = NodeCall("train", (node.preparation, node.victim), *self.recipe)
         elif node.stage == "victim":
-            call = NodeCall("victim", node.victim, *self.recipe)
+            victim = component(self.plugins, "victim", node.victim.name, node.victim.params)
+            known = victim.fingerprint_without_loading() if isinstance(victim, CheapFingerprintVictim) else None
+            if known is None:
+                call = NodeCall("victim", node.victim, *self.recipe)
+            else:
+                self._complete(node_id, known)
         elif node.stage == "attack":
             chunk = self._attack_chunk(node)
             if chunk is None:
@@ -659,6 +663,11 @@ class _Driver:
         if call is None:
             self._release(node_id, ready)
             return
+        if not self.executor_started:
+            self.executor.start()
+            self.executor_started = True
+            if self.progress and self.executor.dashboard_url:
+                print(f"Ray dashboard: {self.executor.dashboard_url}", file=sys.stderr)
         call = dataclasses.replace(call, threads=self.executor.threads_for(node.resources))
         self.state[node_id] = "running"
         self.running[self.executor.submit(execute_node, call, node.resources)] = node_id

@@ -11,9 +11,13 @@ fi
 stamp=.venv/.codefend-bootstrap
 want=$(cat scripts/bootstrap.sh pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c 'import harness, torch, ray' 2>/dev/null; then
-  # --no-compile: byte-compiling every installed file (torch, ray) costs a minute; Python compiles
-  # what it imports on first use instead
+  # --no-compile: byte-compiling every installed file (torch, ray) costs a minute. Instead what
+  # runs import is compiled, one half per core (~30 s): where PYTHONDONTWRITEBYTECODE is set, as
+  # here, every process would otherwise compile torch and transformers from source (~6 s each)
   .venv/bin/pip install --quiet --disable-pip-version-check --no-compile torch==2.13.0 -e '.[test]'
+  .venv/bin/python scripts/compile_imports.py kernel & kernel=$!
+  .venv/bin/python scripts/compile_imports.py libraries
+  wait "$kernel"
   echo "$want" > "$stamp"
 fi
 if ! command -v java >/dev/null 2>&1; then

@@ -72,37 +72,52 @@ def local_run(trained_home, run_cli, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("executor", [RAY, ("--executor", "local", "--workers", "2")], ids=["ray-2", "local-pool-2"])
-def test_every_executor_gives_the_same_rows_and_board(executor, local_run: Path, run_cli, tmp_path: Path) -> None:
-    out = tmp_path / "other"
-    result = run_cli("run", SUITE, "--out", out, "--quiet", *executor)
-    assert result.returncode == 0, result.stderr
-    assert f"{ROWS} rows computed, 0 reused" in result.stderr
+def _assert_same_rows_and_board(out: Path, local_run: Path) -> None:
     assert _rows(out / "store.sqlite") == _rows(local_run / "store.sqlite")
-    ray_board = json.loads((out / "leaderboard.json").read_text())
+    board = json.loads((out / "leaderboard.json").read_text())
     local_board = json.loads((local_run / "leaderboard.json").read_text())
-    assert _comparable(ray_board) == _comparable(local_board)
+    assert _comparable(board) == _comparable(local_board)
     assert _count(out / "store.sqlite", "adversarial") == ADVERSARIAL  # each example computed once
 
 
-def test_validate_prints_the_work_graph_and_its_critical_path(run_cli) -> None:
-    result = run_cli("validate", SUITE, *RAY)
+def test_the_local_pool_gives_the_same_rows_and_board(local_run: Path, run_cli, tmp_path: Path) -> None:
+    """(Ray's run is the killed-worker test below: same rows and board, after a retry.)"""
+    out = tmp_path / "pool"
+    result = run_cli("run", SUITE, "--out", out, "--quiet", "--executor", "local", "--workers", "2")
     assert result.returncode == 0, result.stderr
+    assert f"{ROWS} rows computed, 0 reused" in result.stderr
+    _assert_same_rows_and_board(out, local_run)
+
+
+def _main(argv: list[str], capsys) -> tuple[int, str, str]:
+    from harness import cli
+
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.usefixtures("fresh_plugins")
+def test_validate_prints_the_work_graph_and_its_critical_path(capsys) -> None:
+    code, out, err = _main(["validate", str(SUITE), *RAY], capsys)
+    assert code == 0, err
     # 1 training (the tiny victim), its load, PGD chunks (4 VQA + 2 caption, shared by both
     # defenses), 24 rows chunks (8 cells), 8 scorings
-    assert "work graph: 40 nodes (1 train, 1 victim, 6 attack, 24 rows, 8 score), executor ray {'num_cpus': 2}" in result.stdout
-    path = result.stdout.split("critical path: ", 1)[1].splitlines()
+    assert "work graph: 40 nodes (1 train, 1 victim, 6 attack, 24 rows, 8 score), executor ray {'num_cpus': 2}" in out
+    path = out.split("critical path: ", 1)[1].splitlines()
     assert "passes of work" in path[0]
     assert path[1].split()[:2] == ["train", "train"] and path[2].split()[:2] == ["victim", "load"]
     assert path[-1].split()[0] == "score"
 
 
-def test_bad_executor_options_are_one_clear_error(run_cli) -> None:
-    result = run_cli("run", SUITE, "--address", "auto")
-    assert result.returncode == 2
-    assert result.stderr.startswith("error: --address is for the ray executor") and "Traceback" not in result.stderr
-    result = run_cli("validate", SUITE, "--executor", "rya")
-    assert result.returncode == 2 and "did you mean 'ray'?" in result.stderr and "Traceback" not in result.stderr
+@pytest.mark.usefixtures("fresh_plugins")
+def test_bad_executor_options_are_one_clear_error(capsys, tmp_path: Path) -> None:
+    code, _, err = _main(["run", str(SUITE), "--address", "auto", "--out", str(tmp_path / "out")], capsys)
+    assert code == 2
+    assert err.startswith("error: --address is for the ray executor") and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    code, _, err = _main(["validate", str(SUITE), "--executor", "rya"], capsys)
+    assert code == 2 and "did you mean 'ray'?" in err and "Traceback" not in err
 
 
 def _executing_workers() -> list[psutil.Process]:
@@ -115,8 +130,10 @@ def _executing_workers() -> list[psutil.Process]:
     return found
 
 
-def test_a_ray_worker_killed_mid_task_is_retried_with_no_lost_or_duplicated_rows(
+def test_a_ray_worker_killed_mid_task_is_retried_to_the_same_rows_and_board(
         local_run: Path, codefend_cmd, tmp_path: Path) -> None:
+    """Ray with 2 workers, one SIGKILLed mid-node: no lost or duplicated rows, and the rows and
+    board of the local executor."""
     out = tmp_path / "killed-worker"
     log = tmp_path / "run.log"
     with open(log, "w") as stderr:
@@ -144,8 +161,7 @@ def test_a_ray_worker_killed_mid_task_is_retried_with_no_lost_or_duplicated_rows
     assert not psutil.pid_exists(killed) or psutil.Process(killed).status() == psutil.STATUS_ZOMBIE
     assert f"{ROWS} rows computed, 0 reused" in log.read_text()
     assert _count(out / "store.sqlite") == ROWS
-    assert _count(out / "store.sqlite", "adversarial") == ADVERSARIAL
-    assert _rows(out / "store.sqlite") == _rows(local_run / "store.sqlite")
+    _assert_same_rows_and_board(out, local_run)
 
 
 FAILING_SUITE = """
@@ -163,16 +179,15 @@ adaptive: {enabled: false, reason: "a fixture for another test"}
 """
 
 
-@pytest.mark.parametrize("executor", [{"name": "local"}, {"name": "ray", "params": {"num_cpus": 2}}], ids=["local", "ray"])
-def test_a_failing_node_fails_only_its_own_cells(executor, trained_home, tmp_path: Path, monkeypatch, fresh_plugins) -> None:
+def test_a_failing_node_fails_only_its_own_cells(trained_home, tmp_path: Path, monkeypatch, fresh_plugins) -> None:
+    """In the driver's walk, whatever the executor: a node's exception comes back as its
+    NodeResult (under Ray too, where ``execute_node`` is the same function)."""
     monkeypatch.syspath_prepend(str(PLUGINS))
-    # Ray workers import the fixture plugin by name: they inherit PYTHONPATH from the local Ray
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(PLUGINS), os.environ.get("PYTHONPATH", "")]))
     import failing_defense
 
     plugins = load_plugins(extra=[("failing", failing_defense)])
     path = tmp_path / "suite.yaml"
-    path.write_text(FAILING_SUITE + f"executor: {json.dumps(executor)}\n")
+    path.write_text(FAILING_SUITE)
     suite = load_suite(path, plugins)
     store = Store(tmp_path / "store.sqlite")
     try:
@@ -214,3 +229,41 @@ def test_the_local_pool_runs_nodes_within_its_cpu_budget(monkeypatch) -> None:
     assert all(times[n][0] >= times[wide][1] - 0.05 for n in narrow)  # waited for the 2 CPUs
     first, second = (times[n] for n in narrow)
     assert first[0] < second[1] and second[0] < first[1]  # together, one CPU each
+
+
+class _RefusesToStart:
+    """An executor that fails the test if the driver asks it for a worker."""
+
+    dashboard_url = None
+
+    def threads_for(self, resources):
+        return None
+
+    def start(self) -> None:
+        raise AssertionError("a rerun with every row stored started the executor")
+
+    def submit(self, fn, call, resources):
+        raise AssertionError(f"a rerun with every row stored submitted a {call.stage} node")
+
+    def wait(self):
+        raise AssertionError("nothing was submitted")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_rerun_with_every_row_stored_starts_no_worker(local_run: Path, tmp_path: Path) -> None:
+    """The victim's fingerprint comes from its cached weights file in the driver, trainings are
+    found cached by their ``done`` checks, so nothing is submitted: a rerun costs no model load."""
+    import shutil
+
+    shutil.copy(local_run / "store.sqlite", tmp_path / "store.sqlite")
+    plugins = load_plugins()
+    store = Store(tmp_path / "store.sqlite")
+    try:
+        summary = run_suite(load_suite(SUITE, plugins), store, plugins=plugins, progress=False,
+                            executor=_RefusesToStart())
+    finally:
+        store.close()
+    assert (summary.computed_rows, summary.reused_rows, summary.failures) == (0, ROWS, [])
+    assert _rows(tmp_path / "store.sqlite") == _rows(local_run / "store.sqlite")

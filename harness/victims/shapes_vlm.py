@@ -194,6 +194,11 @@ class ShapesVLM:
         """Hash of the weights file: results key on the exact model, not on its name."""
         if self._fingerprint is None:
             self.load()
+            self._fingerprint = self.fingerprint_without_loading()
+        return self._fingerprint
+
+    def fingerprint_without_loading(self) -> str | None:
+        if self._fingerprint is None and self.is_trained():
             digest = hashlib.sha256((self.cache_dir / "model.safetensors").read_bytes())
             self._fingerprint = f"shapes-vlm:{digest.hexdigest()[:16]}"
         return self._fingerprint
