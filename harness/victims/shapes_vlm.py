@@ -30,7 +30,13 @@ from harness.paths import codefend_home, publish_checkpoint
 
 PAD, BOS, SEP, EOS, UNK = "[PAD]", "[BOS]", "[SEP]", "[EOS]", "[UNK]"
 SPECIAL_TOKENS = [PAD, BOS, SEP, EOS, UNK]
-MODEL_FORMAT_VERSION = 1
+# 2: eager attention and exact GELU in the decoder (weights trained under 1 are not reused)
+MODEL_FORMAT_VERSION = 2
+# At these sizes (head width 16, ~20 tokens) PyTorch's CPU flash-attention kernel and GPT-2's
+# tanh-GELU (a chain of small elementwise ops) cost more than the matrix products: eager
+# attention and the fused exact GELU make a training step 1.8x faster on 2 CPU cores
+# (0.129 -> 0.071 s for the quickstart's victim), and every attack pass with it.
+ATTENTION = "eager"
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,7 @@ def _build_model(config: ShapesVLMConfig, vocab_size: int, special_ids: dict[str
         n_layer=config.decoder_layers,
         n_head=config.heads,
         n_inner=config.hidden * 2,
+        activation_function="gelu",
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
@@ -107,7 +114,7 @@ def _build_model(config: ShapesVLMConfig, vocab_size: int, special_ids: dict[str
     vcfg.decoder_start_token_id = special_ids[BOS]
     vcfg.pad_token_id = special_ids[PAD]
     vcfg.eos_token_id = special_ids[EOS]
-    return VisionEncoderDecoderModel(config=vcfg)
+    return VisionEncoderDecoderModel._from_config(vcfg, attn_implementation=ATTENTION)
 
 
 class ShapesVLM:
@@ -175,7 +182,8 @@ class ShapesVLM:
         from transformers import PreTrainedTokenizerFast, VisionEncoderDecoderModel
 
         self._tokenizer = PreTrainedTokenizerFast.from_pretrained(self.cache_dir)
-        self._model = VisionEncoderDecoderModel.from_pretrained(self.cache_dir).eval().to(self._device_name)
+        self._model = VisionEncoderDecoderModel.from_pretrained(
+            self.cache_dir, attn_implementation=ATTENTION).eval().to(self._device_name)
         for p in self._model.parameters():
             p.requires_grad_(False)
 
