@@ -1,15 +1,25 @@
-"""The official VQA accuracy, ported from GT-Vision-Lab/VQA ``PythonEvaluationTools/vqaEval.py``.
+"""VQA accuracy as the field computes it: EvalAI's answer processor on each prediction, then the
+official ``vqaEval.py`` rules.
 
-Published VQAv2 numbers depend on the exact answer normalisation of that script, so it is ported
-rule for rule (including its quirks) rather than "improved":
+Two versions are named because they disagree (19 of 440 constructed cases):
 
-- the prediction has newlines and tabs replaced by spaces and is stripped, then goes through the
-  punctuation rule and the digit/article rule (lower-casing, number words to digits, dropping
-  a/an/the, restoring apostrophes in contractions);
-- the ground-truth answers get only the punctuation rule, and only when the annotators disagree;
-- the score is the mean over the leave-one-out subsets of the annotators of
-  ``min(1, matches / 3)``. With 10 annotators an answer given by 1, 2, 3 or >= 4 of them scores
-  0.3, 0.6, 0.9 or 1.0.
+- **The official rules**: GT-Vision-Lab/VQA ``PythonEvaluationTools/vqaEvaluation/vqaEval.py`` at
+  commit a013f00 (2021, "Fixed processing answers bug"), the current code. Answers and prediction
+  have newlines and tabs replaced by spaces and are stripped. Only when the annotators *disagree*
+  do both the ground-truth answers and the prediction go through the punctuation rule and the
+  digit/article rule (before a013f00, the 2017 code normalised the prediction always and the
+  ground truth with the punctuation rule only). The score is the mean over the leave-one-out
+  subsets of the annotators of ``min(1, matches / 3)``: with 10 annotators an answer given by 1,
+  2, 3 or >= 4 of them scores 0.3, 0.6, 0.9 or 1.0.
+- **The answer processor**: EvalAI's ``EvalAIAnswerProcessor`` (facebookresearch/mmf
+  ``pythia/tasks/processors.py``, as LLaVA's ``convert_vqav2_for_submission.py`` and lmms-eval's
+  VQAv2 task apply it to every prediction before scoring): lower-case, drop "," and "?", split
+  "'s", then the same punctuation and digit/article rules. So "Yes" against ten "yes" scores 1
+  (the official rules alone give 0), and "it's red" against ten "it's red" scores 0 (the
+  processor splits "'s"; real VQAv2 answers are already in processed form).
+
+Both rule sets are reimplemented rule for rule, quirks included (see the regexes below);
+tests/test_tasks_metrics.py checks 31 edge cases against the scores the official code gives.
 """
 
 from __future__ import annotations
@@ -17,7 +27,11 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-__all__ = ["normalize_answer", "process_punctuation", "process_digit_article", "vqa_accuracy"]
+__all__ = ["OFFICIAL_RULES", "ANSWER_PROCESSOR", "normalize_answer", "process_punctuation", "process_digit_article",
+           "vqa_accuracy"]
+
+OFFICIAL_RULES = "GT-Vision-Lab/VQA vqaEval.py @ a013f00 (2021)"
+ANSWER_PROCESSOR = "EvalAI answer processor (mmf processors.py; LLaVA, lmms-eval)"
 
 CONTRACTIONS: dict[str, str] = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
@@ -101,24 +115,27 @@ def process_digit_article(text: str) -> str:
     return " ".join(CONTRACTIONS.get(word, word) for word in words)
 
 
+def _whitespace(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize_answer(pred: str) -> str:
-    """Normalise a model's answer exactly as the official evaluation does ("Two." -> "2")."""
-    text = pred.replace("\n", " ").replace("\t", " ").strip()
-    return process_digit_article(process_punctuation(text))
+    """EvalAI's answer processor, applied to each prediction before scoring ("Two." -> "2")."""
+    text = pred.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    return process_digit_article(process_punctuation(_whitespace(text)))
 
 
 def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """VQA accuracy of one prediction against the annotators' answers (usually 10), in [0, 1].
-
-    The mean over the leave-one-out subsets of ``min(1, matches / 3)`` - the per-question value the
-    official script averages into its headline number.
-    """
+    """VQA accuracy of one prediction against the annotators' answers (usually 10), in [0, 1]:
+    the per-question value the official script averages into its headline number, for the
+    prediction as the answer processor leaves it."""
     if not answers:
         raise ValueError("vqa_accuracy needs at least one ground-truth answer")
-    pred = normalize_answer(prediction)
-    gts = list(answers)
+    pred = _whitespace(normalize_answer(prediction))
+    gts = [_whitespace(answer) for answer in answers]
     if len(set(gts)) > 1:
-        gts = [process_punctuation(answer) for answer in gts]
+        gts = [process_digit_article(process_punctuation(answer)) for answer in gts]
+        pred = process_digit_article(process_punctuation(pred))
     total_matches = sum(answer == pred for answer in gts)
     accs = [min(1.0, (total_matches - (answer == pred)) / 3.0) for answer in gts]
     return sum(accs) / len(accs)
