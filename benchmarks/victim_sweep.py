@@ -56,7 +56,7 @@ CONFIGS = {
     "h64-e2-s1500-lr2e-3": {"hidden": 64, "encoder_layers": 2, "steps": 1500, "lr": 2e-3},
     "p8-h64-e2-s3000-lr3e-3": {"patch_size": 8, "hidden": 64, "encoder_layers": 2, "steps": 3000, "lr": 3e-3},
     "p8-h64-e2-s3500-lr2e-3": {"patch_size": 8, "hidden": 64, "encoder_layers": 2, "steps": 3500, "lr": 2e-3},
-    "p8-h64-e2-s3000-bs48-lr2e-3": {"patch_size": 8, "hidden": 64, "encoder_layers": 2, "steps": 3000, "batch_size": 48, "lr": 2e-3},
+    "p8-h64-e2-s2400-bs48-lr2e-3": {"patch_size": 8, "hidden": 64, "encoder_layers": 2, "steps": 2400, "batch_size": 48, "lr": 2e-3},
 }
 
 

@@ -11,6 +11,8 @@ adaptive attacks, Lee & Kim ICCV 2023, Chen et al. ICML 2024), and every random 
 
 from __future__ import annotations
 
+import functools
+
 import math
 from typing import Annotated, Any, Callable, Literal
 
@@ -237,7 +239,8 @@ class DiffPure(Defense):
                 x = self._reverse_ddpm(model, x, alphas_cumprod, generator, ckpt=ckpt)
             else:
                 x = self._reverse_ddim(model, x, alphas_cumprod, ckpt=ckpt)
-            out = _step(ckpt, model.from_model_space, x)
+            # back at the victim's input size (a latent model runs at its own resolution)
+            out = _step(ckpt, functools.partial(model.from_model_space, size=pixels.shape[-2:]), x)
         return out.clamp(0.0, 1.0).to(pixels.dtype)
 
     def _pairs(self, alphas_cumprod: torch.Tensor):

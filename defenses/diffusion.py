@@ -2,8 +2,10 @@
 
 A *backbone* is what a purifier needs from a diffusion model, whatever space it diffuses in:
 
-- ``to_model_space(pixels01)`` / ``from_model_space(x)``: the map between [0,1] pixels and the
-  space the model diffuses (pixels: ``x = 2p - 1``; latents: VAE encode / decode);
+- ``to_model_space(pixels01)`` / ``from_model_space(x, size)``: the map between [0,1] pixels and
+  the space the model diffuses (pixels: ``x = 2p - 1``; latents: VAE encode / decode, at the
+  model's own resolution), ``from_model_space`` returning pixels of ``size`` (the victim's input
+  size: the ε ball lives there, whatever resolution the model runs at);
 - ``predict_noise(x_t, t)``: the model's epsilon prediction at integer timesteps ``t`` (whatever
   the checkpoint's ``prediction_type``);
 - ``unet`` and ``scheduler``: the diffusers modules (the scheduler's ``alphas_cumprod`` and
@@ -34,7 +36,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -64,7 +66,7 @@ class Backbone(Protocol):
 
     def to_model_space(self, pixels: torch.Tensor) -> torch.Tensor: ...
 
-    def from_model_space(self, x: torch.Tensor) -> torch.Tensor: ...
+    def from_model_space(self, x: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor: ...
 
     def predict_noise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
 
@@ -72,6 +74,17 @@ class Backbone(Protocol):
 
     @property
     def device(self) -> torch.device: ...
+
+
+def resize_pixels(pixels: torch.Tensor, size: Sequence[int] | None) -> torch.Tensor:
+    """[B,3,H,W] pixels to ``size`` (H, W) inside the autograd graph: bicubic, antialiased when
+    shrinking, clamped to [0,1] (bicubic overshoots); unchanged when already that size or None."""
+    if size is None or tuple(pixels.shape[-2:]) == tuple(int(v) for v in size):
+        return pixels
+    shrinking = size[0] < pixels.shape[-2] or size[1] < pixels.shape[-1]
+    resized = F.interpolate(pixels, size=tuple(int(v) for v in size), mode="bicubic", align_corners=False,
+                            antialias=shrinking)
+    return resized.clamp(0.0, 1.0)
 
 
 def _low_cpu_mem_usage() -> bool:
@@ -176,8 +189,8 @@ class PixelDiffusion:
     def to_model_space(self, pixels: torch.Tensor) -> torch.Tensor:
         return pixels * 2.0 - 1.0
 
-    def from_model_space(self, x: torch.Tensor) -> torch.Tensor:
-        return (x + 1.0) / 2.0
+    def from_model_space(self, x: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:
+        return resize_pixels((x + 1.0) / 2.0, size)
 
     def predict_noise(self, x: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
         t = _timesteps(t, x.shape[0], x.device)
@@ -199,6 +212,11 @@ class LatentDiffusion:
     differentiable) and scales by ``vae.config.scaling_factor``; ``from_model_space`` decodes.
     The UNet is conditioned on one fixed text embedding (``prompt_embeds``, [1, L, D]): the empty
     prompt's when :meth:`from_pretrained` finds a text encoder, zeros otherwise.
+
+    It runs at ``resolution`` (default: the UNet's ``sample_size`` x the VAE's downsampling, 512 for
+    SD 2.1-base): victim-resolution pixels (224 or 336) are resized up, differentiably, before the
+    VAE, and the decoded image back to the victim's size. At 224 px SD's latents would be 28x28,
+    far from the 64x64 it was trained on.
     """
 
     kind = "latent"
@@ -211,6 +229,7 @@ class LatentDiffusion:
         *,
         prompt_embeds: torch.Tensor | None = None,
         name: str = "latent",
+        resolution: int | None = None,
     ):
         self.vae = _frozen(vae)
         self.unet = _frozen(unet)
@@ -223,10 +242,15 @@ class LatentDiffusion:
         self.prompt_embeds = prompt_embeds.detach()
         self.scaling_factor = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
         self.shift_factor = float(getattr(vae.config, "shift_factor", 0.0) or 0.0)
+        native = int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
+        if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 8):
+            raise ValueError(f"latent backbone resolution must be an integer >= 8 (pixels), got {resolution!r}")
+        self.resolution = resolution or native
 
     @classmethod
     def from_pretrained(
-        cls, model_id_or_path: str, *, device: str | None = None, local_files_only: bool = True
+        cls, model_id_or_path: str, *, device: str | None = None, local_files_only: bool = True,
+        resolution: int | None = None,
     ) -> "LatentDiffusion":
         """Load ``vae/``, ``unet/`` and ``scheduler/`` (and, if present, ``text_encoder/`` +
         ``tokenizer/`` for the empty prompt's embedding) from a Stable Diffusion-layout folder or
@@ -258,16 +282,17 @@ class LatentDiffusion:
                 embeds = text_encoder(ids.input_ids)[0]
         except (OSError, ValueError):
             embeds = None  # no text encoder shipped: condition on zeros
-        model = cls(vae, unet, scheduler, prompt_embeds=embeds, name=str(model_id_or_path))
+        model = cls(vae, unet, scheduler, prompt_embeds=embeds, name=str(model_id_or_path), resolution=resolution)
         return model.to(device) if device else model
 
     def to_model_space(self, pixels: torch.Tensor) -> torch.Tensor:
-        latents = self.vae.encode(pixels * 2.0 - 1.0).latent_dist.mean
+        native = resize_pixels(pixels, (self.resolution, self.resolution))
+        latents = self.vae.encode(native * 2.0 - 1.0).latent_dist.mean
         return (latents - self.shift_factor) * self.scaling_factor
 
-    def from_model_space(self, x: torch.Tensor) -> torch.Tensor:
+    def from_model_space(self, x: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:
         decoded = self.vae.decode(x / self.scaling_factor + self.shift_factor).sample
-        return (decoded + 1.0) / 2.0
+        return resize_pixels((decoded + 1.0) / 2.0, size)
 
     def predict_noise(self, x: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
         t = _timesteps(t, x.shape[0], x.device)

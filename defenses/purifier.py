@@ -209,7 +209,7 @@ def train_purifier(
             x0_hat = x0_prediction(x_t, eps_hat, ac)
             if use_features:
                 assert victim is not None
-                purified = tuned.from_model_space(x0_hat).clamp(0, 1)
+                purified = tuned.from_model_space(x0_hat, size=clean.shape[-2:]).clamp(0, 1)
                 with torch.no_grad():
                     target = _image_features(victim, clean)
                 got = _image_features(victim, purified)

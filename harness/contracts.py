@@ -102,6 +102,16 @@ class CheapFingerprintVictim(Protocol):
 
 
 @runtime_checkable
+class TemplatedVictim(Protocol):
+    """A victim that can say what text it sends its model for a task prompt (its template):
+    recorded in every row, so that a number can be traced to the exact question asked."""
+
+    def prompt_text(self, prompt: str, kind: TaskKind = "vqa") -> str:
+        """The text ``loss`` and ``generate`` put around ``prompt`` (chat template included)."""
+        ...
+
+
+@runtime_checkable
 class EmbeddingVictim(Protocol):
     """A victim that also exposes image features (for feature-space and transfer attacks)."""
 
@@ -180,6 +190,17 @@ class Task(Protocol):
     def score(self, outputs: Sequence[str], samples: Sequence[Sample]) -> list[dict[str, float]]: ...
 
     def describe(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class CorpusScoredTask(Protocol):
+    """A task whose published metrics are statistics of the whole set, not means of its
+    per-sample scores (COCO captions: pycocoevalcap's BLEU-4 pools n-gram counts and METEOR
+    alignments over the corpus; a mean of per-sample BLEU-4 is a number no paper reports)."""
+
+    def corpus_scores(self, outputs: Sequence[str], samples: Sequence[Sample]) -> dict[str, float]:
+        """The set's metrics as the reference scorer reports them (same inputs as ``score``)."""
+        ...
 
 
 class AttackTarget(Protocol):

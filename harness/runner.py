@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 
 from harness.adaptive import DefendedTarget, gradient_route, soft_prompt_kwargs
 from harness.graph import victim_key
-from harness.contracts import AttackBatch, CheapFingerprintVictim, Sample, Task, ThreatModel, TransferAttack, Victim
+from harness.contracts import (AttackBatch, CheapFingerprintVictim, CorpusScoredTask, Sample, Task, TemplatedVictim,
+                               ThreatModel, TransferAttack, Victim)
 from harness.image_quality import psnr, ssim
 from harness.labels import training_label
 from harness.plugins import Plugins, get_plugins
@@ -301,15 +302,20 @@ def run_chunk(chunk: Chunk, plugins: Plugins | None = None) -> ChunkOutcome:
         with torch.no_grad():
             return defense.purify(adversarial, generator)
 
+    _synchronise(adversarial.device)  # CUDA runs asynchronously: time the work, not its launch
     started = time.perf_counter()
     purified = purified_by(defense_generator)
+    _synchronise(adversarial.device)
     defense_seconds = (time.perf_counter() - started) / len(chunk.samples)
     # inf PSNR (an untouched image) is stored as None: JSON has no infinity
     quality_psnr = [v if np.isfinite(v) else None for v in psnr(clean, purified).tolist()]
     quality_ssim = ssim(clean, purified).tolist()
     started = time.perf_counter()
     outputs = victim.generate(purified, defended_prompts, task.kind, **soft_prompt)
+    _synchronise(purified.device)
     generate_seconds = (time.perf_counter() - started) / len(chunk.samples)
+    sent = ([victim.prompt_text(p, task.kind) for p in defended_prompts] if isinstance(victim, TemplatedVictim)
+            else list(defended_prompts))
     # N-draw evaluation (DiffHammer's resubmission): independent purifications of the same images
     draws = cell.attack.draws if defense.stochastic else 1
     draw_outputs = [outputs] + [
@@ -369,6 +375,7 @@ def run_chunk(chunk: Chunk, plugins: Plugins | None = None) -> ChunkOutcome:
                 "output": outputs[i],
                 "adversarial_key": key,
                 "record": {
+                    "victim": {"prompt": sent[i]},
                     "attack": {**attack_info, "reused": key in chunk.cached_adversarial if key else False, **targeted},
                     "threat": {
                         **cell.threat.as_record(),
@@ -392,6 +399,11 @@ def run_chunk(chunk: Chunk, plugins: Plugins | None = None) -> ChunkOutcome:
             }
         )
     return ChunkOutcome(rows=rows, adversarial=new_adversarial, artifacts=artifacts)
+
+
+def _synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _surrogate_is_victim(attack: TransferAttack, cell: Cell, victim: Victim) -> bool:
@@ -779,10 +791,12 @@ class _Driver:
         index = node.cells[0]
         cell, data = self.graph.cells[index], self.cell_data[index]
         task: Task = component(self.plugins, "task", cell.task.name, cell.task.factory_params())
-        _score_cell(self.store, task, data["samples"], data["fingerprints"])
+        _score_cell(self.store, task, data["samples"], data["fingerprints"],
+                    (cell.victim.name, cell.task.label, cell.attack.label, cell.threat.name, cell.defense.label))
 
 
-def _score_cell(store: Store, task: Task, samples: list[Sample], fingerprints: list[str]) -> None:
+def _score_cell(store: Store, task: Task, samples: list[Sample], fingerprints: list[str],
+                cell_key: tuple[str, str, str, str, str] | None = None) -> None:
     """Score a complete cell at once: set-level metrics see exactly the cell's samples.
 
     With N purification draws per sample, each draw is scored as a whole cell and a sample's
@@ -805,6 +819,10 @@ def _score_cell(store: Store, task: Task, samples: list[Sample], fingerprints: l
         first.update({"single_draw": values[0], "draw_scores": values, "draws": count})
         scored[fp] = (first, min(values))
     store.set_scores(scored)
+    if cell_key is not None and isinstance(task, CorpusScoredTask):
+        # over the outputs the per-sample scores of the first draw come from
+        first_outputs = [draws[fp][0] if fp in draws else outputs[fp] for fp in fingerprints]
+        store.set_corpus_scores(cell_key, fingerprints, task.corpus_scores(first_outputs, samples))
 
 
 def default_store_path(suite: Suite, out: str | Path | None) -> Path:

@@ -69,6 +69,11 @@ CREATE TABLE IF NOT EXISTS results (
     created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS results_cell ON results (victim, task, attack, threat, defense);
+CREATE TABLE IF NOT EXISTS corpus_scores (
+    victim TEXT NOT NULL, task TEXT NOT NULL, attack TEXT NOT NULL, threat TEXT NOT NULL, defense TEXT NOT NULL,
+    rows_digest TEXT NOT NULL, metrics TEXT NOT NULL,
+    PRIMARY KEY (victim, task, attack, threat, defense, rows_digest)
+);
 CREATE TABLE IF NOT EXISTS failures (
     run_id TEXT NOT NULL, cell TEXT NOT NULL, error TEXT NOT NULL, traceback TEXT NOT NULL, created REAL NOT NULL
 );
@@ -157,7 +162,8 @@ class Store:
         rows = self._db.execute(
             "SELECT count(*), max(created), total(headline), sum(scores IS NOT NULL) FROM results").fetchone()
         failures = self._db.execute("SELECT count(*), max(created) FROM failures").fetchone()
-        return digest_json([list(rows), list(failures), SCHEMA_VERSION])
+        corpus = self._db.execute("SELECT count(*), group_concat(rows_digest) FROM corpus_scores").fetchone()
+        return digest_json([list(rows), list(failures), list(corpus), SCHEMA_VERSION])
 
     def finish_run(self, run_id: str, status: str, extra: dict[str, Any] | None = None) -> None:
         with self._db:
@@ -255,6 +261,25 @@ class Store:
                 self._db.execute(
                     "UPDATE results SET scores=?, headline=? WHERE fingerprint=?", (json.dumps(scores), headline, fp)
                 )
+
+    @staticmethod
+    def rows_digest(fingerprints: Iterable[str]) -> str:
+        """Names one exact set of rows: corpus scores belong to the rows they were computed on."""
+        return digest_json(sorted(fingerprints))
+
+    def set_corpus_scores(self, cell: tuple[str, str, str, str, str], fingerprints: Iterable[str],
+                          metrics: dict[str, float]) -> None:
+        """A cell's set-level metrics ((victim, task, attack, threat, defense) as in its rows)."""
+        with self._db:
+            self._db.execute("INSERT OR REPLACE INTO corpus_scores VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (*cell, self.rows_digest(fingerprints), json.dumps(metrics)))
+
+    def corpus_scores(self, cell: tuple[str, str, str, str, str], fingerprints: Iterable[str]) -> dict[str, float] | None:
+        """The cell's corpus metrics if they were computed on exactly these rows, else None."""
+        found = self._db.execute(
+            "SELECT metrics FROM corpus_scores WHERE victim=? AND task=? AND attack=? AND threat=? AND defense=? "
+            "AND rows_digest=?", (*cell, self.rows_digest(fingerprints))).fetchone()
+        return json.loads(found[0]) if found else None
 
     def outputs(self, fingerprints: Iterable[str]) -> dict[str, str]:
         return dict(self._by_fingerprint("output", fingerprints))

@@ -157,6 +157,9 @@ class Table:
     """The standard adaptive condition(s) every row faced, comma-separated (None: no adaptive
     evaluation on this table)."""
     no_adaptive_reason: str | None = None
+    corpus: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    """defense -> condition -> the cell's set-level metrics (:class:`harness.contracts.CorpusScoredTask`),
+    where the store has them for exactly the cell's rows."""
 
     def flags_for(self, defense: str, condition: str | None = None) -> list[Flag]:
         return [f for f in self.flags if f.defense in (defense, None) and (condition is None or f.condition == condition)]
@@ -228,12 +231,25 @@ def build_board(store: Store) -> Board:
         table.rows.sort(key=lambda r: (-(r.robust.mean if r.robust else float("-inf")), r.defense))
         for upper, lower in zip(table.rows, table.rows[1:]):
             upper.versus_next = paired_comparison(upper.robust_samples, lower.robust_samples)
+        table.corpus = _corpus_metrics(store, victim, task, rows)
         table.flags = sanity_flags(table, rows)
         table.examples = _examples(store, table, rows)
         tables.append(table)
     runs = store.runs()
     failures = store.failures(runs[-1]["run_id"]) if runs else []
     return Board(tables=tables, runs=runs, failures=failures)
+
+
+def _corpus_metrics(store: Store, victim: str, task: str, rows: list[ResultRow]) -> dict[str, dict[str, dict[str, float]]]:
+    cells: dict[tuple[str, str, str], list[ResultRow]] = defaultdict(list)
+    for r in rows:
+        cells[(r.attack, r.threat, r.defense)].append(r)
+    found: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
+    for (attack, threat, defense), members in cells.items():
+        metrics = store.corpus_scores((victim, task, attack, threat, defense), [m.fingerprint for m in members])
+        if metrics:
+            found[defense][condition_of(members[0])] = metrics
+    return dict(found)
 
 
 def per_sample_worst(by_condition: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -68,6 +68,7 @@ def _entry(board: Board, table: Table, row: BoardRow, threat: str) -> dict[str, 
                 "role": table.details[c].role,
                 "ranked": c in ranked,
                 "score": _score(row.scores[c]),
+                "corpus_metrics": table.corpus.get(row.defense, {}).get(c),
             }
             for c in conditions
         ],

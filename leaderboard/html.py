@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from leaderboard.aggregate import CLEAN, Board, Score, Table
-from leaderboard.markdown import _DECIMALS, _describe, _versus
+from leaderboard.markdown import _CORPUS_NAMES, _DECIMALS, _describe, _versus
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
@@ -184,6 +184,23 @@ def _grid_html(table: Table) -> list[str]:
     return out
 
 
+def _corpus_html(table: Table) -> list[str]:
+    if not table.corpus:
+        return []
+    metrics = [m for m in _CORPUS_NAMES if any(m in v for by in table.corpus.values() for v in by.values())]
+    out = ['<h3>Corpus metrics (pycocoevalcap, first purification draw; BLEU-4 and METEOR are corpus statistics, '
+           'not means of the per-sample scores)</h3><table class="sortable"><thead><tr><th>defense</th><th>condition</th>'
+           + "".join(f"<th>{_CORPUS_NAMES[m]}</th>" for m in metrics) + "</tr></thead><tbody>"]
+    for row in table.rows:
+        for condition in table.conditions:
+            values = table.corpus.get(row.defense, {}).get(condition)
+            if values:
+                out.append(f"<tr><td>{html.escape(row.defense)}</td><td>{html.escape(condition)}</td>" + "".join(
+                    "<td>–</td>" if m not in values else f"<td>{values[m]:.{_DECIMALS.get(m, 3)}f}</td>" for m in metrics)
+                           + "</tr>")
+    return out + ["</tbody></table>"]
+
+
 def render_html(board: Board) -> str:
     parts = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>CoDefend Bench leaderboard</title>',
              f"<style>{_STYLE}</style></head><body><h1>Leaderboard</h1>"]
@@ -214,6 +231,7 @@ def render_html(board: Board) -> str:
                 f'<li><span class="flag">⚑ {html.escape(f.code)}</span>'
                 + (f" ({html.escape(f.defense)})" if f.defense else "") + f": {html.escape(f.message)}</li>"
                 for f in table.flags) + "</ul>")
+        parts += _corpus_html(table)
         parts.append('<div class="plots">' + "".join(f'<img alt="plot" src="{src}">' for src in _plots(table)) + "</div>")
         parts += _grid_html(table)
     parts.append(f"<script>{_SORT_SCRIPT}</script></body></html>")

@@ -101,6 +101,31 @@ def _cost_table(table) -> list[str]:
     return lines
 
 
+_CORPUS_NAMES = {"bleu4": "BLEU-4", "meteor": "METEOR", "rouge_l": "ROUGE-L", "cider": "CIDEr"}
+
+
+def _corpus_table(table) -> list[str]:
+    """The cells' set-level metrics, as the task's reference scorer reports them."""
+    if not table.corpus:
+        return []
+    metrics = [m for m in _CORPUS_NAMES if any(m in v for by in table.corpus.values() for v in by.values())]
+    lines = [
+        "Corpus metrics, as pycocoevalcap reports them over each cell's samples (first purification draw). "
+        "BLEU-4 and METEOR are corpus statistics: the per-sample values behind the intervals above average to "
+        "other numbers, and no paper reports those.",
+        "",
+        "| defense | condition | " + " | ".join(_CORPUS_NAMES[m] for m in metrics) + " |",
+        "|---|---|" + "---:|" * len(metrics),
+    ]
+    for row in table.rows:
+        for condition in table.conditions:
+            values = table.corpus.get(row.defense, {}).get(condition)
+            if values:
+                cells = ["–" if m not in values else f"{values[m]:.{_DECIMALS.get(m, 3)}f}" for m in metrics]
+                lines.append(f"| {row.defense} | {condition} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def render_markdown(board: Board) -> str:
     if not board.tables:
         return "# Leaderboard\n\nNo scored results in this store yet: run a suite first (`codefend run SUITE`).\n"
@@ -158,6 +183,7 @@ def render_markdown(board: Board) -> str:
             lines += [f"- ⚑ `{f.code}`" + (f" ({f.defense})" if f.defense else "") + f": {f.message}" for f in table.flags]
             lines.append("")
         lines += _cost_table(table)
+        lines += _corpus_table(table)
         notes = [_describe(table.details[c]) for c in table.conditions if c != "clean"]
         if notes:
             lines += [f"- {note}" for note in notes] + [""]

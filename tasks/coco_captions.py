@@ -30,7 +30,6 @@ __all__ = ["CAPTION_PROMPT", "CocoCaptionsTask"]
 
 #: The task-level instruction (RobustVLM's LLaVA captioning prompt); victims wrap it in a template.
 CAPTION_PROMPT = "Provide a short caption for this image."
-REFERENCES_PER_IMAGE = 5
 
 #: Karpathy split name -> the "split" values of dataset_coco.json it covers ("restval" is the part
 #: of val2014 that Karpathy's split adds to training).
@@ -110,6 +109,18 @@ class CocoCaptionsTask:
         )
         return [per_sample[i] for i in ids]
 
+    def corpus_scores(self, outputs: Sequence[str], samples: Sequence[Sample]) -> dict[str, float]:
+        """pycocoevalcap's own numbers over ``samples``: corpus BLEU-4 and METEOR (not means of the
+        per-sample values ``score`` returns), ROUGE-L and CIDEr (x100; both are means)."""
+        if len(outputs) != len(samples):
+            raise ValueError(f"got {len(outputs)} outputs for {len(samples)} samples")
+        corpus, _ = score_captions(
+            {s.id: output for s, output in zip(samples, outputs)},
+            {s.id: list(s.references) for s in samples},
+            meteor=self.meteor,
+        )
+        return corpus
+
     def describe(self) -> dict[str, Any]:
         return {"data": self.data, "root": str(self.root), "images": self.images, "meteor": self.meteor}
 
@@ -140,7 +151,7 @@ def _load_coco(root: Path, split: str, images: str | None) -> dict[int, _Image]:
             image_id=int(image["id"]),
             file_name=image["file_name"],
             image_dirs=dirs,
-            references=tuple(captions[int(image["id"])][:REFERENCES_PER_IMAGE]),
+            references=tuple(captions[int(image["id"])]),  # all of them (5-7 in COCO), as pycocoevalcap
         )
         for image in coco["images"]
         if captions.get(int(image["id"]))  # unannotated images (a test set) cannot be scored
@@ -168,6 +179,6 @@ def _load_karpathy(root: Path, split: str, images: str | None) -> dict[int, _Ima
             image_id=int(entry["cocoid"]),
             file_name=entry["filename"],
             image_dirs=dirs,
-            references=tuple(s["raw"] for s in entry["sentences"][:REFERENCES_PER_IMAGE]),
+            references=tuple(s["raw"] for s in entry["sentences"]),
         )
     return out

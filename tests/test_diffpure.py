@@ -290,3 +290,18 @@ def test_latent_backbone_with_tiny_modules(tmp_path: Path) -> None:
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="linear beta schedule"):
         DiffPure.from_backbone(model, sampler="sde", steps=2).purify(pixels, _gen())
+
+    # a victim of another input size: the model still runs at its own resolution (32 px, latents
+    # 16x16), differentiably, and the purified image comes back at the victim's size, in [0,1]
+    small = torch.rand(2, 3, 24, 24, generator=_gen(1))
+    assert model.resolution == 32 and model.to_model_space(small).shape == (2, 4, 16, 16)
+    assert model.from_model_space(model.to_model_space(small), size=(24, 24)).shape == small.shape
+    x = small.clone().requires_grad_(True)
+    out = defense.purify(x, _gen())
+    assert out.shape == small.shape and 0 <= out.min() and out.max() <= 1
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    bigger = LatentDiffusion.from_pretrained(str(tmp_path), resolution=64)
+    assert bigger.to_model_space(small).shape == (2, 4, 32, 32)
+    with pytest.raises(ValueError, match="resolution must be an integer"):
+        LatentDiffusion.from_pretrained(str(tmp_path), resolution=0.5)

@@ -150,6 +150,22 @@ def test_cider_is_scaled_by_100(scored) -> None:
     assert corpus["cider"] == pytest.approx(sum(p["cider"] for p in per.values()) / len(per))
 
 
+def test_corpus_bleu4_and_cider_are_pycocoevalcaps_own_numbers(scored) -> None:
+    """The corpus numbers are the reference scorer's (the texts are already PTB-clean), and
+    corpus BLEU-4 is not the mean of the per-sample values: the store's per-sample BLEU-4 must
+    never be averaged into a headline."""
+    from pycocoevalcap.bleu.bleu import Bleu
+
+    corpus, per, _ = scored
+    res = {k: [v] for k, v in OUTPUTS.items()}
+    bleu, _ = Bleu(4).compute_score(REFERENCES, res, verbose=0)
+    cider, _ = Cider().compute_score(REFERENCES, res)
+    assert corpus["bleu4"] == pytest.approx(bleu[3], abs=1e-12)
+    assert corpus["cider"] == pytest.approx(100 * cider, abs=1e-9)
+    mean_bleu = sum(p["bleu4"] for p in per.values()) / len(per)
+    assert abs(corpus["bleu4"] - mean_bleu) > 0.05
+
+
 def test_meteor_runs_or_is_skipped_with_a_warning(scored) -> None:
     corpus, per, caught = scored
     skipped = [w for w in caught if "METEOR was skipped" in str(w.message)]

@@ -207,8 +207,28 @@ def test_caption_reads_coco_and_karpathy_layouts(world: Path, tmp_path: Path) ->
     task = CocoCaptionsTask(data=str(root))
     test = task.samples("karpathy_test", None, seed=0)
     assert sorted(int(s.id) for s in test) == sorted(i["id"] for i in chosen[:2])
-    assert test[0].references == tuple(f"caption {k}" for k in range(5))  # first five of six
+    assert test[0].references == tuple(f"caption {k}" for k in range(6))  # all six, as pycocoevalcap
     assert [int(s.id) for s in task.samples("karpathy_train", None, seed=0)] == [chosen[3]["id"]]
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap needs Java")
+def test_an_image_with_seven_references_is_scored_against_all_seven(world: Path, tmp_path: Path) -> None:
+    coco = _json(world / "annotations" / "captions_val.json")
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    (root / "val2014").mkdir()
+    image = dict(coco["images"][0], file_name="COCO_val2014_000000000001.jpg")
+    Image.open(world / "images" / "val" / f"shapes_val_{coco['images'][0]['id']:012d}.png").save(root / "val2014" / image["file_name"])
+    captions = [f"an unrelated sentence number {k} about nothing" for k in range(6)] + ["a red circle beside a blue square"]
+    coco = {"images": [image], "annotations": [{"id": k, "image_id": image["id"], "caption": c} for k, c in enumerate(captions)]}
+    (root / "annotations" / "captions_val2014.json").write_text(json.dumps(coco))
+    task = CocoCaptionsTask(data=str(root), meteor=False)
+    [sample] = task.samples("val2014", None, seed=0)
+    assert sample.references == tuple(captions)
+    # the output is the seventh reference word for word: a perfect BLEU-4 only if it is scored
+    [scores] = task.score(["a red circle beside a blue square"], [sample])
+    assert scores["bleu4"] == pytest.approx(1.0, abs=1e-6)
+    assert task.corpus_scores(["a red circle beside a blue square"], [sample])["bleu4"] == pytest.approx(1.0, abs=1e-6)
 
 
 @pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap needs Java")

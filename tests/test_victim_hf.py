@@ -82,7 +82,12 @@ def test_loss_and_generate_share_one_template_and_score_only_the_answer(victim, 
     answer = tokenizer.encode("red", add_special_tokens=False) + [tokenizer.eos_token_id]
     assert seen["loss"][0].tolist() == prompt + answer  # the same template, then the answer
     assert prompt.count(4) == 16  # <image> expanded to the 4x4 patch tokens, as the processor does
-    assert tokenizer.decode(prompt).replace("<image>", "").split() == "USER : what colour is the shape ? ASSISTANT :".split()
+    # LLaVA-1.5's VQAv2 instruction follows the question, in loss and generate alike
+    instruction = "Answer the question using a single word or phrase."
+    assert tokenizer.decode(prompt).replace("<image>", "").split() == (
+        f"USER : what colour is the shape ? {instruction} ASSISTANT :".split())
+    assert victim.prompt_text("what colour is the shape ?", "vqa").count(instruction) == 1
+    assert instruction not in victim.prompt_text("Provide a short caption for this image.", "caption")
     # only the answer tokens count: changing the prompt's last token's label would change nothing
     losses = victim.loss(pixels.repeat(2, 1, 1, 1), ["what colour is the shape ?"] * 2, ["red", "red blue"], "vqa")
     assert not torch.isclose(losses[0], losses[1])
@@ -119,6 +124,8 @@ def test_pgd_runs_end_to_end_through_the_runner(tiny_llava: Path, trained_home, 
         pgd = [r for r in rows if r.attack == "pgd"]
         assert len(pgd) == 4 and all(r.record["perturbation"]["linf"] <= 8 / 255 + 1e-6 for r in pgd)
         assert pgd[0].record["threat"]["space"] == "victim input 32x32, [0,1]"
+        # every row records the exact text its victim was sent, the instruction included
+        assert all("Answer the question using a single word or phrase." in r.record["victim"]["prompt"] for r in rows)
         losses = pgd[0].record["attack_cost"]
         assert losses["loss_last"] > losses["loss_first"]  # the attack's loss rose on the real model code
     finally:
@@ -135,7 +142,7 @@ def test_blip2_adapter_templates_gradients_and_generation(tmp_path: Path) -> Non
     assert victim.input_size == (32, 32) and victim.preprocessing == "resize to 32x32 (bicubic)"
     (vqa,) = victim.prompt_ids(["what colour is the shape ?"], "vqa")
     assert vqa[:4] == [4, 4, 4, 4]  # the query-token placeholders, then the BLIP-2 template
-    assert victim._processor.tokenizer.decode(vqa[4:]).split() == "Question: what colour is the shape ? Answer:".split()
+    assert victim._processor.tokenizer.decode(vqa[4:]).split() == "Question: what colour is the shape ? Short answer:".split()
     assert victim.prompt_ids(["describe the image"], "caption")[0] == [4, 4, 4, 4]  # BLIP-2 captions from no prompt
     pixels = victim.prepare(_images(2)).requires_grad_(True)
     loss = victim.loss(pixels, ["what colour is the shape ?"] * 2, ["red", "blue"], "vqa")
@@ -205,6 +212,16 @@ def test_blip_adapter_one_template_gradients_generation(head: str, kind: str, pr
     with pytest.raises(ValueError, match=f"is a BLIP {head} model"):
         victim.generate(pixels.detach(), [prompt], other)
 
+    # CoDefend's task-aligned purifier term and mf-ii read the tokens the text side attends to
+    from harness.contracts import EmbeddingVictim, ImageFeatureVictim
+
+    assert isinstance(victim, ImageFeatureVictim) and isinstance(victim, EmbeddingVictim)
+    features = victim.image_features(pixels)
+    assert features.dim() == 3 and features.shape[0] == 2
+    (grad,) = torch.autograd.grad(features.pow(2).sum(), pixels)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert victim.embed_image(pixels.detach()).shape == (2, features.shape[-1])
+
 
 def test_the_generic_adapter_loads_any_image_text_to_text_checkpoint(tiny_llava: Path) -> None:
     generic = HFImageTextToText(model_id=str(tiny_llava), device="cpu", max_new_tokens=2)
@@ -212,6 +229,13 @@ def test_the_generic_adapter_loads_any_image_text_to_text_checkpoint(tiny_llava:
     assert len(generic.generate(pixels, ["what colour is the shape ?"], "vqa")) == 1
     assert generic.fingerprint.startswith("hf-image-text-to-text:")
     assert generic.fingerprint != HFLlava(model_id=str(tiny_llava), device="cpu", dtype="bfloat16").fingerprint
+    # a template or answer length is part of what the rows key on
+    assert HFLlava(model_id=str(tiny_llava), device="cpu").fingerprint != HFLlava(
+        model_id=str(tiny_llava), device="cpu", vqa_template="{prompt}").fingerprint
+    with pytest.raises(ValueError, match="must contain \\{prompt\\}"):
+        HFLlava(model_id=str(tiny_llava), vqa_template="Answer briefly.")
+    with pytest.raises(ValueError, match="max_new_tokens_by_task"):
+        HFLlava(model_id=str(tiny_llava), max_new_tokens_by_task={"vqa": 0})
 
 
 def test_instructblip_threads_the_qformer_instruction_through_loss_and_generate(tmp_path: Path, monkeypatch) -> None:

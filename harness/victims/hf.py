@@ -8,9 +8,17 @@ The victim contract, for a real MLLM:
   the processor's size (bicubic) and centre-crop to its crop size. The ε ball lives on these
   [0,1] pixels (``preprocessing`` records the steps).
 - Normalisation (the processor's mean/std) runs inside the graph, in the model's dtype.
-- One prompt template for ``loss`` and ``generate``: the processor's chat template with one image
-  and the task prompt as the user turn, and the generation prompt appended. ``loss`` appends the
-  target and the end-of-sequence token and counts only those tokens.
+- One prompt template for ``loss`` and ``generate``: the task prompt put into the victim's
+  per-task template (``vqa_template``, ``caption_template``; ``{prompt}`` is the task's text),
+  then the processor's chat template with one image and that text as the user turn, and the
+  generation prompt appended. ``loss`` appends the target and the end-of-sequence token and counts
+  only those tokens. Each row records the text its victim was sent (``record.victim.prompt``).
+- Published defaults: ``hf-llava`` asks VQA questions as LLaVA-1.5's own VQAv2 evaluation does
+  (``llava/eval/model_vqa_loader.py`` with ``answer_prompt``: "Answer the question using a single
+  word or phrase.", also RobustVLM's), and captions with the task's prompt, RobustVLM's "Provide a
+  short caption for this image."; ``hf-blip2`` uses the BLIP-2 paper's zero-shot VQA prompt
+  "Question: {} Short answer:" and the empty prompt for captions (BLIP-2 captions from the image
+  alone). The generic adapter passes the task prompt as it is unless a template is given.
 - Greedy decoding (``do_sample=False``, one beam).
 - ``trust_remote_code`` is off unless the suite turns it on.
 
@@ -81,6 +89,8 @@ class HFImageTextToText:
     name = "hf-image-text-to-text"
     expected_model_types: tuple[str, ...] = ()
     requires_chat_template = True
+    #: the templates used when the suite sets none (a class's published defaults)
+    default_templates: dict[str, str] = {"vqa": "{prompt}", "caption": "{prompt}"}
 
     def __init__(
         self,
@@ -91,11 +101,26 @@ class HFImageTextToText:
         device_map: str | None = None,
         trust_remote_code: bool = False,
         max_new_tokens: int = 32,
+        vqa_template: str | None = None,
+        caption_template: str | None = None,
+        max_new_tokens_by_task: dict[str, int] | None = None,
     ):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
+        self.templates = {
+            "vqa": self.default_templates["vqa"] if vqa_template is None else vqa_template,
+            "caption": self.default_templates["caption"] if caption_template is None else caption_template,
+        }
+        if "{prompt}" not in self.templates["vqa"]:
+            raise ValueError(f"vqa_template must contain {{prompt}} (where the question goes), got {self.templates['vqa']!r}")
+        by_task = dict(max_new_tokens_by_task or {})
+        unknown = sorted(set(by_task) - {"vqa", "caption"})
+        if unknown or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in by_task.values()):
+            raise ValueError("max_new_tokens_by_task maps a task kind (vqa, caption) to an integer >= 1, "
+                             f"e.g. {{vqa: 10, caption: 40}}; got {max_new_tokens_by_task!r}")
+        self.max_new_tokens_by_task = by_task
         self.model_id = model_id
         self.dtype = dtype
         self._device_name = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -182,7 +207,10 @@ class HFImageTextToText:
                 folder = None
             files = sorted((p.name, p.stat().st_size) for p in folder.glob("*.safetensors")) if folder else []
             blob = json.dumps({"id": self.model_id, "folder": folder.name if folder else None,
-                               "config": self._model.config.to_dict(), "files": files, "dtype": self.dtype},
+                               "config": self._model.config.to_dict(), "files": files, "dtype": self.dtype,
+                               # what it is asked and how long it may answer change every output
+                               "templates": self.templates, "max_new_tokens": self.max_new_tokens,
+                               "max_new_tokens_by_task": self.max_new_tokens_by_task},
                               sort_keys=True, default=str)
             self._fingerprint = f"{self.name}:{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
         return self._fingerprint
@@ -217,10 +245,19 @@ class HFImageTextToText:
         """Mean-pooled :meth:`image_features` (for transfer attacks such as mf-ii)."""
         return self.image_features(pixels).mean(dim=1)
 
+    def templated(self, prompt: str, kind: TaskKind = "vqa") -> str:
+        """The task prompt in this victim's template for the task kind."""
+        return self.templates[kind].replace("{prompt}", prompt)
+
     def prompt_text(self, prompt: str, kind: TaskKind = "vqa") -> str:
-        """The one template of ``loss`` and ``generate``: the chat template, one image, the prompt."""
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        """The one template of ``loss`` and ``generate``: the chat template, one image, the task
+        prompt in its per-task template."""
+        self.load()
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.templated(prompt, kind)}]}]
         return self._processor.apply_chat_template(messages, add_generation_prompt=True)
+
+    def max_new_tokens_for(self, kind: TaskKind) -> int:
+        return self.max_new_tokens_by_task.get(kind, self.max_new_tokens)
 
     def prompt_inputs(self, prompts: Sequence[str], kind: TaskKind = "vqa") -> list[dict[str, list[int]]]:
         """Every token-id input the processor makes for each prompt: ``input_ids`` with the image
@@ -301,7 +338,7 @@ class HFImageTextToText:
         generated = self._model.generate(
             input_ids=input_ids.to(pixels.device), attention_mask=attention.to(pixels.device),
             pixel_values=self._normalise(pixels), do_sample=False, num_beams=1,
-            max_new_tokens=self.max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+            max_new_tokens=self.max_new_tokens_for(kind), pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
             **self._side_inputs(inputs, pixels.device),
         )
         return [text.strip() for text in tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)]
@@ -312,38 +349,23 @@ class HFLlava(HFImageTextToText):
 
     name = "hf-llava"
     expected_model_types = ("llava",)
+    # LLaVA-1.5's VQAv2 prompt (its eval scripts' answer_prompt; RobustVLM's too); captions take the
+    # task's prompt, RobustVLM's "Provide a short caption for this image."
+    default_templates = {"vqa": "{prompt}\nAnswer the question using a single word or phrase.", "caption": "{prompt}"}
 
 
 class HFBlip2(HFImageTextToText):
     """``hf-blip2``: BLIP-2 (``Salesforce/blip2-opt-2.7b``) and InstructBLIP
-    (``Salesforce/instructblip-vicuna-7b``). Neither has a chat template: VQA prompts follow
-    BLIP-2's ``Question: {prompt} Answer:`` (InstructBLIP's paper uses ``... Short answer:``; set
-    ``vqa_template``) and captioning uses ``caption_prompt`` (empty by default, as BLIP-2 captions).
-    The processor prepends the query-token placeholders; InstructBLIP's Q-Former also reads the
-    prompt (``qformer_input_ids``), in ``loss`` and ``generate`` alike."""
+    (``Salesforce/instructblip-vicuna-7b``). Neither has a chat template: VQA prompts follow the
+    BLIP-2 paper's zero-shot VQA prompt ``Question: {prompt} Short answer:`` (``vqa_template``)
+    and captioning uses ``caption_template`` (empty by default: BLIP-2 captions from the image
+    alone). The processor prepends the query-token placeholders; InstructBLIP's Q-Former also
+    reads the prompt (``qformer_input_ids``), in ``loss`` and ``generate`` alike."""
 
     name = "hf-blip2"
     expected_model_types = ("blip-2", "instructblip")
     requires_chat_template = False
-
-    def __init__(
-        self,
-        *,
-        model_id: str,
-        vqa_template: str = "Question: {prompt} Answer:",
-        caption_prompt: str = "",
-        dtype: Literal["float32", "float16", "bfloat16"] = "float32",
-        device: str | None = None,
-        device_map: str | None = None,
-        trust_remote_code: bool = False,
-        max_new_tokens: int = 32,
-    ):
-        if "{prompt}" not in vqa_template:
-            raise ValueError("vqa_template must contain {prompt}, e.g. 'Question: {prompt} Answer:'")
-        super().__init__(model_id=model_id, dtype=dtype, device=device, device_map=device_map,
-                         trust_remote_code=trust_remote_code, max_new_tokens=max_new_tokens)
-        self.vqa_template = vqa_template
-        self.caption_prompt = caption_prompt
+    default_templates = {"vqa": "Question: {prompt} Short answer:", "caption": ""}
 
     def prompt_text(self, prompt: str, kind: TaskKind = "vqa") -> str:
-        return self.caption_prompt if kind == "caption" else self.vqa_template.format(prompt=prompt)
+        return self.templated(prompt, kind)

@@ -42,6 +42,7 @@ class HFBlip:
         caption_prompt: str = "a picture of",
         dtype: Literal["float32", "float16", "bfloat16"] = "float32",
         device: str | None = None,
+        device_map: str | None = None,
         max_new_tokens: int = 20,
     ):
         if dtype not in DTYPES:
@@ -49,6 +50,8 @@ class HFBlip:
         self.model_id, self.caption_prompt, self.dtype = model_id, caption_prompt, dtype
         self._device_name = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.max_new_tokens = max_new_tokens
+        # accelerate's placement ("auto" spreads a large model over the visible GPUs); None: all of it on ``device``
+        self.device_map = device_map
         self.input_size = (0, 0)
         self.preprocessing = ""
         self.head: str = ""
@@ -73,8 +76,11 @@ class HFBlip:
         architecture = (config.architectures or ["BlipForConditionalGeneration"])[0]
         cls = BlipForQuestionAnswering if "QuestionAnswering" in architecture else BlipForConditionalGeneration
         self.head = "vqa" if cls is BlipForQuestionAnswering else "caption"
-        model = cls.from_pretrained(self.model_id, local_files_only=True, dtype=DTYPES[self.dtype])
-        model.to(self._device_name).eval()
+        model = cls.from_pretrained(self.model_id, local_files_only=True, dtype=DTYPES[self.dtype],
+                                    device_map=self.device_map)
+        if self.device_map is None:
+            model.to(self._device_name)
+        model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
         self._model, self._tokenizer, self._image_processor = model, tokenizer, image_processor
@@ -115,6 +121,16 @@ class HFBlip:
         embeds = self._model.vision_model(pixel_values=self._normalise(pixels))[0]
         return embeds, torch.ones(embeds.shape[:-1], dtype=torch.long, device=embeds.device)
 
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, T, D]: every token of the vision tower's last layer, what BLIP's text encoder (VQA)
+        and decoder (captions) cross-attend to; differentiable w.r.t. ``pixels``."""
+        self.load()
+        return self._image_embeds(pixels)[0]
+
+    def embed_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled :meth:`image_features` (feature-space and transfer attacks)."""
+        return self.image_features(pixels).mean(dim=1)
+
     def _context(self, pixels: torch.Tensor, prompts: Sequence[str], kind: TaskKind) -> tuple[torch.Tensor, torch.Tensor]:
         """What the answer decoder cross-attends to: the question encoded over the image (VQA), or
         the image (captioning)."""
@@ -127,6 +143,10 @@ class HFBlip:
             encoder_hidden_states=embeds, encoder_attention_mask=mask, return_dict=False,
         )[0]
         return encoded, question.attention_mask
+
+    def prompt_text(self, prompt: str, kind: TaskKind = "vqa") -> str:
+        """VQA: the question, which the text encoder reads over the image; captions: the decoder's prompt."""
+        return self.caption_prompt if kind == "caption" else prompt
 
     def decoder_prefix(self, kind: TaskKind) -> list[int]:
         """The decoder's start: [decoder start] for VQA answers, [BOS] + caption prompt for captions."""

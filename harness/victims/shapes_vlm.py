@@ -231,6 +231,10 @@ class ShapesVLM:
         std = torch.tensor(self.STD, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
         return (pixels - mean) / std
 
+    def prompt_text(self, prompt: str, kind: TaskKind = "vqa") -> str:
+        """What the decoder reads before the answer: ``[BOS] prompt [SEP]`` (one template for both tasks)."""
+        return f"{BOS} {prompt} {SEP}"
+
     def _prompt_ids(self, prompt: str) -> list[int]:
         tok = self.tokenizer
         return [tok.bos_token_id, *tok.encode(prompt, add_special_tokens=False), tok.sep_token_id]

@@ -11,7 +11,9 @@ from pathlib import Path
 import torch
 
 WORDS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "USER", ":", "ASSISTANT", "what", "colour", "is", "the",
-         "shape", "?", "red", "blue", "a", "circle", "square", "describe", "image", ".", "how", "many", "shapes"]
+         "shape", "?", "red", "blue", "a", "circle", "square", "describe", "image", ".", "how", "many", "shapes",
+         # LLaVA-1.5's VQA instruction
+         "Answer", "question", "using", "single", "word", "or", "phrase."]
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'].upper() }} : {% for c in m['content'] %}"
     "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}"
@@ -81,7 +83,7 @@ def build_tiny_llava(folder: Path, image_size: int = 32) -> Path:
 
 
 BLIP2_WORDS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "Question:", "Answer:", "what", "colour", "is", "the",
-               "shape", "?", "red", "blue", "a", "circle"]
+               "shape", "?", "red", "blue", "a", "circle", "Short", "answer:"]
 
 
 def build_tiny_blip2(folder: Path) -> Path:
