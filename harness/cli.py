@@ -101,13 +101,18 @@ def cmd_validate(args: argparse.Namespace, plugins: Plugins) -> int:
             f"{d.label}: {_route_text(plugins, d, protocol)}" for d in suite.defenses))
     else:
         print(f"standard adaptive protocol: OFF ({protocol.reason}); the board will say 'no adaptive evaluation'")
-    _print_graph(suite, plugins, counts)
+    graph = _print_graph(suite, plugins, counts)
+    training = sum(node.cost for node in graph.nodes.values() if node.stage == "train")
+    seconds = (estimate.total + training) * args.seconds_per_pass
+    print(f"estimated time: {estimate.total} passes + {training:.3g} of training = {seconds / 3600:.3g} GPU-hours at "
+          f"{args.seconds_per_pass * 1000:.3g} ms per pass (--seconds-per-pass; the default is an assumed rate for a "
+          "7B MLLM forward+backward of one image on one H100, not a measurement: docs/scale.md)")
     for note in notes:
         print(f"note: {note}")
     return 0
 
 
-def _print_graph(suite: Any, plugins: Plugins, counts: dict[int, int]) -> None:
+def _print_graph(suite: Any, plugins: Plugins, counts: dict[int, int]) -> Any:
     from harness.graph import STAGES, plan
 
     graph = plan(suite, plugins, {task.label: counts[i] for i, task in enumerate(suite.tasks)})
@@ -121,6 +126,7 @@ def _print_graph(suite: Any, plugins: Plugins, counts: dict[int, int]) -> None:
     for node_id in path:
         node = graph.nodes[node_id]
         print(f"    {node.stage:6s} {node.label}  ({node.cost:.3g})")
+    return graph
 
 
 def _route_text(plugins: Plugins, defense_spec: Any, protocol: Any) -> str:
@@ -129,6 +135,16 @@ def _route_text(plugins: Plugins, defense_spec: Any, protocol: Any) -> str:
     defense = plugins.defenses.create(defense_spec.name, defense_spec.params)
     route = gradient_route(defense, protocol.eot, protocol.surrogate_steps)
     return route.method + (f", EOT {route.eot}" if route.eot > 1 else "") + (f", {route.surrogate}" if route.surrogate else "")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
 
 
 def _executor_arguments(p: argparse.ArgumentParser) -> None:
@@ -385,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a suite; print its matrix, pass estimate and work graph")
     p.add_argument("suite")
+    p.add_argument("--seconds-per-pass", type=_positive_float, default=0.0125, metavar="S",
+                   help="the rate the GPU-hour estimate assumes (default 0.0125: 12.5 ms per 7B image-pass)")
     _executor_arguments(p)
     p.set_defaults(func=cmd_validate)
 
