@@ -123,6 +123,9 @@ class AttackSpec(_Strict):
     For attacks too costly to run through every defense (adaptive ones through long purifiers)."""
     tasks: list[str] | None = None
     """Cross this attack with these tasks only (names, or labels like ``vqav2:test``); default all."""
+    victims: list[str] | None = None
+    """Cross this attack with these victims only (names); default all. A transfer attack whose
+    surrogate is one victim runs on the others only, to be transfer."""
     samples: int | None = Field(default=None, gt=0)
     """Run on the first ``samples`` of each task's seeded subset only (costly attacks)."""
     draws: int = Field(default=1, gt=0)
@@ -137,7 +140,10 @@ class AttackSpec(_Strict):
     def crosses(self, task: "TaskSpec") -> bool:
         return self.tasks is None or task.name in self.tasks or task.label in self.tasks
 
-    @field_validator("threats", "defenses", "tasks", mode="before")
+    def attacks_victim(self, victim: "VictimSpec") -> bool:
+        return self.victims is None or victim.name in self.victims
+
+    @field_validator("threats", "defenses", "tasks", "victims", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
@@ -431,7 +437,9 @@ def _check_plugins(path: Path, suite: Suite, plugins: Plugins) -> None:
             raise SuiteError(path, f"{key}.eot", "eot (expectation over transformation) only applies with adaptive: true")
         if attack.surrogate_steps is not None and not attack.adaptive:
             raise SuiteError(path, f"{key}.surrogate_steps", "a surrogate process only applies with adaptive: true")
-        for field_name, declared in (("defenses", [d.label for d in suite.defenses]), ("tasks", sorted({t.name for t in suite.tasks} | {t.label for t in suite.tasks}))):
+        for field_name, declared in (("defenses", [d.label for d in suite.defenses]),
+                                     ("tasks", sorted({t.name for t in suite.tasks} | {t.label for t in suite.tasks})),
+                                     ("victims", sorted({v.name for v in suite.victims}))):
             for j, ref in enumerate(getattr(attack, field_name) or []):
                 if ref not in declared:
                     close = difflib.get_close_matches(ref, declared, n=1)
@@ -509,7 +517,7 @@ def expand(suite: Suite) -> list[Cell]:
     for victim in suite.victims:
         for task in suite.tasks:
             for attack in suite.all_attacks():
-                if not attack.crosses(task):
+                if not attack.crosses(task) or not attack.attacks_victim(victim):
                     continue
                 for threat in suite.threats_of(attack):
                     for defense in suite.defenses_of(attack):
@@ -543,10 +551,10 @@ def estimate_passes(suite: Suite, plugins: Plugins, sample_counts: dict[int, int
 
     fwd = bwd = purify = gen = protocol = 0
     instances = {d.label: plugins.defenses.create(d.name, d.params) for d in suite.defenses}
-    for _victim in suite.victims:
+    for victim in suite.victims:
         for t_index, task in enumerate(suite.tasks):
             for attack in suite.all_attacks():
-                if not attack.crosses(task):
+                if not attack.crosses(task) or not attack.attacks_victim(victim):
                     continue
                 n = sample_counts[t_index] if attack.samples is None else min(sample_counts[t_index], attack.samples)
                 defenses = [instances[d.label] for d in suite.defenses_of(attack)]

@@ -11,14 +11,20 @@ fi
 stamp=.venv/.codefend-bootstrap
 want=$(cat scripts/bootstrap.sh pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c 'import harness, torch, ray' 2>/dev/null; then
-  # --no-compile: byte-compiling every installed file (torch, ray) costs a minute. Instead what
-  # runs import is compiled, one half per core (~30 s): where PYTHONDONTWRITEBYTECODE is set, as
-  # here, every process would otherwise compile torch and transformers from source (~6 s each)
+  # --no-compile: byte-compiling every installed file (torch, ray) costs a minute
   .venv/bin/pip install --quiet --disable-pip-version-check --no-compile torch==2.13.0 -e '.[test]'
+  echo "$want" > "$stamp"
+fi
+# --tests: also byte-compile what runs import, one half per core (~30 s). Where
+# PYTHONDONTWRITEBYTECODE is set, as on these machines, every process otherwise compiles torch and
+# transformers from source (~6 s each): the test suite starts dozens of processes; the main job
+# three, which costs less than compiling first.
+compiled=.venv/.codefend-bytecode
+if [ "${1:-}" = "--tests" ] && [ "$(cat "$compiled" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python scripts/compile_imports.py kernel & kernel=$!
   .venv/bin/python scripts/compile_imports.py libraries
   wait "$kernel"
-  echo "$want" > "$stamp"
+  echo "$want" > "$compiled"
 fi
 if ! command -v java >/dev/null 2>&1; then
   echo "note: java not found: caption metrics need it (PTB tokenizer, METEOR); install a JRE (Debian: default-jre-headless)" >&2

@@ -35,6 +35,9 @@ CAPTION_PROMPT = "Provide a short caption for this image."
 #: of val2014 that Karpathy's split adds to training).
 KARPATHY_SPLITS: dict[str, tuple[str, ...]] = {
     "karpathy_train": ("train", "restval"),
+    # train2014 images only: restval's 30,504 are val2014 images, which VQAv2 val evaluates on, so a
+    # model trained for an evaluation on val2014 (CoDefend's purifier in suites/paper.yaml) uses this
+    "karpathy_train2014": ("train",),
     "karpathy_val": ("val",),
     "karpathy_test": ("test",),
 }

@@ -233,14 +233,14 @@ def test_quickstart_validates_with_cells_and_pass_estimate(capsys, monkeypatch) 
     assert len(cells) == 56 and len(set(cells)) == 56
     assert "shapes-vlm | coco_captions:test | pgd@linf-8 | codefend-purifier" in cells
     assert "shapes-vlm | coco_captions:test | adaptive@linf-8 | diffpure" in cells
-    assert "56 cells, 3560 sample evaluations" in out
-    # oblivious: 250 samples x 2 threat models x PGD-20 (21 forward, 20 backward), shared by all
-    # defenses; adaptive: 20 samples per task x APGD-20 per defense, x EOT 2 x (1 + 2 UNet calls)
-    # through diffpure and the purifier; the re-run at 40 steps and EOT 4 on 10
-    assert ("estimated passes: 43580 attack forward + 42000 attack backward + 4520 defense + "
-            "4040 generation = 94140") in out
+    assert "56 cells, 2728 sample evaluations" in out
+    # oblivious: 190 samples x 2 threat models x PGD-20 (21 forward, 20 backward), shared by all
+    # defenses; adaptive: 16 samples per task x APGD-20 per defense, x EOT 2 x (1 + 2 UNet calls)
+    # through diffpure and the purifier; the re-run at 40 steps and EOT 4 on 8
+    assert ("estimated passes: 34444 attack forward + 33200 attack backward + 3496 defense + "
+            "3112 generation = 74252") in out
     assert "standard adaptive protocol: apgd {'steps': 20}, EOT 2 (stochastic defenses)" in out
-    assert "work graph: 232 nodes (3 train, 1 victim, 20 attack, 152 rows, 56 score), executor local {'workers': 2}" in out
+    assert "work graph: 204 nodes (3 train, 1 victim, 16 attack, 128 rows, 56 score), executor local {'workers': 2}" in out
     assert "gradient routes: none: exact; jpeg: bpda-identity; diffpure: exact, EOT 2; codefend-purifier: exact, EOT 2" in out
     assert err.strip() == ""
 
@@ -298,6 +298,36 @@ def test_attack_limited_to_some_defenses_and_tasks(tmp_path: Path, plugins) -> N
     adaptive = [c for c in cells if c.attack.adaptive]
     assert [(c.task.name, c.defense.label) for c in adaptive] == [("vqav2", "jpeg")]
     assert len(cells) == 2 * 2 * 2 + 1
+
+
+def test_attack_limited_to_some_victims_is_transfer_only_where_its_surrogate_is_another(
+        tmp_path: Path, plugins, capsys, monkeypatch) -> None:
+    shutil.copy(FIXTURES / "suites" / "base.yaml", tmp_path / "base.yaml")
+    path = tmp_path / "scoped.yaml"
+    path.write_text(textwrap.dedent("""\
+        include: base.yaml
+        victims:
+          - {name: shapes-vlm, params: {steps: 100}}
+          - {name: hf-llava, params: {model_id: /nowhere/llava}}
+        attacks:
+          - name: none
+          - {name: pgd, threats: [linf-8], params: {steps: 2}, victims: [shapes-vlm]}
+    """))
+    cells = expand(load_suite(path, plugins))
+    assert {c.victim.name for c in cells if c.attack.name == "pgd" and c.attack.role == "suite"} == {"shapes-vlm"}
+    assert {c.victim.name for c in cells if c.attack.name == "none"} == {"shapes-vlm", "hf-llava"}
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("include: base.yaml\nattacks:\n  - name: none\n  - {name: pgd, threats: [linf-8], victims: [shapes-vml]}\n")
+    code, _, err = _run_main(["validate", str(bad)], capsys, monkeypatch)
+    assert code == 2
+    assert_one_paragraph_error(err, bad.resolve(), "attacks[1].victims[0]", ("unknown victim 'shapes-vml'", "did you mean 'shapes-vlm'?"))
+
+
+def test_paper_suite_mf_ii_is_transfer_from_the_other_victim(plugins) -> None:
+    suite = load_suite(REPO / "suites" / "paper.yaml", plugins)
+    cells = [c for c in expand(suite) if c.attack.name == "mf-ii"]
+    assert cells and all(c.attack.params["surrogate"] != c.victim.name for c in cells)
+    assert {c.victim.name for c in cells} == {"hf-blip2", "hf-llava"}
 
 
 def test_include_keys_are_overridden_by_the_including_file(tmp_path: Path, plugins) -> None:

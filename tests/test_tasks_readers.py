@@ -209,6 +209,8 @@ def test_caption_reads_coco_and_karpathy_layouts(world: Path, tmp_path: Path) ->
     assert sorted(int(s.id) for s in test) == sorted(i["id"] for i in chosen[:2])
     assert test[0].references == tuple(f"caption {k}" for k in range(6))  # all six, as pycocoevalcap
     assert [int(s.id) for s in task.samples("karpathy_train", None, seed=0)] == [chosen[3]["id"]]
+    # restval is val2014: the train2014-only split leaves it out (no leak into a val2014 evaluation)
+    assert task.samples("karpathy_train2014", None, seed=0) == []
 
 
 @pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap needs Java")

@@ -169,3 +169,25 @@ def test_vqa_files_are_official_and_truthful(world: Path) -> None:
         assert set(answers) <= vocabulary
     assert 0.05 < disagreements / len(by_id) < 0.4
     assert abs(yes_no["yes"] - yes_no["no"]) <= max(3, 0.1 * sum(yes_no.values()))
+
+
+def test_no_training_image_of_a_pair_set_is_an_evaluation_image(codefend_home: Path) -> None:
+    """The purifier's and the prompt's pairs come from the train split (both tasks); every
+    evaluation split's images are other images, pixel for pixel."""
+    import hashlib
+
+    from defenses.training_pairs import PairTask
+    from tasks.coco_captions import CocoCaptionsTask
+    from tasks.vqav2 import VQAv2Task
+
+    def digests(split: str) -> set[str]:
+        found = set()
+        for task in (VQAv2Task(data="shapes"), CocoCaptionsTask(data="shapes", meteor=False)):
+            found |= {hashlib.sha256(np.ascontiguousarray(s.image).tobytes()).hexdigest()
+                      for s in task.samples(split, None, seed=0)}
+        return found
+
+    assert PairTask(name="vqav2").split is None  # pair tasks default to the defense's train split
+    training = digests("train")
+    for evaluation in ("val", "test"):
+        assert not training & digests(evaluation), f"a train image is also a {evaluation} image"
