@@ -1,26 +1,42 @@
 #!/usr/bin/env bash
 # All set-up on a fresh machine: a venv in .venv with a CPU torch and this project (editable).
+#   bash scripts/bootstrap.sh           what the main job needs
+#   bash scripts/bootstrap.sh --tests   and the test extras (pytest, selenium, Ray), byte-compiled
 set -euo pipefail
 cd "$(dirname "$0")/.."
+tests=0
+case "${1:-}" in
+  "") ;;
+  --tests) tests=1 ;;
+  *) echo "usage: bash scripts/bootstrap.sh [--tests]  (got '$1')" >&2; exit 2 ;;
+esac
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 # torch pinned: 2.13.0 is a CPU build on these machines; a bare requirement pulls CUDA. One pip
-# call resolves everything once. A stamp of what was installed (this script and pyproject.toml)
-# skips pip on the next call, so a rerun of the main command costs seconds, not a resolution.
+# call resolves everything once. A stamp of what was installed (this script, pyproject.toml and
+# whether the test extras came too) skips pip on the next call, so a rerun of the main command
+# costs seconds, not a resolution. The main job does not install the test extras (Ray alone is
+# 240 MB: ~10 s of its set-up).
 stamp=.venv/.codefend-bootstrap
 want=$(cat scripts/bootstrap.sh pyproject.toml | sha256sum | cut -d' ' -f1)
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c 'import harness, torch, ray' 2>/dev/null; then
+have=$(cat "$stamp" 2>/dev/null || true)
+if [ "$tests" = 1 ]; then
+  target="$want tests"; spec='.[test]'; check='import harness, torch, ray, pytest'
+else
+  target="$want"; spec='.'; check='import harness, torch'
+fi
+if { [ "$have" != "$target" ] && [ "$have" != "$want tests" ]; } || ! .venv/bin/python -c "$check" 2>/dev/null; then
   # --no-compile: byte-compiling every installed file (torch, ray) costs a minute
-  .venv/bin/pip install --quiet --disable-pip-version-check --no-compile torch==2.13.0 -e '.[test]'
-  echo "$want" > "$stamp"
+  .venv/bin/pip install --quiet --disable-pip-version-check --no-compile torch==2.13.0 -e "$spec"
+  echo "$target" > "$stamp"
 fi
 # --tests: also byte-compile what runs import, one half per core (~30 s). Where
 # PYTHONDONTWRITEBYTECODE is set, as on these machines, every process otherwise compiles torch and
 # transformers from source (~6 s each): the test suite starts dozens of processes; the main job
 # three, which costs less than compiling first.
 compiled=.venv/.codefend-bytecode
-if [ "${1:-}" = "--tests" ] && [ "$(cat "$compiled" 2>/dev/null)" != "$want" ]; then
+if [ "$tests" = 1 ] && [ "$(cat "$compiled" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python scripts/compile_imports.py kernel & kernel=$!
   .venv/bin/python scripts/compile_imports.py libraries
   wait "$kernel"
@@ -29,14 +45,16 @@ fi
 if ! command -v java >/dev/null 2>&1; then
   echo "note: java not found: caption metrics need it (PTB tokenizer, METEOR); install a JRE (Debian: default-jre-headless)" >&2
 fi
-# The HTML leaderboard test renders the board in headless Chromium (Debian: chromium, chromium-driver).
-if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
-  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 \
-      || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1; } \
-      || echo "note: could not install chromium + chromium-driver: the HTML leaderboard test will be skipped" >&2
-  else
-    echo "note: chromium + chromedriver not found (Debian: apt-get install chromium chromium-driver): the HTML leaderboard test will be skipped" >&2
+if [ "$tests" = 1 ]; then
+  # The HTML leaderboard test renders the board in headless Chromium (Debian: chromium, chromium-driver).
+  if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+      export DEBIAN_FRONTEND=noninteractive
+      apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 \
+        || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1; } \
+        || echo "note: could not install chromium + chromium-driver: the HTML leaderboard test will be skipped" >&2
+    else
+      echo "note: chromium + chromedriver not found (Debian: apt-get install chromium chromium-driver): the HTML leaderboard test will be skipped" >&2
+    fi
   fi
 fi

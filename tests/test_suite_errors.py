@@ -233,12 +233,12 @@ def test_quickstart_validates_with_cells_and_pass_estimate(capsys, monkeypatch) 
     assert len(cells) == 56 and len(set(cells)) == 56
     assert "shapes-vlm | coco_captions:test | pgd@linf-8 | codefend-purifier" in cells
     assert "shapes-vlm | coco_captions:test | adaptive@linf-8 | diffpure" in cells
-    assert "56 cells, 2728 sample evaluations" in out
+    assert "56 cells, 2696 sample evaluations" in out
     # oblivious: 190 samples x 2 threat models x PGD-20 (21 forward, 20 backward), shared by all
     # defenses; adaptive: 16 samples per task x APGD-20 per defense, x EOT 2 x (1 + 2 UNet calls)
-    # through diffpure and the purifier; the re-run at 40 steps and EOT 4 on 8
-    assert ("estimated passes: 34444 attack forward + 33200 attack backward + 3496 defense + "
-            "3112 generation = 74252") in out
+    # through diffpure and the purifier; the re-run at 40 steps and EOT 4 on 4
+    assert ("estimated passes: 25916 attack forward + 24880 attack backward + 3464 defense + "
+            "3080 generation = 57340") in out
     assert "standard adaptive protocol: apgd {'steps': 20}, EOT 2 (stochastic defenses)" in out
     assert "work graph: 204 nodes (3 train, 1 victim, 16 attack, 128 rows, 56 score), executor local {'workers': 2}" in out
     assert "gradient routes: none: exact; jpeg: bpda-identity; diffpure: exact, EOT 2; codefend-purifier: exact, EOT 2" in out
