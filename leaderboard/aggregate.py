@@ -30,17 +30,25 @@ def score_of(values: list[float]) -> Score:
     return Score(math.fsum(values) / len(values), len(values), bootstrap_ci(values))
 
 
+#: Every sanity flag's code (the JSON schema's enum must list exactly these: tests check it).
+FLAG_CODES = ("eps0-not-clean", "score-rises-with-eps", "large-eps-not-broken", "gradient-masking",
+              "loss-did-not-rise", "not-converged")
+
+
 @dataclass(frozen=True)
 class Flag:
     """A sanity check (Carlini et al. 2019's checklist) that failed on the stored rows."""
 
     code: str
-    """``eps0-not-clean`` | ``score-rises-with-eps`` | ``large-eps-not-broken`` |
-    ``gradient-masking`` | ``loss-did-not-rise`` | ``not-converged``"""
+    """One of :data:`FLAG_CODES`."""
     message: str
     defense: str | None = None
     """The defense row it concerns (None: the whole condition)."""
     condition: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.code not in FLAG_CODES:
+            raise ValueError(f"unknown sanity flag code {self.code!r}: add it to FLAG_CODES and the JSON schema")
 
 
 @dataclass

@@ -153,6 +153,26 @@ def test_json_entries_validate_against_the_shipped_schema(board) -> None:
         validate_entries([broken])
 
 
+def test_every_sanity_flag_a_board_can_raise_is_valid_json(board) -> None:
+    """A board with a not-converged flag once made ``codefend run`` exit 1 with no JSON board: the
+    schema's enum lacked the code. Every code the aggregator can raise must be in the schema."""
+    import dataclasses
+
+    from leaderboard.aggregate import FLAG_CODES, Flag
+    from leaderboard.entries import entry_schema
+
+    schema_codes = entry_schema()["properties"]["flags"]["items"]["properties"]["code"]["enum"]
+    assert sorted(schema_codes) == sorted(FLAG_CODES)
+    table = board.tables[0]
+    flagged = dataclasses.replace(board, tables=[dataclasses.replace(
+        table, flags=[Flag(code, f"a {code} flag", "masked") for code in FLAG_CODES])])
+    entries = json.loads(JSONReporter()(flagged))
+    masked = next(e for e in entries if e["defense"] == "masked")
+    assert sorted(f["code"] for f in masked["flags"]) == sorted(FLAG_CODES)
+    with pytest.raises(ValueError, match="unknown sanity flag code"):
+        Flag("not-a-flag", "x")
+
+
 def test_csv_has_one_line_per_condition_with_intervals(board) -> None:
     lines = list(csv.DictReader(io.StringIO(CSVReporter()(board))))
     masked = [line for line in lines if line["defense"] == "masked"]
