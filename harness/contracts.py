@@ -198,8 +198,10 @@ class CorpusScoredTask(Protocol):
     per-sample scores (COCO captions: pycocoevalcap's BLEU-4 pools n-gram counts and METEOR
     alignments over the corpus; a mean of per-sample BLEU-4 is a number no paper reports)."""
 
-    def corpus_scores(self, outputs: Sequence[str], samples: Sequence[Sample]) -> dict[str, float]:
-        """The set's metrics as the reference scorer reports them (same inputs as ``score``)."""
+    def score_with_corpus(self, outputs: Sequence[str], samples: Sequence[Sample]
+                          ) -> tuple[list[dict[str, float]], dict[str, float]]:
+        """``score``'s per-sample dicts and the set's metrics as the reference scorer reports
+        them, from one scoring pass (the driver uses it for a cell's first draw)."""
         ...
 
 

@@ -805,10 +805,14 @@ def _score_cell(store: Store, task: Task, samples: list[Sample], fingerprints: l
     outputs = store.outputs(fingerprints)
     draws = store.draw_outputs(fingerprints)
     count = max((len(d) for d in draws.values()), default=1)
-    per_draw = [
-        task.score([draws[fp][j] if fp in draws else outputs[fp] for fp in fingerprints], samples)
-        for j in range(count)
-    ]
+    draw_outputs = [[draws[fp][j] if fp in draws else outputs[fp] for fp in fingerprints] for j in range(count)]
+    corpus = None
+    if cell_key is not None and isinstance(task, CorpusScoredTask):
+        # one scoring pass of the first draw gives its per-sample scores and the corpus metrics
+        first_scores, corpus = task.score_with_corpus(draw_outputs[0], samples)
+        per_draw = [first_scores, *(task.score(o, samples) for o in draw_outputs[1:])]
+    else:
+        per_draw = [task.score(o, samples) for o in draw_outputs]
     scored: dict[str, tuple[dict[str, float], float]] = {}
     for i, fp in enumerate(fingerprints):
         first = dict(per_draw[0][i])
@@ -819,10 +823,8 @@ def _score_cell(store: Store, task: Task, samples: list[Sample], fingerprints: l
         first.update({"single_draw": values[0], "draw_scores": values, "draws": count})
         scored[fp] = (first, min(values))
     store.set_scores(scored)
-    if cell_key is not None and isinstance(task, CorpusScoredTask):
-        # over the outputs the per-sample scores of the first draw come from
-        first_outputs = [draws[fp][0] if fp in draws else outputs[fp] for fp in fingerprints]
-        store.set_corpus_scores(cell_key, fingerprints, task.corpus_scores(first_outputs, samples))
+    if corpus is not None:
+        store.set_corpus_scores(cell_key, fingerprints, corpus)
 
 
 def default_store_path(suite: Suite, out: str | Path | None) -> Path:

@@ -100,29 +100,26 @@ class CocoCaptionsTask:
 
     def score(self, outputs: Sequence[str], samples: Sequence[Sample]) -> list[dict[str, float]]:
         """Scores over exactly ``samples``: CIDEr's document frequencies come from their references."""
+        return self.score_with_corpus(outputs, samples)[0]
+
+    def corpus_scores(self, outputs: Sequence[str], samples: Sequence[Sample]) -> dict[str, float]:
+        """pycocoevalcap's own numbers over ``samples``: corpus BLEU-4 and METEOR (not means of the
+        per-sample values ``score`` returns), ROUGE-L and CIDEr (x100; both are means)."""
+        return self.score_with_corpus(outputs, samples)[1]
+
+    def score_with_corpus(self, outputs: Sequence[str], samples: Sequence[Sample]
+                          ) -> tuple[list[dict[str, float]], dict[str, float]]:
         if len(outputs) != len(samples):
             raise ValueError(f"got {len(outputs)} outputs for {len(samples)} samples")
         ids = [s.id for s in samples]
         if len(set(ids)) != len(ids):
             raise ValueError("samples must have distinct ids: CIDEr scores each image once")
-        _, per_sample = score_captions(
+        corpus, per_sample = score_captions(
             {s.id: output for s, output in zip(samples, outputs)},
             {s.id: list(s.references) for s in samples},
             meteor=self.meteor,
         )
-        return [per_sample[i] for i in ids]
-
-    def corpus_scores(self, outputs: Sequence[str], samples: Sequence[Sample]) -> dict[str, float]:
-        """pycocoevalcap's own numbers over ``samples``: corpus BLEU-4 and METEOR (not means of the
-        per-sample values ``score`` returns), ROUGE-L and CIDEr (x100; both are means)."""
-        if len(outputs) != len(samples):
-            raise ValueError(f"got {len(outputs)} outputs for {len(samples)} samples")
-        corpus, _ = score_captions(
-            {s.id: output for s, output in zip(samples, outputs)},
-            {s.id: list(s.references) for s in samples},
-            meteor=self.meteor,
-        )
-        return corpus
+        return [per_sample[i] for i in ids], corpus
 
     def describe(self) -> dict[str, Any]:
         return {"data": self.data, "root": str(self.root), "images": self.images, "meteor": self.meteor}
