@@ -57,6 +57,9 @@ CONFIGS = {
     "p8-h64-e2-s3000-lr3e-3": {"patch_size": 8, "hidden": 64, "encoder_layers": 2, "steps": 3000, "lr": 3e-3},
     "p8-h64-e2-s3500-lr2e-3": {"patch_size": 8, "hidden": 64, "encoder_layers": 2, "steps": 3500, "lr": 2e-3},
     "p8-h64-e2-s2400-bs48-lr2e-3": {"patch_size": 8, "hidden": 64, "encoder_layers": 2, "steps": 2400, "batch_size": 48, "lr": 2e-3},
+    # a step is overhead-bound at these sizes: batch 64 costs 1.37x batch 32 per step, not 2x
+    "p8-h64-e2-s1800-bs64-lr2.8e-3": {"patch_size": 8, "hidden": 64, "encoder_layers": 2, "steps": 1800, "batch_size": 64, "lr": 2.8e-3},
+    "p8-h64-e2-s2000-bs64-lr2e-3": {"patch_size": 8, "hidden": 64, "encoder_layers": 2, "steps": 2000, "batch_size": 64, "lr": 2e-3},
 }
 
 

@@ -26,6 +26,8 @@ from defenses.diffusion import BACKBONES, Backbone, backbone_preparations, check
 
 Sampler = Literal["sde", "ddpm", "ddim"]
 SAMPLERS = ("sde", "ddpm", "ddim")
+Precision = Literal["float32", "bfloat16", "float16"]
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SDE_DT = 1e-3
 """DiffPure's Euler–Maruyama step in SDE time t ∈ [0,1]."""
 SDE_T_END = 1e-5
@@ -99,6 +101,13 @@ class DiffPure(Defense):
     with and without checkpointing (and on recomputation). ``gradient_checkpointing=False`` keeps
     every step's activations (faster, memory linear in the number of steps). Without gradients
     (oblivious evaluation) nothing is checkpointed either way.
+
+    **Precision** (``precision``; default ``float32``): ``bfloat16`` or ``float16`` runs the
+    backbone's networks (UNet, and a latent backbone's VAE) under ``torch.autocast`` on the input's
+    device, for a GPU's tensor cores: about half the memory and time of fp32 on SD-sized UNets.
+    The sampler's own arithmetic (noise, ᾱ, the updates) stays in fp32, so only the network
+    evaluations are rounded, and gradients flow as in fp32. It is a parameter, so rows computed at
+    another precision are never reused for this one.
     """
 
     stochastic = True  # the forward noise (and the sde/ddpm reverse noise) is drawn per call
@@ -116,6 +125,7 @@ class DiffPure(Defense):
         backbone_params: dict[str, Any] | None = None,
         model_id: str | None = None,
         gradient_checkpointing: bool | None = None,
+        precision: Precision = "float32",
     ):
         if isinstance(t_star, bool) or not isinstance(t_star, (int, float)) or not 0.0 < float(t_star) <= 1.0:
             raise ValueError(f"t_star must be in (0, 1] (the diffusion time to purify at), got {t_star!r}")
@@ -127,6 +137,9 @@ class DiffPure(Defense):
             raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}, got {backbone!r}")
         if gradient_checkpointing is not None and not isinstance(gradient_checkpointing, bool):
             raise ValueError(f"gradient_checkpointing must be true, false or omitted (auto), got {gradient_checkpointing!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.precision = precision
         self.t_star = float(t_star)
         self.sampler = sampler
         self.steps = steps
@@ -160,7 +173,7 @@ class DiffPure(Defense):
         surrogate = DiffPure(
             t_star=self.t_star, sampler=self.sampler, steps=steps, backbone=self.backbone,
             backbone_params=self.backbone_params, model_id=self.model_id,
-            gradient_checkpointing=self.gradient_checkpointing,
+            gradient_checkpointing=self.gradient_checkpointing, precision=self.precision,
         )
         surrogate._model = self._model
         surrogate._shares = self
@@ -227,8 +240,10 @@ class DiffPure(Defense):
         if checkpointing is None:
             checkpointing = self.passes_per_sample() > CHECKPOINT_ABOVE
         ckpt = track and checkpointing
-        with torch.set_grad_enabled(track):
-            x0 = _step(ckpt, model.to_model_space, pixels.float())
+        low_precision = torch.autocast(pixels.device.type, dtype=PRECISIONS[self.precision],
+                                       enabled=self.precision != "float32")
+        with torch.set_grad_enabled(track), low_precision:
+            x0 = _step(ckpt, model.to_model_space, pixels.float()).float()  # a VAE's latents come back in its autocast dtype
             alphas_cumprod = model.scheduler.alphas_cumprod.to(device=x0.device, dtype=x0.dtype)
             k = self.start_index(len(alphas_cumprod))
             a = alphas_cumprod[k - 1]
@@ -241,7 +256,7 @@ class DiffPure(Defense):
                 x = self._reverse_ddim(model, x, alphas_cumprod, ckpt=ckpt)
             # back at the victim's input size (a latent model runs at its own resolution)
             out = _step(ckpt, functools.partial(model.from_model_space, size=pixels.shape[-2:]), x)
-        return out.clamp(0.0, 1.0).to(pixels.dtype)
+        return out.float().clamp(0.0, 1.0).to(pixels.dtype)
 
     def _pairs(self, alphas_cumprod: torch.Tensor):
         """(k, ᾱ_k, ᾱ_{k'}) for each jump k → k' of the discrete schedule (ᾱ = 1 past the end)."""

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from defenses.diffpure import DiffPure
+from defenses.diffpure import PRECISIONS, DiffPure, Precision
 from defenses.diffusion import BACKBONES, Backbone, backbone_preparations, check_backbone_params, load_backbone
 from defenses.training_pairs import (
     DEFAULT_PAIR_TASKS,
@@ -301,11 +301,16 @@ class CoDefendPurifier(Defense):
         backbone: Literal["shapes-ddpm", "pixel", "latent"] = "shapes-ddpm",
         backbone_params: dict[str, Any] | None = None,
         model_id: str | None = None,
+        precision: Precision = "float32",
     ):
         if backbone not in BACKBONES:
             raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}, got {backbone!r}")
-        # what rebuilds this purifier in a worker (its preparation)
-        self.params = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        # what rebuilds this purifier in a worker (its preparation); precision is the
+        # purification's alone (training runs in fp32), so it does not key the training
+        self.params = {k: v for k, v in locals().items() if k not in ("self", "__class__", "precision")}
+        self.precision = precision
         self.t_star, self.steps = float(t_star), int(steps)
         self.objective = objective
         self.train_attacks = parse_pair_attacks(train_attacks)
@@ -415,7 +420,9 @@ class CoDefendPurifier(Defense):
             tuned = copy.copy(base)
             tuned.unet = load_tuned_unet(base, self.checkpoint_dir(victim), self.training)
             tuned.name = f"codefend-purifier-{self.checkpoint_dir(victim).name.rsplit('-', 1)[-1]}"
-            self._samplers[key] = DiffPure.from_backbone(tuned, t_star=self.t_star, sampler="ddim", steps=self.steps)
+            # precision as diffpure's: the purification's network evaluations (training stays fp32)
+            self._samplers[key] = DiffPure.from_backbone(tuned, t_star=self.t_star, sampler="ddim", steps=self.steps,
+                                                         precision=self.precision)
         return self._samplers[key]
 
     # -- the defense contract ----------------------------------------------------------------

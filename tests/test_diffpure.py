@@ -305,3 +305,30 @@ def test_latent_backbone_with_tiny_modules(tmp_path: Path) -> None:
     assert bigger.to_model_space(small).shape == (2, 4, 32, 32)
     with pytest.raises(ValueError, match="resolution must be an integer"):
         LatentDiffusion.from_pretrained(str(tmp_path), resolution=0.5)
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_low_precision_runs_the_networks_under_autocast_and_keeps_the_contract(precision: str) -> None:
+    """The UNet and the VAE are evaluated in ``precision`` (their outputs move, a little), the
+    image comes back fp32 in [0,1], and gradients still flow to the pixels."""
+    from harness.victims.tiny_models import build_tiny_latent_backbone
+
+    model = build_tiny_latent_backbone()
+    seen: list[torch.dtype] = []
+    model.unet.register_forward_hook(lambda _m, _i, out: seen.append(out.sample.dtype))
+    pixels = torch.rand(2, 3, 32, 32, generator=_gen(0))
+    full = DiffPure.from_backbone(model, sampler="ddim", steps=2).purify(pixels, _gen(3))
+    assert seen == [torch.float32] * 2
+    seen.clear()
+    low = DiffPure.from_backbone(model, sampler="ddim", steps=2, precision=precision)
+    x = pixels.clone().requires_grad_(True)
+    out = low.purify(x, _gen(3))
+    assert seen == [getattr(torch, precision)] * 2
+    assert out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1
+    difference = (out - full).abs().max().item()
+    assert 0 < difference < 0.1  # rounded network evaluations, the same purification
+    out.mean().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert low.surrogate_process(1).precision == precision
+    with pytest.raises(ValueError, match="precision must be one of float32, bfloat16, float16"):
+        DiffPure(precision="fp8")

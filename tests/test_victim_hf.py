@@ -267,3 +267,62 @@ def test_instructblip_threads_the_qformer_instruction_through_loss_and_generate(
     assert seen[0]["qformer_attention_mask"][1].sum() < seen[0]["qformer_attention_mask"][0].sum()  # padded, masked
     outputs = victim.generate(pixels.detach(), ["what colour is the shape ?"] * 2, "vqa")
     assert len(outputs) == 2 and "qformer_input_ids" in seen[-1]
+
+
+# -- gradient checkpointing ---------------------------------------------------------------------
+
+
+def _layer_calls(model: torch.nn.Module) -> tuple[list[int], list]:
+    """A counter of the calls to the modules inside the transformer layers (a recomputed layer
+    runs its forward directly, so its submodules are what shows it)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    calls = [0]
+    inside = {id(sub): sub for layer in model.modules() if isinstance(layer, GradientCheckpointingLayer)
+              for sub in layer.modules() if sub is not layer}
+    hooks = [m.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1)) for m in inside.values()]
+    return calls, hooks
+
+
+@pytest.mark.parametrize("adapter", ["hf-llava", "hf-blip2", "hf-blip"])
+def test_gradient_checkpointing_recomputes_layers_and_keeps_the_gradients_exact(adapter: str, tmp_path: Path) -> None:
+    """In eval mode (no dropout), the checkpointed victim's pixel gradients are the unchecked ones,
+    and its layers really run again on the backward pass (activations were not kept)."""
+    from harness.victims.hf import HFBlip2
+    from harness.victims.hf_blip import HFBlip
+    from harness.victims.tiny_models import build_tiny_blip
+
+    build, cls = {"hf-llava": (build_tiny_llava, HFLlava), "hf-blip2": (build_tiny_blip2, HFBlip2),
+                  "hf-blip": (build_tiny_blip, HFBlip)}[adapter]
+    folder = build(tmp_path / adapter)
+    prompts, targets = ["what colour is the shape ?"] * 2, ["red", "a blue circle"]
+    grads, calls = {}, {}
+    for setting in (False, True):
+        victim = cls(model_id=str(folder), device="cpu", gradient_checkpointing=setting)
+        victim.load()
+        assert (victim.checkpointed_layers > 0) is setting
+        counter, hooks = _layer_calls(victim._model)
+        pixels = victim.prepare(_images(2)).requires_grad_(True)
+        loss = victim.loss(pixels, prompts, targets, "vqa")
+        forward_calls = counter[0]
+        (grads[setting],) = torch.autograd.grad(loss.sum(), pixels)
+        calls[setting] = (forward_calls, counter[0])
+        for hook in hooks:
+            hook.remove()
+        # generation runs without gradients, so nothing is recomputed and nothing changes
+        assert victim.generate(pixels.detach(), prompts, "vqa") == victim.generate(pixels.detach(), prompts, "vqa")
+    assert calls[False][0] == calls[False][1] > 0  # unchecked: no layer runs on the backward pass
+    assert calls[True][1] == 2 * calls[True][0] == 2 * calls[False][0]  # checkpointed: each runs again
+    assert grads[True].abs().sum() > 0
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_checkpointing_defaults_to_the_gpu_only() -> None:
+    from harness.victims.hf import wants_checkpointing
+
+    assert not wants_checkpointing(None, "cpu", None)
+    assert wants_checkpointing(None, "cuda", None) and wants_checkpointing(None, "cuda:1", None)
+    assert wants_checkpointing(None, "cpu", "auto")  # accelerate places it, on the GPUs it sees
+    assert wants_checkpointing(True, "cpu", None) and not wants_checkpointing(False, "cuda", None)
+    with pytest.raises(ValueError, match="gradient_checkpointing must be true, false or null"):
+        HFLlava(model_id="x", gradient_checkpointing="yes")

@@ -41,6 +41,44 @@ from harness.contracts import TaskKind
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def checkpoint_layers(model: torch.nn.Module) -> int:
+    """Put each transformer layer of ``model`` under ``torch.utils.checkpoint`` whenever gradients
+    are on, and return how many layers that is.
+
+    An attack's backward pass then keeps one layer's activations at a time instead of every
+    layer's: a 7B victim's attack memory no longer grows with its depth. transformers' own
+    ``gradient_checkpointing_enable`` only checkpoints in train mode, and train mode turns on the
+    models' dropout (OPT's, BLIP's); here the model stays in eval mode, so the recomputation on the
+    backward pass is exact and the gradients are the unchecked ones. Callers pass
+    ``use_cache=False``: a recomputed layer must not append to a KV cache a second time.
+    """
+    import functools
+
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        forward = layer.forward
+
+        @functools.wraps(forward)
+        def checkpointed(*args: Any, _forward=forward, **kwargs: Any) -> Any:
+            if torch.is_grad_enabled():
+                return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+            return _forward(*args, **kwargs)
+
+        layer.forward = checkpointed
+    return len(layers)
+
+
+def wants_checkpointing(setting: bool | None, device: str, device_map: str | None) -> bool:
+    """The ``gradient_checkpointing`` victim parameter: None (the default) turns it on where the
+    model sits on a GPU, where attack memory is the limit, and off on the CPU, where it only costs
+    a second forward pass per layer."""
+    if setting is not None:
+        return setting
+    return device_map is not None or device.startswith("cuda")
+
+
 def _missing(model_id: str, cause: BaseException) -> FileNotFoundError:
     from huggingface_hub.constants import HF_HUB_CACHE
 
@@ -104,6 +142,7 @@ class HFImageTextToText:
         vqa_template: str | None = None,
         caption_template: str | None = None,
         max_new_tokens_by_task: dict[str, int] | None = None,
+        gradient_checkpointing: bool | None = None,
     ):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -127,6 +166,11 @@ class HFImageTextToText:
         self.device_map = device_map
         self.trust_remote_code = trust_remote_code
         self.max_new_tokens = max_new_tokens
+        if gradient_checkpointing is not None and not isinstance(gradient_checkpointing, bool):
+            raise ValueError(f"gradient_checkpointing must be true, false or null (auto), got {gradient_checkpointing!r}")
+        self.gradient_checkpointing = gradient_checkpointing
+        #: transformer layers under checkpointing once loaded (0: off)
+        self.checkpointed_layers = 0
         self.input_size = (0, 0)
         self.preprocessing = ""
         self._model: Any = None
@@ -166,6 +210,8 @@ class HFImageTextToText:
         for p in model.parameters():
             p.requires_grad_(False)
         processor.tokenizer.padding_side = "left"  # decoder-only generation pads on the left
+        if wants_checkpointing(self.gradient_checkpointing, self._device_name, self.device_map):
+            self.checkpointed_layers = checkpoint_layers(model)
         self._model, self._processor = model, processor
         self.input_size, self.preprocessing = self._geometry()
 
@@ -315,7 +361,7 @@ class HFImageTextToText:
             labels[row, start + len(prefix):] = torch.tensor(sequence[len(prefix):])
         logits = self._model(
             input_ids=input_ids.to(device), attention_mask=attention.to(device), pixel_values=self._normalise(pixels),
-            **self._side_inputs(inputs, device),
+            use_cache=False, **self._side_inputs(inputs, device),
         ).logits.float()
         # position j predicts token j + 1: shift so only target tokens are scored
         token_loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:].to(device), ignore_index=-100, reduction="none")

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.contracts import TaskKind
-from harness.victims.hf import DTYPES, _missing, normalise, resize_and_crop
+from harness.victims.hf import DTYPES, _missing, checkpoint_layers, normalise, resize_and_crop, wants_checkpointing
 
 
 class HFBlip:
@@ -44,6 +44,7 @@ class HFBlip:
         device: str | None = None,
         device_map: str | None = None,
         max_new_tokens: int = 20,
+        gradient_checkpointing: bool | None = None,
     ):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -52,6 +53,11 @@ class HFBlip:
         self.max_new_tokens = max_new_tokens
         # accelerate's placement ("auto" spreads a large model over the visible GPUs); None: all of it on ``device``
         self.device_map = device_map
+        if gradient_checkpointing is not None and not isinstance(gradient_checkpointing, bool):
+            raise ValueError(f"gradient_checkpointing must be true, false or null (auto), got {gradient_checkpointing!r}")
+        # as hf-image-text-to-text's (checkpoint_layers): None is on for a GPU, off on the CPU
+        self.gradient_checkpointing = gradient_checkpointing
+        self.checkpointed_layers = 0
         self.input_size = (0, 0)
         self.preprocessing = ""
         self.head: str = ""
@@ -83,6 +89,8 @@ class HFBlip:
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
+        if wants_checkpointing(self.gradient_checkpointing, self._device_name, self.device_map):
+            self.checkpointed_layers = checkpoint_layers(model)
         self._model, self._tokenizer, self._image_processor = model, tokenizer, image_processor
         size = image_processor.size
         self.input_size = (int(size["height"]), int(size["width"]))
@@ -174,7 +182,7 @@ class HFBlip:
         ids, attention, labels = ids.to(pixels.device), attention.to(pixels.device), labels.to(pixels.device)
         logits = self._model.text_decoder(
             input_ids=ids, attention_mask=attention,
-            encoder_hidden_states=context, encoder_attention_mask=context_mask, return_dict=True,
+            encoder_hidden_states=context, encoder_attention_mask=context_mask, return_dict=True, use_cache=False,
         ).logits.float()
         token_loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none")
         return token_loss.sum(dim=1) / (labels[:, 1:] != -100).sum(dim=1).clamp(min=1)
