@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from harness.plugins import HOOK_KINDS, Plugins, get_plugins
+from harness.plugins import HOOK_KINDS, Plugins, get_plugins, load_plugins, plugin_specs_from_env, use_plugins
 from harness.registry import RegistryError
 from harness.suite import SuiteError
 
@@ -391,32 +391,38 @@ def _train_summary(record: dict[str, Any]) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="codefend", description="Adversarial-robustness benchmarks for multimodal LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
+    # every command takes --plugin, after its own name (`codefend run suite.yaml --plugin my_defense`)
+    plugin_option = argparse.ArgumentParser(add_help=False)
+    plugin_option.add_argument(
+        "--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
+        help="also load the plugin in this module (my_defense.plugin) or .py file, as if it were installed "
+             "(repeatable; CODEFEND_PLUGINS takes the same, separated by ':')")
 
-    p = sub.add_parser("run", help="run a suite (resumes: finished rows are skipped) and print its leaderboard")
+    p = sub.add_parser("run", parents=[plugin_option], help="run a suite (resumes: finished rows are skipped) and print its leaderboard")
     p.add_argument("suite", help="path of a YAML suite, e.g. suites/quickstart.yaml")
     p.add_argument("--out", help="results folder (default results/SUITE_NAME)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _executor_arguments(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("validate", help="check a suite; print its matrix, pass estimate and work graph")
+    p = sub.add_parser("validate", parents=[plugin_option], help="check a suite; print its matrix, pass estimate and work graph")
     p.add_argument("suite")
     p.add_argument("--seconds-per-pass", type=_positive_float, default=0.0125, metavar="S",
                    help="the rate the GPU-hour estimate assumes (default 0.0125: 12.5 ms per 7B image-pass)")
     _executor_arguments(p)
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("plugins", help="list loaded plugins and what they register")
+    p = sub.add_parser("plugins", parents=[plugin_option], help="list loaded plugins and what they register")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plugins)
 
-    p = sub.add_parser("leaderboard", help="re-render a leaderboard from a result store (no model runs)")
+    p = sub.add_parser("leaderboard", parents=[plugin_option], help="re-render a leaderboard from a result store (no model runs)")
     p.add_argument("results", help="results folder or store.sqlite file")
     p.add_argument("--format", default="md", help="md, html, json, csv or another registered reporter (see `codefend plugins`)")
     p.add_argument("--out", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_leaderboard)
 
-    p = sub.add_parser("compare", help="paired differences between two runs (results folders, or run ids with --store), "
+    p = sub.add_parser("compare", parents=[plugin_option], help="paired differences between two runs (results folders, or run ids with --store), "
                                        "or between two defenses of one results folder (--defenses A B)")
     p.add_argument("run_a", help="results folder / store.sqlite, or a run id with --store")
     p.add_argument("run_b", nargs="?")
@@ -424,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--defenses", nargs=2, metavar=("A", "B"), help="compare defense A with defense B inside RUN_A's store")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("train", help="train (or load from cache) a victim, a trainable defense or shapes-ddpm")
+    p = sub.add_parser("train", parents=[plugin_option], help="train (or load from cache) a victim, a trainable defense or shapes-ddpm")
     p.add_argument("name", help="shapes-vlm, shapes-ddpm, codefend-purifier, codefend-prompt, codefend, ...")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a parameter (repeatable)")
     p.add_argument("--victim", default="shapes-vlm", help="defenses: the victim to train against (default shapes-vlm)")
@@ -439,7 +445,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args, get_plugins())
+        if args.plugin:
+            plugins = use_plugins(load_plugins(specs=(*plugin_specs_from_env(), *args.plugin)))
+        else:
+            plugins = get_plugins()
+        return args.func(args, plugins)
     except USER_ERRORS as exc:
         message = exc.args[0] if isinstance(exc, FileNotFoundError) and exc.args and isinstance(exc.args[0], str) else str(exc)
         print(f"error: {message}", file=sys.stderr)

@@ -1,16 +1,31 @@
 """Loading plugins from the ``codefend`` entry-point group into typed registries.
 
-Loading is fault tolerant: each entry point is imported and each hook implementation is called
-on its own, and a failure becomes a :class:`PluginLoadWarning` naming the plugin while the
-others load normally.
+Plugins come from three places, loaded the same way:
+
+- the ``codefend`` entry points of installed distributions (the built-ins first);
+- *plugin specs*: a module name (``my_defense.plugin``) or the path of a ``.py`` file, given with
+  ``codefend run|validate|plugins --plugin SPEC`` (repeatable) or in ``CODEFEND_PLUGINS``
+  (specs separated by ``os.pathsep``, ``:`` on Linux), for a plugin not packaged (yet);
+- ``extra`` (name, module) pairs handed to :func:`load_plugins` in-process (tests).
+
+Loading is fault tolerant: each plugin is imported and each hook implementation is called on
+its own, and a failure becomes a :class:`PluginLoadWarning` naming the plugin while the others
+load normally. A plugin that registers nothing (no ``@hookimpl`` ``register_*`` function) is a
+warning too: it is almost always a missing decorator.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
+import sys
+import types
 import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Callable, Iterable
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
 
 import pluggy
 
@@ -19,6 +34,8 @@ from harness.registry import Entry, Registry, RegistryError
 
 ENTRY_POINT_GROUP = "codefend"
 BUILTIN_DISTRIBUTION = "codefend-bench"
+PLUGINS_ENV = "CODEFEND_PLUGINS"
+SPEC_SOURCE = "(--plugin)"
 
 #: hook name -> registry kind, in the order ``codefend plugins`` lists them.
 HOOK_KINDS: dict[str, str] = {
@@ -54,10 +71,12 @@ class Plugins:
     extra_modules: tuple[tuple[str, str], ...] = ()
     """(name, module) of the in-process plugins, so a worker process can load the same set."""
     use_entry_points: bool = True
+    specs: tuple[str, ...] = ()
+    """The plugin specs (modules or ``.py`` files) loaded beside the entry points."""
 
-    def recipe(self) -> tuple[tuple[tuple[str, str], ...], bool]:
+    def recipe(self) -> tuple[tuple[tuple[str, str], ...], bool, tuple[str, ...]]:
         """How another process rebuilds this plugin set (:func:`load_plugins` arguments)."""
-        return self.extra_modules, self.use_entry_points
+        return self.extra_modules, self.use_entry_points, self.specs
 
     def registry(self, kind: str) -> Registry[Any]:
         return self.registries[kind]
@@ -91,10 +110,46 @@ def _describe_error(exc: BaseException) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
+def plugin_specs_from_env() -> tuple[str, ...]:
+    """The plugin specs in ``CODEFEND_PLUGINS`` (``os.pathsep``-separated; empty parts skipped)."""
+    return tuple(part.strip() for part in os.environ.get(PLUGINS_ENV, "").split(os.pathsep) if part.strip())
+
+
+def import_plugin_spec(spec: str) -> types.ModuleType:
+    """Import a plugin spec: the path of a ``.py`` file, or a module name importable from
+    ``sys.path`` (the current directory included). Raises ``ImportError`` saying which it tried."""
+    path = Path(spec).expanduser()
+    if spec.endswith(".py") or os.sep in spec:
+        if not path.is_file():
+            raise ImportError(f"no such plugin file: {spec!r} (give the path of a .py file, or a module name such as my_defense.plugin)")
+        name = f"codefend_plugin_{path.stem}_{abs(hash(str(path.resolve()))):x}"
+        loader_spec = importlib.util.spec_from_file_location(name, path)
+        if loader_spec is None or loader_spec.loader is None:
+            raise ImportError(f"{spec!r} is not a Python file that can be imported")
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[name] = module  # dataclasses and pickling look the module up by name
+        try:
+            loader_spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(name, None)
+            raise
+        return module
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # `--plugin my_module` names a module next to the suite, as `python -m` would
+    try:
+        return importlib.import_module(spec)
+    except ModuleNotFoundError as exc:
+        if exc.name and spec.startswith(exc.name):
+            raise ImportError(f"no module named {spec!r} on sys.path (working directory {os.getcwd()}): give a "
+                              "module name importable from here, or the path of its .py file") from None
+        raise
+
+
 def load_plugins(
-    extra: Iterable[tuple[str, object]] = (), *, use_entry_points: bool = True
+    extra: Iterable[tuple[str, object]] = (), *, use_entry_points: bool = True, specs: Sequence[str] = ()
 ) -> Plugins:
-    """Load every ``codefend`` entry point (plus ``extra`` (name, module) pairs) into registries."""
+    """Load every ``codefend`` entry point, then each plugin spec (a module name or ``.py``
+    path, as ``--plugin`` takes), then the ``extra`` (name, module) pairs, into registries."""
     manager = pluggy.PluginManager(hookspecs.PROJECT)
     manager.add_hookspecs(hookspecs)
     infos: dict[str, PluginInfo] = {}
@@ -109,6 +164,10 @@ def load_plugins(
             sources.append(
                 (ep.name, ep.load, dist.name if dist else "?", dist.version if dist else "?", ep.value)
             )
+    specs = tuple(dict.fromkeys(specs))  # a spec given twice (flag and environment) loads once
+    for spec in specs:
+        sources.append((Path(spec).stem if spec.endswith(".py") else spec, (lambda s=spec: import_plugin_spec(s)),
+                        SPEC_SOURCE, "-", spec))
     for name, module in extra:
         sources.append((name, (lambda m=module: m), "(in-process)", "-", getattr(module, "__name__", name)))
 
@@ -163,19 +222,37 @@ def load_plugins(
                     PluginLoadWarning,
                     stacklevel=2,
                 )
+    for info in infos.values():
+        if info.error is None and not info.registered:
+            info.error = "registered nothing"
+            warnings.warn(
+                f"plugin '{info.name}' ({info.module}) registered nothing: it has no register_* function "
+                "marked @hookimpl (from harness.hookspecs import hookimpl), or they call register() for nothing",
+                PluginLoadWarning,
+                stacklevel=2,
+            )
     modules = tuple((name, getattr(module, "__name__", "")) for name, module in extra)
-    return Plugins(registries=registries, plugins=infos, extra_modules=modules, use_entry_points=use_entry_points)
+    return Plugins(registries=registries, plugins=infos, extra_modules=modules, use_entry_points=use_entry_points,
+                   specs=specs)
 
 
 _loaded: Plugins | None = None
 
 
 def get_plugins() -> Plugins:
-    """The process-wide plugin set, loaded once from entry points."""
+    """The process-wide plugin set, loaded once from the entry points and ``CODEFEND_PLUGINS``
+    (the CLI's ``--plugin`` specs join it through :func:`use_plugins`)."""
     global _loaded
     if _loaded is None:
-        _loaded = load_plugins()
+        _loaded = load_plugins(specs=plugin_specs_from_env())
     return _loaded
+
+
+def use_plugins(plugins: Plugins) -> Plugins:
+    """Make ``plugins`` the process-wide set (what components that call :func:`get_plugins` see)."""
+    global _loaded
+    _loaded = plugins
+    return plugins
 
 
 def reset_plugins() -> None:

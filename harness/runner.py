@@ -451,6 +451,9 @@ class NodeCall:
     plugin_modules: tuple[tuple[str, str], ...] = ()
     """(name, module) pairs of in-process plugins beyond the entry points (tests, ``load_plugins(extra=...)``)."""
     use_entry_points: bool = True
+    plugin_specs: tuple[str, ...] = ()
+    """The ``--plugin`` / ``CODEFEND_PLUGINS`` specs (module names or ``.py`` paths, which a
+    worker on another machine must be able to import too)."""
     threads: int | None = None
 
 
@@ -468,15 +471,16 @@ _worker_plugins: dict[tuple[Any, ...], Plugins] = {}
 def _plugins_for(call: NodeCall) -> Plugins:
     import importlib
 
-    from harness.plugins import load_plugins
+    from harness.plugins import load_plugins, plugin_specs_from_env, use_plugins
 
-    key = (call.plugin_modules, call.use_entry_points)
+    key = (call.plugin_modules, call.use_entry_points, call.plugin_specs)
     if key not in _worker_plugins:
-        if not call.plugin_modules and call.use_entry_points:
+        if not call.plugin_modules and call.use_entry_points and call.plugin_specs == plugin_specs_from_env():
             _worker_plugins[key] = get_plugins()
         else:
             extra = [(name, importlib.import_module(module)) for name, module in call.plugin_modules]
-            _worker_plugins[key] = load_plugins(extra=extra, use_entry_points=call.use_entry_points)
+            _worker_plugins[key] = use_plugins(load_plugins(extra=extra, use_entry_points=call.use_entry_points,
+                                                            specs=call.plugin_specs))
     return _worker_plugins[key]
 
 

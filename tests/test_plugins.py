@@ -312,3 +312,55 @@ def test_parameters_are_coerced(builtins) -> None:
     assert pgd.step_size == pytest.approx(2 / 255) and pgd.steps == 7
     with pytest.raises(ParamError, match="fraction like 8/255"):
         builtins.attacks.create("pgd", {"step_size": "two/255"})
+
+
+# -- plugins loaded without packaging: --plugin and CODEFEND_PLUGINS ---------------------------------
+
+
+def test_a_plugin_file_loads_with_the_flag_or_the_environment(run_cli, tmp_path: Path) -> None:
+    plugin = tmp_path / "my_blur.py"
+    shutil.copy(FIXTURES / "plugins" / "thirdparty_blur.py", plugin)
+    for args, env in ((("--plugin", plugin), {}), ((), {"CODEFEND_PLUGINS": str(plugin)})):
+        result = run_cli("plugins", "--json", *args, env=env)
+        assert result.returncode == 0, result.stderr
+        listed = {p["plugin"]: p for p in json.loads(result.stdout)}
+        assert listed["my_blur"]["registered"] == {"defense": ["blur"], "attack": ["uniform-noise"]}
+        assert listed["my_blur"]["distribution"] == "(--plugin)" and listed["my_blur"]["error"] is None
+        assert "jpeg" in listed["defenses"]["registered"]["defense"]  # the built-ins still load
+
+    # a module name resolves from the working directory, as `python -m` would
+    by_name = run_cli("plugins", "--plugin", "my_blur", cwd=tmp_path)
+    assert by_name.returncode == 0, by_name.stderr
+    assert "blur" in _component_lines(by_name.stdout)["defense"]
+
+
+def test_a_plugin_file_runs_a_suite_in_worker_processes(run_cli, trained_home: Path, tmp_path: Path) -> None:
+    """The spec travels to the workers, which import the same file."""
+    plugin = tmp_path / "my_blur.py"
+    shutil.copy(FIXTURES / "plugins" / "thirdparty_blur.py", plugin)
+    suite = tmp_path / "suite.yaml"
+    suite.write_text((FIXTURES / "suites" / "thirdparty.yaml").read_text()
+                     + "executor: {name: local, params: {workers: 2}}\n")
+    out = tmp_path / "out"
+    result = run_cli("run", suite, "--out", out, "--quiet", "--plugin", plugin)
+    assert result.returncode == 0, result.stderr
+    with sqlite3.connect(out / "store.sqlite") as db:
+        defenses = {row[0] for row in db.execute("SELECT DISTINCT defense FROM results")}
+        blur_rows = db.execute("SELECT COUNT(*) FROM results WHERE defense = 'blur'").fetchone()[0]
+    assert defenses == {"none", "blur"} and blur_rows == 12
+    # without the flag, the suite names a defense that does not exist, and says so
+    missing = run_cli("validate", suite)
+    assert missing.returncode == 2 and "blur" in missing.stderr
+
+
+def test_a_bad_plugin_spec_or_an_empty_module_is_a_warning_naming_it(run_cli, tmp_path: Path) -> None:
+    (tmp_path / "forgot_hookimpl.py").write_text(
+        "def register_defenses(register):\n    raise AssertionError('never called without @hookimpl')\n")
+    result = run_cli("plugins", "--plugin", tmp_path / "forgot_hookimpl.py", "--plugin", tmp_path / "nowhere.py",
+                     "--plugin", "no_such_module_anywhere")
+    assert result.returncode == 0, result.stderr
+    assert "plugin 'forgot_hookimpl'" in result.stderr and "registered nothing" in result.stderr
+    assert "@hookimpl" in result.stderr
+    assert "no such plugin file" in result.stderr and "nowhere.py" in result.stderr
+    assert "no module named 'no_such_module_anywhere'" in result.stderr
+    _assert_builtins_listed(result.stdout)
