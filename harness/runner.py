@@ -63,8 +63,36 @@ class ThreatModelViolation(CellError):
     """An attack returned pixels outside its threat model (its ε ball, or [0,1])."""
 
 
+class DefenseContractViolation(CellError):
+    """A defense's ``purify`` returned something the contract rules out (shape, dtype, range)."""
+
+
 BALL_TOLERANCE = 1e-6
 """Float slack of the ball check: ``clean + δ`` in float32 rounds by ~6e-8 near 1."""
+
+
+def check_defense_output(defense: str, pixels: torch.Tensor, purified: Any) -> torch.Tensor:
+    """``purified`` if it keeps ``Defense.purify``'s contract for input ``pixels`` (a tensor of
+    the same shape, floating point, finite, in [0,1]); else :class:`DefenseContractViolation`,
+    naming the defense and what to fix. Nothing is clipped or reshaped for it: a defense whose
+    output the victim would silently reinterpret is a bug to see."""
+    where = f"defense '{defense}': purify"
+    if not isinstance(purified, torch.Tensor):
+        raise DefenseContractViolation(f"{where} returned {type(purified).__name__}, not a torch.Tensor of pixels")
+    if purified.shape != pixels.shape:
+        raise DefenseContractViolation(
+            f"{where} returned shape {tuple(purified.shape)} for input {tuple(pixels.shape)}: it must return "
+            "the images it was given, same batch, channels and size (resize back inside purify if it works at another size)")
+    if not purified.is_floating_point():
+        raise DefenseContractViolation(f"{where} returned dtype {purified.dtype}: return float pixels in [0,1]")
+    if not torch.isfinite(purified).all():
+        raise DefenseContractViolation(f"{where} returned non-finite pixels (NaN or inf)")
+    low, high = float(purified.min()), float(purified.max())
+    if low < -BALL_TOLERANCE or high > 1 + BALL_TOLERANCE:
+        raise DefenseContractViolation(
+            f"{where} returned pixels outside [0,1] (measured range [{low:.6g}, {high:.6g}]): clamp its output to "
+            "[0,1] (0-255 or [-1,1] pixels are the usual cause)")
+    return purified
 
 
 def check_threat_model(attack: str, threat: ThreatModel, bounded: bool, clean: torch.Tensor,
@@ -300,7 +328,7 @@ def run_chunk(chunk: Chunk, plugins: Plugins | None = None) -> ChunkOutcome:
 
     def purified_by(generator: torch.Generator) -> torch.Tensor:
         with torch.no_grad():
-            return defense.purify(adversarial, generator)
+            return check_defense_output(cell.defense.name, adversarial, defense.purify(adversarial, generator))
 
     _synchronise(adversarial.device)  # CUDA runs asynchronously: time the work, not its launch
     started = time.perf_counter()
