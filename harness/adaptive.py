@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-from harness.contracts import Defense, SurrogateProcessDefense, TaskKind, Victim
+from harness.contracts import BPDAApproximation, Defense, SurrogateProcessDefense, TaskKind, Victim, check_defense_declarations
 
 
 @dataclass
@@ -44,14 +44,13 @@ def gradient_route(defense: Defense, eot: int | None, surrogate_steps: int | Non
     own draw count for stochastic defenses; a deterministic one always gets a single draw.
     ``surrogate_steps``: attack through the defense's surrogate process when it has more network
     evaluations than this."""
+    check_defense_declarations(type(defense).__name__, defense)
     if defense.differentiable:
         method = "exact"
-    elif defense.bpda == "approximate" and hasattr(defense, "approximate"):
+    elif defense.bpda == "approximate":
         method = "bpda-approximate"
-    elif defense.bpda in ("identity", None):
-        method = "bpda-identity"
     else:
-        raise ValueError(f"defense declares an unknown BPDA approximation {defense.bpda!r}")
+        method = "bpda-identity"
     if not defense.stochastic:
         draws = 1
     else:
@@ -87,7 +86,11 @@ class DefendedTarget:
         if self.route.method == "exact":
             return self.differentiated.purify(pixels, self.generator)
         purified = self.defense.purify(pixels.detach(), self.generator)
-        surrogate = pixels if self.route.method == "bpda-identity" else self.defense.approximate(pixels)  # type: ignore[attr-defined]
+        if self.route.method == "bpda-identity":
+            surrogate = pixels
+        else:
+            assert isinstance(self.defense, BPDAApproximation)  # check_defense_declarations made sure
+            surrogate = self.defense.approximate(pixels)
         # forward: the real defense; backward: the surrogate's gradient
         return surrogate + (purified - surrogate).detach()
 

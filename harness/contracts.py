@@ -151,6 +151,38 @@ class SurrogateProcessDefense(Protocol):
 
 
 @runtime_checkable
+class BPDAApproximation(Protocol):
+    """A non-differentiable defense (``bpda = "approximate"``) with a differentiable stand-in for
+    ``purify``: BPDA (Athalye et al. 2018) runs ``purify`` forward and differentiates
+    ``approximate`` backward."""
+
+    def approximate(self, pixels: torch.Tensor) -> torch.Tensor:
+        """A differentiable map close to ``purify`` on [B,3,H,W] pixels in [0,1], same shape."""
+        ...
+
+
+BPDA_DECLARATIONS = (None, "identity", "approximate")
+"""The values ``Defense.bpda`` may take."""
+
+
+def check_defense_declarations(name: str, defense: "Defense") -> None:
+    """Raise ``ValueError`` naming the defense when its declarations cannot route an adaptive
+    attack: an unknown ``bpda``, ``bpda = "approximate"`` without :class:`BPDAApproximation`'s
+    method, or an ``eot_samples`` below 1. ``codefend validate`` and the runner call it."""
+    if defense.bpda not in BPDA_DECLARATIONS:
+        close = [v for v in BPDA_DECLARATIONS if v and v[:3] == str(defense.bpda)[:3]]
+        hint = f" — did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"defense '{name}' declares bpda = {defense.bpda!r}{hint}; it must be None (no BPDA), "
+                         "'identity' (the backward pass treats purify as the identity) or 'approximate' (through its "
+                         "approximate(pixels) method)")
+    if defense.bpda == "approximate" and not defense.differentiable and not isinstance(defense, BPDAApproximation):
+        raise ValueError(f"defense '{name}' declares bpda = 'approximate' but has no approximate(pixels) method: add "
+                         "one (a differentiable stand-in for purify, same shape, [0,1]) or declare bpda = 'identity'")
+    if isinstance(defense.eot_samples, bool) or not isinstance(defense.eot_samples, int) or defense.eot_samples < 1:
+        raise ValueError(f"defense '{name}' declares eot_samples = {defense.eot_samples!r}: it must be an integer >= 1")
+
+
+@runtime_checkable
 class TransferAttack(Protocol):
     """A transfer attack: its gradients come from a surrogate model, not from the victim. The
     runner compares ``surrogate_fingerprint()`` with the victim's: when they are equal the attack

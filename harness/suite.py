@@ -17,7 +17,7 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from harness.contracts import CLEAN_THREAT, ThreatModel
+from harness.contracts import CLEAN_THREAT, ThreatModel, check_defense_declarations
 from harness.plugins import Plugins
 from harness.protocol import STANDARD_LABEL, AdaptiveProtocol, SanityProbes
 from harness.registry import ParamError, UnknownNameError, parse_fraction
@@ -411,7 +411,11 @@ def _check_plugins(path: Path, suite: Suite, plugins: Plugins) -> None:
     for i, task in enumerate(suite.tasks):
         create("task", task.name, task.factory_params(), f"tasks[{i}]")
     for i, defense in enumerate(suite.defenses):
-        create("defense", defense.name, defense.params, f"defenses[{i}]")
+        instance = create("defense", defense.name, defense.params, f"defenses[{i}]")
+        try:
+            check_defense_declarations(defense.name, instance)
+        except ValueError as exc:
+            raise SuiteError(path, f"defenses[{i}]", str(exc)) from None
     create("executor", suite.executor.name, suite.executor.params, "executor")
 
     for i, attack in enumerate(suite.attacks):

@@ -4,6 +4,7 @@ never becomes a number on the board."""
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from pathlib import Path
 
@@ -70,3 +71,18 @@ def test_each_broken_output_gets_its_own_message(output: str, message: str) -> N
     with pytest.raises(DefenseContractViolation, match=message):
         check_defense_output("mine", pixels, broken)
     assert check_defense_output("mine", pixels, pixels.clamp(0, 1)) is not None
+
+
+@pytest.mark.parametrize("defense,message", [
+    ("misspelled-bpda", r"defense 'misspelled-bpda' declares bpda = 'identiy' — did you mean 'identity'\?"),
+    ("approximate-without-method", r"defense 'approximate-without-method' declares bpda = 'approximate' but has no "
+                                   r"approximate\(pixels\) method"),
+])
+def test_validate_rejects_declarations_no_attack_can_route(defense: str, message: str, run_cli, tmp_path: Path) -> None:
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(SUITE.replace("{name: out-of-range}, {name: wrong-shape}", f"{{name: {defense}}}"))
+    result = run_cli("validate", suite, "--plugin", PLUGINS / "contract_breakers.py")
+    assert result.returncode == 2, result.stdout
+    assert "defenses[1]" in result.stderr
+    assert re.search(message, result.stderr), result.stderr
+    assert "Traceback" not in result.stderr
