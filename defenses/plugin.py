@@ -1,20 +1,24 @@
 """Built-in defenses, registered like any third-party plugin."""
 
-from defenses.basic import JpegDefense, NoDefense
-from defenses.codefend import CoDefend
-from defenses.diffpure import DiffPure
-from defenses.prompt import CoDefendPrompt
-from defenses.purifier import CoDefendPurifier
 from harness.hookspecs import hookimpl
+from harness.plugins import register_from
 
 
 @hookimpl
 def register_defenses(register):
-    register("none", NoDefense, description="no defense")
-    register("jpeg", JpegDefense, description="JPEG re-compression (not differentiable: BPDA identity)")
-    register("diffpure", DiffPure, description="DiffPure (Nie et al. 2022): diffuse to t*, reverse (sde/ddpm/ddim); exact gradients, EOT")
-    register("codefend-purifier", CoDefendPurifier,
-             description="CoDefend's supervised purifier: DDIM from t* with a denoiser fine-tuned on (adversarial, clean) pairs; objective 'unsupervised' is the fair control")
-    register("codefend-prompt", CoDefendPrompt,
-             description="CoDefend's prompt optimisation: searched defensive prefix (any victim) or trained soft prompt (white-box)")
-    register("codefend", CoDefend, description="CoDefend: supervised purifier + optimised prompt")
+    # one module at a time: one that fails to import (diffusers missing, say) takes only its own defenses
+    register_from(register, "defenses.basic", [
+        ("none", "NoDefense", "no defense"),
+        ("jpeg", "JpegDefense", "JPEG re-compression (not differentiable: BPDA identity)"),
+    ])
+    register_from(register, "defenses.diffpure", [
+        ("diffpure", "DiffPure", "DiffPure (Nie et al. 2022): diffuse to t*, reverse (sde/ddpm/ddim); exact gradients, EOT")])
+    register_from(register, "defenses.purifier", [
+        ("codefend-purifier", "CoDefendPurifier",
+         "CoDefend's supervised purifier: DDIM from t* with a denoiser fine-tuned on (adversarial, clean) pairs; "
+         "objective 'unsupervised' is the fair control")])
+    register_from(register, "defenses.prompt", [
+        ("codefend-prompt", "CoDefendPrompt",
+         "CoDefend's prompt optimisation: searched defensive prefix (any victim) or trained soft prompt (white-box)")])
+    register_from(register, "defenses.codefend", [
+        ("codefend", "CoDefend", "CoDefend: supervised purifier + optimised prompt")])

@@ -110,6 +110,22 @@ def _describe_error(exc: BaseException) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
+def register_from(register: Callable[..., None], module: str, components: Sequence[tuple[str, str, str]]) -> None:
+    """Register ``components``, ``(name, attribute of module, description)`` triples, importing
+    ``module`` only now: if it fails to import (an optional dependency missing, say), a
+    :class:`PluginLoadWarning` names the module and the components lost, and the plugin's other
+    modules still register. For plugins whose components live in several modules (the built-ins)."""
+    try:
+        loaded = importlib.import_module(module)
+    except Exception as exc:
+        warnings.warn(f"{module} failed to import, so {', '.join(name for name, _, _ in components)} "
+                      f"{'is' if len(components) == 1 else 'are'} not registered: {_describe_error(exc)}",
+                      PluginLoadWarning, stacklevel=2)
+        return
+    for name, attribute, description in components:
+        register(name, getattr(loaded, attribute), description=description)
+
+
 def plugin_specs_from_env() -> tuple[str, ...]:
     """The plugin specs in ``CODEFEND_PLUGINS`` (``os.pathsep``-separated; empty parts skipped)."""
     return tuple(part.strip() for part in os.environ.get(PLUGINS_ENV, "").split(os.pathsep) if part.strip())

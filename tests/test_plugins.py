@@ -364,3 +364,15 @@ def test_a_bad_plugin_spec_or_an_empty_module_is_a_warning_naming_it(run_cli, tm
     assert "no such plugin file" in result.stderr and "nowhere.py" in result.stderr
     assert "no module named 'no_such_module_anywhere'" in result.stderr
     _assert_builtins_listed(result.stdout)
+
+
+def test_a_builtin_attack_module_that_fails_to_import_takes_only_its_own_attacks(monkeypatch) -> None:
+    """ART missing (say): its three attacks go, with a warning naming the module; pgd, apgd and
+    the rest stay."""
+    monkeypatch.setitem(sys.modules, "attacks.art_attacks", None)  # the next import raises ImportError
+    with pytest.warns(PluginLoadWarning, match=r"attacks\.art_attacks failed to import, so art-pgd, art-fgsm, art-square are not registered"):
+        plugins = load_plugins()
+    names = set(plugins.attacks.names())
+    assert {"none", "pgd", "apgd", "ensemble", "mf-ii", "typographic"} <= names
+    assert not names & {"art-pgd", "art-fgsm", "art-square"}
+    assert plugins.plugins["attacks"].registered["attack"][:2] == ["none", "pgd"]
