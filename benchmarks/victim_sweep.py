@@ -60,6 +60,8 @@ CONFIGS = {
     # a step is overhead-bound at these sizes: batch 64 costs 1.37x batch 32 per step, not 2x
     "p8-h64-e2-s1800-bs64-lr2.8e-3": {"patch_size": 8, "hidden": 64, "encoder_layers": 2, "steps": 1800, "batch_size": 64, "lr": 2.8e-3},
     "p8-h64-e2-s2000-bs64-lr2e-3": {"patch_size": 8, "hidden": 64, "encoder_layers": 2, "steps": 2000, "batch_size": 64, "lr": 2e-3},
+    "p8-h64-e2-s1500-bs64-lr2e-3": {"patch_size": 8, "hidden": 64, "encoder_layers": 2, "steps": 1500, "batch_size": 64, "lr": 2e-3},
+    "p8-h64-e2-s1200-bs64-lr2e-3": {"patch_size": 8, "hidden": 64, "encoder_layers": 2, "steps": 1200, "batch_size": 64, "lr": 2e-3},
 }
 
 

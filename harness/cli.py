@@ -42,13 +42,28 @@ def _parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
     return params
 
 
+def _parameter_table(entry: Any) -> list[dict[str, str]]:
+    """An entry's parameters as ``codefend plugins --params`` shows them: name, type, default."""
+    import inspect
+
+    rows = []
+    for key, p in entry.parameters().items():
+        annotation = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", str(p.annotation))
+        rows.append({"name": key, "type": "" if p.annotation is inspect.Parameter.empty else annotation,
+                     "default": "(required)" if p.default is inspect.Parameter.empty else repr(p.default)})
+    return rows
+
+
 def cmd_plugins(args: argparse.Namespace, plugins: Plugins) -> int:
     if args.json:
-        payload = [
-            {"plugin": p.name, "distribution": p.distribution, "version": p.version, "module": p.module,
-             "registered": p.registered, "error": p.error}
-            for p in plugins.plugins.values()
-        ]
+        payload = []
+        for p in plugins.plugins.values():
+            item = {"plugin": p.name, "distribution": p.distribution, "version": p.version, "module": p.module,
+                    "registered": p.registered, "error": p.error}
+            if args.params:
+                item["params"] = {kind: {name: _parameter_table(plugins.registry(kind).get(name)) for name in names}
+                                  for kind, names in p.registered.items()}
+            payload.append(item)
         print(json.dumps(payload, indent=2))
         return 0
     for p in plugins.plugins.values():
@@ -58,6 +73,10 @@ def cmd_plugins(args: argparse.Namespace, plugins: Plugins) -> int:
             for name in p.registered.get(kind, []):
                 entry = plugins.registry(kind).get(name)
                 print(f"    {kind:9s} {name:16s} {entry.description}")
+                if args.params:
+                    for row in _parameter_table(entry):
+                        typed = f": {row['type']}" if row["type"] else ""
+                        print(f"        {row['name']}{typed} = {row['default']}")
     return 0
 
 
@@ -414,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plugins", parents=[plugin_option], help="list loaded plugins and what they register")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--params", action="store_true", help="also each component's parameters, types and defaults")
     p.set_defaults(func=cmd_plugins)
 
     p = sub.add_parser("leaderboard", parents=[plugin_option], help="re-render a leaderboard from a result store (no model runs)")

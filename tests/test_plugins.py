@@ -376,3 +376,16 @@ def test_a_builtin_attack_module_that_fails_to_import_takes_only_its_own_attacks
     assert {"none", "pgd", "apgd", "ensemble", "mf-ii", "typographic"} <= names
     assert not names & {"art-pgd", "art-fgsm", "art-square"}
     assert plugins.plugins["attacks"].registered["attack"][:2] == ["none", "pgd"]
+
+
+def test_plugins_params_lists_each_parameter_with_its_default(run_cli) -> None:
+    text = run_cli("plugins", "--params")
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    diffpure = lines.index(next(line for line in lines if line.split()[:2] == ["defense", "diffpure"]))
+    block = lines[diffpure + 1 : diffpure + 9]
+    assert any(line.strip().startswith("t_star:") and line.endswith("= 0.1") for line in block), block
+    assert any(line.strip() == "model_id: str | None = None" for line in block), block
+    as_json = run_cli("plugins", "--params", "--json")
+    pgd = next(p for p in json.loads(as_json.stdout) if p["plugin"] == "attacks")["params"]["attack"]["pgd"]
+    assert {"name": "steps", "type": "int", "default": "20"} in pgd
