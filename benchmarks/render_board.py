@@ -42,7 +42,7 @@ def main() -> None:
             text = plugins.reporters.create(fmt)(board)
             render = time.perf_counter() - started
             started = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "harness.cli", "leaderboard", folder, "--format", fmt, "--out", "/dev/null"],
+            subprocess.run([sys.executable, "-m", "codefend.cli", "leaderboard", folder, "--format", fmt, "--out", "/dev/null"],
                            check=True, capture_output=True)
             command = time.perf_counter() - started
             print(f"  {fmt:5s} render {render:5.2f} s ({len(text) / 1e3:.0f} kB); `codefend leaderboard --format {fmt}` {command:5.2f} s")

@@ -617,3 +617,21 @@ def denoising_mse(backbone: Backbone, pixels: torch.Tensor, t: int, generator: t
         ac = backbone.scheduler.alphas_cumprod[t].to(x0.device)
         x_t = ac.sqrt() * x0 + (1 - ac).sqrt() * noise
         return F.mse_loss(backbone.predict_noise(x_t, t), noise).item()
+
+
+def build_tiny_latent_backbone():
+    """A Stable Diffusion-style latent backbone: tiny ``AutoencoderKL`` + ``UNet2DConditionModel``
+    (random weights) + the DDPM scheduler, for 32x32 images: the interface, for tests and
+    scripts/gpu_smoke.py, never a purifier to evaluate."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=8, sample_size=32)
+    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+                                cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8)
+    return LatentDiffusion(vae, unet, DDPMScheduler(num_train_timesteps=1000))

@@ -52,6 +52,7 @@ def main(argv: list[str]) -> int:
     side, one per core), or everything."""
     part = argv[0] if argv else "all"
     if part in ("kernel", "all"):
+        import codefend.cli  # noqa: F401 - the command line every run starts from
         from harness.plugins import get_plugins
 
         get_plugins()

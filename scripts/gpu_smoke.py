@@ -47,7 +47,8 @@ def main() -> None:
     from defenses.training_pairs import Pairs
     from harness.contracts import AttackBatch, ThreatModel
     from harness.victims.hf import HFBlip2, HFLlava
-    from harness.victims.tiny_models import build_tiny_blip2, build_tiny_latent_backbone, build_tiny_llava
+    from defenses.diffusion import build_tiny_latent_backbone
+    from harness.victims.tiny_models import build_tiny_blip2, build_tiny_llava
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (48, 56, 3), dtype=np.uint8) for _ in range(8)]

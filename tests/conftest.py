@@ -31,7 +31,7 @@ os.environ["OMP_NUM_THREADS"] = THREADS  # before torch is imported here or in a
 
 def _codefend_command() -> list[str]:
     script = Path(sys.executable).with_name("codefend")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "harness.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "codefend.cli"]
 
 
 CODEFEND = _codefend_command()

@@ -232,7 +232,7 @@ def test_html_board_renders_in_headless_chromium(board, tmp_path: Path) -> None:
 
 
 def test_leaderboard_and_compare_commands(board_store, capsys, monkeypatch) -> None:
-    from harness import cli
+    from codefend import cli
 
     folder = board_store.path.parent
     for fmt in ("md", "html", "json", "csv"):

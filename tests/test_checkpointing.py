@@ -89,7 +89,7 @@ def test_no_grad_outputs_do_not_depend_on_the_flag(backbone, clean, sampler, ste
 
 
 def test_latent_backbone_encode_and_decode_are_checkpointed() -> None:
-    from harness.victims.tiny_models import build_tiny_latent_backbone
+    from defenses.diffusion import build_tiny_latent_backbone
 
     model = build_tiny_latent_backbone()
     pixels = torch.rand(2, 3, 32, 32, generator=_gen(0))

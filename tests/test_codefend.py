@@ -206,7 +206,7 @@ def test_lora_purifier_on_a_latent_backbone_runs_end_to_end() -> None:
     """SD-style latent purification with a tiny VAE and UNet built from configs, LoRA-tuned."""
     import tempfile
 
-    from harness.victims.tiny_models import build_tiny_latent_backbone
+    from defenses.diffusion import build_tiny_latent_backbone
 
     backbone = build_tiny_latent_backbone()
     unet = backbone.unet
@@ -302,7 +302,7 @@ def test_codefend_combines_purifier_and_prompt(trained, tiny_victim, tiny_ddpm_p
 
 @pytest.mark.usefixtures("fresh_plugins")
 def test_train_command_names_what_can_be_trained(capsys) -> None:
-    from harness import cli
+    from codefend import cli
 
     assert cli.main(["train", "codefend-purifer"]) == 2
     err = capsys.readouterr().err

@@ -311,7 +311,7 @@ def test_latent_backbone_with_tiny_modules(tmp_path: Path) -> None:
 def test_low_precision_runs_the_networks_under_autocast_and_keeps_the_contract(precision: str) -> None:
     """The UNet and the VAE are evaluated in ``precision`` (their outputs move, a little), the
     image comes back fp32 in [0,1], and gradients still flow to the pixels."""
-    from harness.victims.tiny_models import build_tiny_latent_backbone
+    from defenses.diffusion import build_tiny_latent_backbone
 
     model = build_tiny_latent_backbone()
     seen: list[torch.dtype] = []

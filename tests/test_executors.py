@@ -90,7 +90,7 @@ def test_the_local_pool_gives_the_same_rows_and_board(local_run: Path, run_cli, 
 
 
 def _main(argv: list[str], capsys) -> tuple[int, str, str]:
-    from harness import cli
+    from codefend import cli
 
     code = cli.main(argv)
     captured = capsys.readouterr()

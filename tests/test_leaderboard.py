@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import cli
+from codefend import cli
 from harness.store import Store
 from leaderboard.aggregate import build_board
 from leaderboard.markdown import render_markdown

@@ -324,7 +324,7 @@ def test_the_protocol_expands_into_its_cells_on_a_seeded_subset_and_adds_the_pro
 
 
 def test_compare_pairs_two_defenses_of_one_store_on_every_condition_and_the_ranking(protocol_run, capsys) -> None:
-    from harness.cli import main
+    from codefend.cli import main
 
     _, store, _ = protocol_run
     assert main(["compare", str(store.path), "--defenses", "coin-flip", "none"]) == 0

@@ -1,6 +1,6 @@
 """Suites: every mistake is one ``error:`` paragraph naming the file and the key; good suites expand.
 
-Most cases call ``harness.cli.main`` in-process (the same code the console script runs, minus the
+Most cases call ``codefend.cli.main`` in-process (the same code the console script runs, minus the
 interpreter start-up); a few go through the real ``codefend`` executable.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import cli
+from codefend import cli
 from harness.plugins import load_plugins
 from harness.suite import SuiteError, expand, load_suite
 

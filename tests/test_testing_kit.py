@@ -23,7 +23,7 @@ def test_builtin_defenses_pass(name: str, params: dict) -> None:
 
 def test_diffpure_passes_on_a_tiny_latent_backbone() -> None:
     from defenses.diffpure import DiffPure
-    from harness.victims.tiny_models import build_tiny_latent_backbone
+    from defenses.diffusion import build_tiny_latent_backbone
 
     check_defense(DiffPure.from_backbone(build_tiny_latent_backbone(), sampler="ddim", steps=2),
                   victim=FakeVictim(input_size=(32, 32)))

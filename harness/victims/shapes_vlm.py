@@ -378,11 +378,13 @@ def _prepare_shapes_vlm(config: ShapesVLMConfig, device: str) -> None:
 
 
 def _training_samples(config: ShapesVLMConfig) -> tuple[list[Sample], list[Sample]]:
-    from tasks.coco_captions import CocoCaptionsTask
-    from tasks.vqav2 import VQAv2Task
+    """The shapes world's train split, through the registered tasks' contract (the kernel
+    imports no task package)."""
+    from harness.plugins import get_plugins
 
-    vqa = VQAv2Task(data="shapes")
-    captions = CocoCaptionsTask(data="shapes")
+    tasks = get_plugins().tasks
+    vqa = tasks.create("vqav2", {"data": "shapes"})
+    captions = tasks.create("coco_captions", {"data": "shapes"})
     return vqa.samples("train", None, seed=config.seed), captions.samples("train", None, seed=config.seed)
 
 

@@ -34,24 +34,6 @@ def word_tokenizer(words: list[str], *, bos: str, eos: str, image_token: str = "
     return tokenizer
 
 
-def build_tiny_latent_backbone():
-    """A Stable Diffusion-style latent backbone: tiny ``AutoencoderKL`` + ``UNet2DConditionModel``
-    (random weights) + the DDPM scheduler, for 32x32 images."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-
-    from defenses.diffusion import LatentDiffusion
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                        norm_num_groups=8, sample_size=32)
-    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
-                                cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8)
-    return LatentDiffusion(vae, unet, DDPMScheduler(num_train_timesteps=1000))
-
-
 def build_tiny_llava(folder: Path, image_size: int = 32) -> Path:
     from transformers import (
         CLIPImageProcessor,

@@ -1,0 +1,5 @@
+import sys
+
+from codefend.cli import main
+
+sys.exit(main())
