@@ -367,6 +367,7 @@ def cmd_leaderboard(args: argparse.Namespace, plugins: Plugins) -> int:
 
 def cmd_train(args: argparse.Namespace, plugins: Plugins) -> int:
     """Train (or find in the cache) a victim, a trainable defense, or the shapes-ddpm backbone."""
+    from harness.contracts import TrainableDefense
     from harness.registry import UnknownNameError
 
     params = _parse_sets(args.set)
@@ -390,8 +391,8 @@ def cmd_train(args: argparse.Namespace, plugins: Plugins) -> int:
             defense = plugins.defenses.create(args.name, params)
         except ValueError as exc:
             raise RegistryError(f"defense '{args.name}' rejected its parameters: {exc}") from None
-        if not callable(getattr(defense, "train", None)):
-            raise RegistryError(f"defense '{args.name}' has nothing to train (no train() method)")
+        if not isinstance(defense, TrainableDefense):
+            raise RegistryError(f"defense '{args.name}' has nothing to train (it is not a TrainableDefense: no train() method)")
         victim = plugins.victims.create(args.victim, _parse_sets(args.victim_set))
         victim.load()
         defense.bind(victim)  # trains (with progress bars) or loads from the cache

@@ -151,6 +151,21 @@ class SurrogateProcessDefense(Protocol):
 
 
 @runtime_checkable
+class TrainableDefense(Protocol):
+    """A defense trained against the victim it protects (CoDefend's purifier and prompt).
+
+    ``bind(victim)`` (``Defense.bind``) keeps the victim and trains or loads the defense, unless
+    ``prepare=False`` (then it only keeps the victim); ``train(progress=...)`` trains it now, or
+    finds it in its cache, and returns its training record (what ``codefend train`` prints). The
+    weights are cached under ``$CODEFEND_HOME`` keyed by everything that determines them, the
+    victim's fingerprint included."""
+
+    def bind(self, victim: "Victim", *, prepare: bool = True) -> None: ...
+
+    def train(self, *, progress: bool = True) -> dict[str, Any]: ...
+
+
+@runtime_checkable
 class BPDAApproximation(Protocol):
     """A non-differentiable defense (``bpda = "approximate"``) with a differentiable stand-in for
     ``purify``: BPDA (Athalye et al. 2018) runs ``purify`` forward and differentiates

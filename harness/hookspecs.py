@@ -85,8 +85,8 @@ def register_victims(register: Register) -> None:
 def register_reporters(register: Register) -> None:
     """Register leaderboard renderers: ``factory()`` returns a callable ``render(board) -> str``.
 
-    ``board`` is a :class:`leaderboard.aggregate.Board` built from the store; renderers never
-    recompute a model.
+    ``board`` is a :class:`harness.board.Board` (the kernel owns the type; the built-in
+    ``leaderboard`` package builds it from the store); renderers never recompute a model.
     """
 
 

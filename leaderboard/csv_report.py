@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 
-from leaderboard.aggregate import Board
+from harness.board import Board
 
 COLUMNS = ["victim", "task", "metric", "defense", "condition", "threat", "mode", "access", "seen_in_training",
            "mean", "ci95_low", "ci95_high", "n", "flags"]

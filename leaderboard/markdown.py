@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from leaderboard.aggregate import Board, Condition, Score
-from leaderboard.stats import MIN_SAMPLES
+from harness.board import MIN_SAMPLES, Board, Condition, Score
 
 # Papers report CIDEr x100 (already scaled by the task) with one decimal; accuracies with three.
 _DECIMALS = {"cider": 1, "bleu4": 3, "rouge_l": 3, "meteor": 3}

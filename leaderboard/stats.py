@@ -9,24 +9,15 @@ and, when every score is 0 or 1, McNemar's exact test on the discordant pairs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 from scipy import stats
 
-CONFIDENCE = 0.95
+from harness.board import CONFIDENCE, MIN_SAMPLES, Interval, PairedComparison  # noqa: F401 - the types the board carries
+
 RESAMPLES = 2_000
 SEED = 0
-MIN_SAMPLES = 10
-"""Fewer paired samples than this are never called significant (a bootstrap of 2 samples says
-nothing, whatever its interval)."""
-
-
-@dataclass(frozen=True)
-class Interval:
-    low: float
-    high: float
 
 
 def bootstrap_ci(values: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
@@ -42,30 +33,6 @@ def bootstrap_ci(values: Sequence[float], confidence: float = CONFIDENCE) -> Int
         random_state=np.random.default_rng(SEED), vectorized=True,
     )
     return Interval(float(result.confidence_interval.low), float(result.confidence_interval.high))
-
-
-@dataclass(frozen=True)
-class PairedComparison:
-    """``a`` against ``b`` on the samples both were evaluated on."""
-
-    n: int
-    mean_difference: float
-    """mean(a − b): positive when ``a`` scores higher."""
-    interval: Interval
-    p_value: float
-    test: str
-    """``mcnemar-exact`` for 0/1 scores, ``paired-bootstrap`` otherwise (the p-value is then the
-    two-sided bootstrap share of differences on the other side of zero)."""
-
-    @property
-    def significant(self) -> bool:
-        """The difference is significant at 1 − CONFIDENCE (its interval excludes 0, or the exact
-        test's p-value is below 0.05)."""
-        if self.n < MIN_SAMPLES:
-            return False
-        if self.test == "mcnemar-exact":
-            return self.p_value < 1 - CONFIDENCE
-        return self.interval.low > 0 or self.interval.high < 0
 
 
 def paired_comparison(a: dict[str, float], b: dict[str, float]) -> PairedComparison | None:

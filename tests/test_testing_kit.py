@@ -126,3 +126,13 @@ def test_check_attack_catches_an_attack_that_leaves_its_ball() -> None:
 def test_check_victim_catches_a_loss_that_ignores_the_pixels() -> None:
     with pytest.raises(ContractError, match=r"victim 'fake-victim': loss does not depend on the pixels it is given"):
         check_victim(IgnoresThePixels())
+
+
+def test_trainable_defenses_are_declared_by_protocol() -> None:
+    from harness.contracts import TrainableDefense
+
+    defenses = get_plugins().defenses
+    for name in ("codefend-purifier", "codefend-prompt", "codefend"):
+        assert isinstance(defenses.create(name, {}), TrainableDefense), name
+    for name in ("none", "jpeg", "diffpure"):
+        assert not isinstance(defenses.create(name, {}), TrainableDefense), name
