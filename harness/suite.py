@@ -8,6 +8,8 @@ wrong and what is allowed — users never see a traceback for a mistake in their
 from __future__ import annotations
 
 import difflib
+import math
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,9 @@ class SuiteError(Exception):
         self.file, self.key, self.message = str(file), key, message
         where = f"{self.file}: {key}: " if key else f"{self.file}: "
         super().__init__(where + message)
+
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class _Strict(BaseModel):
@@ -102,12 +107,19 @@ class ThreatSpec(_Strict):
 
     @field_validator("eps")
     @classmethod
-    def _eps_range(cls, value: float | list[float]) -> float | list[float]:
-        for eps in value if isinstance(value, list) else [value]:
+    def _eps_range(cls, value: float | list[float], info: pydantic.ValidationInfo) -> float | list[float]:
+        values = value if isinstance(value, list) else [value]
+        if isinstance(value, list) and not values:
+            raise ValueError("an eps sweep needs at least one value")
+        for eps in values:
+            if not math.isfinite(eps):
+                raise ValueError(f"eps must be a finite number, got {eps}")
             if eps < 0:
                 raise ValueError(f"eps must be >= 0, got {eps}")
-        if isinstance(value, list) and not value:
-            raise ValueError("an eps sweep needs at least one value")
+            if info.data.get("norm") == "linf" and eps > 1:
+                # pixels are [0,1]: an L∞ radius above 1 is no constraint at all
+                raise ValueError(f"eps {eps:g} is above 1, and pixels are in [0,1]: write the L∞ radius as a fraction "
+                                 f"of the pixel range, e.g. {eps:g}/255")
         return value
 
 
@@ -179,7 +191,7 @@ def _probes(value: Any) -> Any:
 
 class Suite(_Strict):
     name: str
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     batch_size: int = Field(default=32, gt=0)
     executor: ExecutorSpec = Field(default_factory=ExecutorSpec)
     """Where the work graph runs (:mod:`harness.executors`); ``codefend run --executor`` overrides it."""
@@ -195,6 +207,15 @@ class Suite(_Strict):
 
     _probe_switch = field_validator("sanity_probes", mode="before")(_probes)
     _executor_name = field_validator("executor", mode="before")(_executor)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        # the results folder is results/<name>: a name is one path component, nothing more
+        if not SAFE_NAME.fullmatch(value):
+            raise ValueError(f"{value!r} is not a safe suite name: use letters, digits, '.', '_' and '-' (starting with a "
+                             "letter or digit, at most 100), e.g. 'my-suite'; it names the results folder")
+        return value
 
     def threats(self) -> dict[str, ThreatModel]:
         """Named threat models with sweeps expanded (``linf@2/255``-style names for sweeps),
@@ -274,6 +295,26 @@ def _eps_text(eps: float) -> str:
 # -- loading ----------------------------------------------------------------------------------
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (PyYAML keeps the last one
+    silently: `attacks:` twice would drop the first list)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # the base loader reports an unhashable key
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is written twice in one mapping (first on line "
+                    f"{seen[key].start_mark.line + 1}); YAML would keep only the last: merge them", key_node.start_mark)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path, included_from: tuple[Path, ...]) -> dict[str, Any]:
     if path in included_from:
         chain = " -> ".join(str(p) for p in (*included_from, path))
@@ -285,7 +326,12 @@ def _read_yaml(path: Path, included_from: tuple[Path, ...]) -> dict[str, Any]:
             )
         raise SuiteError(path, "", "suite file does not exist; pass the path of a YAML suite (see suites/)")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SuiteError(path, "", f"not UTF-8 text (byte {exc.start} is {exc.object[exc.start:exc.start + 1]!r}): a suite "
+                                   "is a YAML file saved as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

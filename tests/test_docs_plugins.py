@@ -31,3 +31,15 @@ def test_the_guides_defense_plugin_registers_and_passes_its_own_test(tmp_path: P
     assert listed.returncode == 0, listed.stderr
     plugin = next(p for p in json.loads(listed.stdout) if p["plugin"] == "blur_plugin")
     assert plugin["registered"] == {"defense": ["box-blur"]} and plugin["error"] is None
+
+
+def test_the_guides_trained_defense_trains_binds_and_passes_its_own_test(tmp_path: Path, run_cli) -> None:
+    blocks = _python_blocks()
+    for name in ("fitted_blur_plugin.py", "test_fitted_blur_plugin.py"):
+        (tmp_path / name).write_text(blocks[name])
+    tested = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_fitted_blur_plugin.py"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    listed = run_cli("plugins", "--json", "--plugin", tmp_path / "fitted_blur_plugin.py")
+    plugin = next(p for p in json.loads(listed.stdout) if p["plugin"] == "fitted_blur_plugin")
+    assert plugin["registered"] == {"defense": ["fitted-blur"]}

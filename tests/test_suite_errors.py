@@ -102,6 +102,22 @@ CASES = [
         "executor.name", ("unknown executor 'locl'", "did you mean 'local'?")),
     Bad("bad-norm", "include: base.yaml\nthreat_models:\n  linf-8: {norm: linf2, eps: 8/255}",
         "threat_models.linf-8.norm", ("'linf2'", "'linf' or 'l2'")),
+    Bad("eps-8-means-8/255", "include: base.yaml\nthreat_models:\n  linf-8: {norm: linf, eps: 8}",
+        "threat_models.linf-8.eps", ("eps 8 is above 1", "pixels are in [0,1]", "e.g. 8/255")),
+    Bad("eps-nan", "include: base.yaml\nthreat_models:\n  linf-8: {norm: linf, eps: .nan}",
+        "threat_models.linf-8.eps", ("eps must be a finite number",)),
+    Bad("eps-inf-l2", "include: base.yaml\nthreat_models:\n  l2-1: {norm: l2, eps: .inf}",
+        "threat_models.l2-1.eps", ("eps must be a finite number",)),
+    Bad("eps-sweep-above-1", "include: base.yaml\nthreat_models:\n  linf-8: {norm: linf, eps: [2/255, 4]}",
+        "threat_models.linf-8.eps", ("eps 4 is above 1",)),
+    Bad("attacks-twice", "include: base.yaml\nattacks: [{name: none}]\nattacks: [{name: pgd, threats: [linf-8]}]",
+        "", ("the key 'attacks' is written twice", "first on line 2", "line 3")),
+    Bad("seed-negative", "include: base.yaml\nseed: -1",
+        "seed", ("greater than or equal to 0", "-1")),
+    Bad("name-escapes-results", "include: base.yaml\nname: ../../escaped",
+        "name", ("'../../escaped' is not a safe suite name", "results folder")),
+    Bad("name-empty", "include: base.yaml\nname: ''",
+        "name", ("is not a safe suite name",)),
     Bad("invalid-yaml", "name: x\nvictims: [{name: shapes-vlm}\ntasks: []\n",
         "", ("not valid YAML", "line 3")),
     Bad("top-level-list", "- name: x\n- victims: []\n",
@@ -367,3 +383,11 @@ def test_suite_error_carries_file_and_key(tmp_path: Path, plugins) -> None:
         load_suite(path, plugins)
     assert info.value.file == str(path.resolve())
     assert info.value.key == "attacks[1].params.stepz"
+
+
+def test_a_suite_that_is_not_utf8_is_named(tmp_path: Path, capsys, monkeypatch) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    code, _, err = _run_main(["validate", str(path)], capsys, monkeypatch)
+    assert code == 2
+    assert_one_paragraph_error(err, path, "", ("not UTF-8 text", "byte 9", "saved as UTF-8"))
