@@ -88,13 +88,14 @@ def cmd_validate(args: argparse.Namespace, plugins: Plugins) -> int:
     counts: dict[int, int] = {}
     notes = []
     for i, task in enumerate(suite.tasks):
-        if task.n is not None:
-            counts[i] = task.n
-            continue
         instance = plugins.tasks.create(task.name, task.factory_params())
         try:
-            counts[i] = len(instance.samples(task.split, None, suite.seed))
+            # with n given, one sample proves the split is there (the count is n, or the split's size)
+            found = len(instance.samples(task.split, 1 if task.n is not None else None, suite.seed))
+            counts[i] = task.n if task.n is not None and found else found
         except FileNotFoundError as exc:
+            if task.data_is_present():  # the data is here, so the split (or a file of it) is what is missing
+                raise SuiteError(args.suite, f"tasks[{i}].split", f"{' '.join(str(exc).split())[:600]}") from None
             counts[i] = 0
             notes.append(f"tasks[{i}]: sample count unknown until its data is present ({exc})")
     print(f"suite '{suite.name}' ({args.suite}) is valid")

@@ -84,8 +84,21 @@ class TaskSpec(_Strict):
     n: int | None = Field(default=None, gt=0)
     params: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("data")
+    @classmethod
+    def _data_given(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("data is empty: give the task's data folder, or 'shapes' for the built-in offline world "
+                             "(or leave the key out for the task's default)")
+        return value
+
     def factory_params(self) -> dict[str, Any]:
         return {**self.params, **({"data": self.data} if self.data is not None else {})}
+
+    def data_is_present(self) -> bool:
+        """Whether this task's data can be checked here: the built-in world, or a folder that
+        exists (a suite for another machine's data validates here with a note instead)."""
+        return self.data == "shapes" or (bool(self.data) and Path(str(self.data)).expanduser().is_dir())
 
     @property
     def label(self) -> str:

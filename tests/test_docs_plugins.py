@@ -1,13 +1,16 @@
-"""docs/plugins.md's example plugin and its test run as written: the guide cannot drift from
-the code."""
+"""docs/plugins.md's example plugins and their tests run as written: the guide cannot drift
+from the code."""
 
 from __future__ import annotations
 
-import json
+import importlib
 import re
-import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from harness.plugins import load_plugins
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "plugins.md"
 
@@ -18,28 +21,27 @@ def _python_blocks() -> dict[str, str]:
     return {block.splitlines()[0].removeprefix("# ").strip(): block for block in blocks}
 
 
-def test_the_guides_defense_plugin_registers_and_passes_its_own_test(tmp_path: Path, run_cli) -> None:
+@pytest.mark.parametrize("plugin,test,component", [
+    ("blur_plugin.py", "test_blur_plugin.py", "box-blur"),
+    ("fitted_blur_plugin.py", "test_fitted_blur_plugin.py", "fitted-blur"),
+])
+def test_the_guides_plugin_registers_and_passes_its_own_test(plugin: str, test: str, component: str, tmp_path: Path,
+                                                             monkeypatch, fresh_plugins) -> None:
     blocks = _python_blocks()
-    assert {"blur_plugin.py", "test_blur_plugin.py"} <= set(blocks)
-    for name in ("blur_plugin.py", "test_blur_plugin.py"):
+    for name in (plugin, test):
         (tmp_path / name).write_text(blocks[name])
-    tested = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_blur_plugin.py"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert tested.returncode == 0, tested.stdout + tested.stderr
-    assert "1 passed" in tested.stdout
-    listed = run_cli("plugins", "--json", "--plugin", tmp_path / "blur_plugin.py")
-    assert listed.returncode == 0, listed.stderr
-    plugin = next(p for p in json.loads(listed.stdout) if p["plugin"] == "blur_plugin")
-    assert plugin["registered"] == {"defense": ["box-blur"]} and plugin["error"] is None
-
-
-def test_the_guides_trained_defense_trains_binds_and_passes_its_own_test(tmp_path: Path, run_cli) -> None:
-    blocks = _python_blocks()
-    for name in ("fitted_blur_plugin.py", "test_fitted_blur_plugin.py"):
-        (tmp_path / name).write_text(blocks[name])
-    tested = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_fitted_blur_plugin.py"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert tested.returncode == 0, tested.stdout + tested.stderr
-    listed = run_cli("plugins", "--json", "--plugin", tmp_path / "fitted_blur_plugin.py")
-    plugin = next(p for p in json.loads(listed.stdout) if p["plugin"] == "fitted_blur_plugin")
-    assert plugin["registered"] == {"defense": ["fitted-blur"]}
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in (plugin, test):
+        monkeypatch.delitem(sys.modules, name.removesuffix(".py"), raising=False)
+    module = importlib.import_module(test.removesuffix(".py"))
+    tests = [getattr(module, name) for name in dir(module) if name.startswith("test_")]
+    assert len(tests) == 1
+    home = tmp_path / "home"
+    home.mkdir()
+    if "tmp_path" in tests[0].__code__.co_varnames[: tests[0].__code__.co_argcount]:
+        tests[0](home, monkeypatch)  # the guide's test, with pytest's fixtures
+    else:
+        tests[0]()
+    loaded = load_plugins(specs=[str(tmp_path / plugin)])
+    assert loaded.plugins[plugin.removesuffix(".py")].registered == {"defense": [component]}
+    assert loaded.plugins[plugin.removesuffix(".py")].error is None

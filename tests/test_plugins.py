@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 import sys
@@ -317,40 +318,44 @@ def test_parameters_are_coerced(builtins) -> None:
 # -- plugins loaded without packaging: --plugin and CODEFEND_PLUGINS ---------------------------------
 
 
-def test_a_plugin_file_loads_with_the_flag_or_the_environment(run_cli, tmp_path: Path) -> None:
+def test_a_plugin_file_loads_with_the_flag_or_the_environment(run_cli, tmp_path: Path, monkeypatch, fresh_plugins) -> None:
     plugin = tmp_path / "my_blur.py"
     shutil.copy(FIXTURES / "plugins" / "thirdparty_blur.py", plugin)
-    for args, env in ((("--plugin", plugin), {}), ((), {"CODEFEND_PLUGINS": str(plugin)})):
-        result = run_cli("plugins", "--json", *args, env=env)
-        assert result.returncode == 0, result.stderr
-        listed = {p["plugin"]: p for p in json.loads(result.stdout)}
-        assert listed["my_blur"]["registered"] == {"defense": ["blur"], "attack": ["uniform-noise"]}
-        assert listed["my_blur"]["distribution"] == "(--plugin)" and listed["my_blur"]["error"] is None
-        assert "jpeg" in listed["defenses"]["registered"]["defense"]  # the built-ins still load
-
-    # a module name resolves from the working directory, as `python -m` would
-    by_name = run_cli("plugins", "--plugin", "my_blur", cwd=tmp_path)
-    assert by_name.returncode == 0, by_name.stderr
-    assert "blur" in _component_lines(by_name.stdout)["defense"]
-
-
-def test_a_plugin_file_runs_a_suite_in_worker_processes(run_cli, trained_home: Path, tmp_path: Path) -> None:
-    """The spec travels to the workers, which import the same file."""
-    plugin = tmp_path / "my_blur.py"
-    shutil.copy(FIXTURES / "plugins" / "thirdparty_blur.py", plugin)
-    suite = tmp_path / "suite.yaml"
-    suite.write_text((FIXTURES / "suites" / "thirdparty.yaml").read_text()
-                     + "executor: {name: local, params: {workers: 2}}\n")
-    out = tmp_path / "out"
-    result = run_cli("run", suite, "--out", out, "--quiet", "--plugin", plugin)
+    result = run_cli("plugins", "--json", "--plugin", plugin)  # the console script, end to end
     assert result.returncode == 0, result.stderr
-    with sqlite3.connect(out / "store.sqlite") as db:
-        defenses = {row[0] for row in db.execute("SELECT DISTINCT defense FROM results")}
-        blur_rows = db.execute("SELECT COUNT(*) FROM results WHERE defense = 'blur'").fetchone()[0]
-    assert defenses == {"none", "blur"} and blur_rows == 12
-    # without the flag, the suite names a defense that does not exist, and says so
-    missing = run_cli("validate", suite)
-    assert missing.returncode == 2 and "blur" in missing.stderr
+    listed = {p["plugin"]: p for p in json.loads(result.stdout)}
+    assert listed["my_blur"]["registered"] == {"defense": ["blur"], "attack": ["uniform-noise"]}
+    assert listed["my_blur"]["distribution"] == "(--plugin)" and listed["my_blur"]["error"] is None
+    assert "jpeg" in listed["defenses"]["registered"]["defense"]  # the built-ins still load
+
+    from harness.plugins import get_plugins
+
+    monkeypatch.setenv("CODEFEND_PLUGINS", f"{plugin}{os.pathsep}")
+    assert "blur" in get_plugins().defenses.names()  # the environment feeds the process-wide set
+    # a module name resolves from the working directory, as `python -m` would
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "my_blur", raising=False)
+    by_name = load_plugins(specs=["my_blur"])
+    assert by_name.plugins["my_blur"].registered["defense"] == ["blur"]
+
+
+def test_a_worker_rebuilds_the_plugin_set_from_the_specs(tmp_path: Path, fresh_plugins) -> None:
+    """What crosses to a worker process (or a Ray worker) is the spec, not the module: the worker's
+    plugin set, rebuilt from the node call, has the plugin's components."""
+    from harness.runner import NodeCall, _plugins_for, _worker_plugins
+
+    plugin = tmp_path / "my_blur.py"
+    shutil.copy(FIXTURES / "plugins" / "thirdparty_blur.py", plugin)
+    plugins = load_plugins(specs=[str(plugin)])
+    extra, use_entry_points, specs = plugins.recipe()
+    assert specs == (str(plugin),)
+    _worker_plugins.clear()
+    try:
+        rebuilt = _plugins_for(NodeCall("rows", None, extra, use_entry_points, specs))
+        assert "blur" in rebuilt.defenses.names() and "uniform-noise" in rebuilt.attacks.names()
+        assert "jpeg" in rebuilt.defenses.names()
+    finally:
+        _worker_plugins.clear()
 
 
 def test_a_bad_plugin_spec_or_an_empty_module_is_a_warning_naming_it(run_cli, tmp_path: Path) -> None:
@@ -378,14 +383,21 @@ def test_a_builtin_attack_module_that_fails_to_import_takes_only_its_own_attacks
     assert plugins.plugins["attacks"].registered["attack"][:2] == ["none", "pgd"]
 
 
-def test_plugins_params_lists_each_parameter_with_its_default(run_cli) -> None:
-    text = run_cli("plugins", "--params")
-    assert text.returncode == 0, text.stderr
-    lines = text.stdout.splitlines()
+def _main(argv: list[str], capsys) -> tuple[int, str]:
+    from codefend import cli
+
+    code = cli.main(argv)
+    return code, capsys.readouterr().out
+
+
+def test_plugins_params_lists_each_parameter_with_its_default(capsys, fresh_plugins) -> None:
+    code, out = _main(["plugins", "--params"], capsys)
+    assert code == 0
+    lines = out.splitlines()
     diffpure = lines.index(next(line for line in lines if line.split()[:2] == ["defense", "diffpure"]))
     block = lines[diffpure + 1 : diffpure + 9]
     assert any(line.strip().startswith("t_star:") and line.endswith("= 0.1") for line in block), block
     assert any(line.strip() == "model_id: str | None = None" for line in block), block
-    as_json = run_cli("plugins", "--params", "--json")
-    pgd = next(p for p in json.loads(as_json.stdout) if p["plugin"] == "attacks")["params"]["attack"]["pgd"]
+    code, out = _main(["plugins", "--params", "--json"], capsys)
+    pgd = next(p for p in json.loads(out) if p["plugin"] == "attacks")["params"]["attack"]["pgd"]
     assert {"name": "steps", "type": "int", "default": "20"} in pgd

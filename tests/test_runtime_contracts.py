@@ -78,11 +78,15 @@ def test_each_broken_output_gets_its_own_message(output: str, message: str) -> N
     ("approximate-without-method", r"defense 'approximate-without-method' declares bpda = 'approximate' but has no "
                                    r"approximate\(pixels\) method"),
 ])
-def test_validate_rejects_declarations_no_attack_can_route(defense: str, message: str, run_cli, tmp_path: Path) -> None:
+def test_validate_rejects_declarations_no_attack_can_route(defense: str, message: str, tmp_path: Path, capsys,
+                                                            fresh_plugins) -> None:
+    from codefend import cli
+
     suite = tmp_path / "suite.yaml"
     suite.write_text(SUITE.replace("{name: out-of-range}, {name: wrong-shape}", f"{{name: {defense}}}"))
-    result = run_cli("validate", suite, "--plugin", PLUGINS / "contract_breakers.py")
-    assert result.returncode == 2, result.stdout
-    assert "defenses[1]" in result.stderr
-    assert re.search(message, result.stderr), result.stderr
-    assert "Traceback" not in result.stderr
+    code = cli.main(["validate", str(suite), "--plugin", str(PLUGINS / "contract_breakers.py")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "defenses[1]" in err
+    assert re.search(message, err), err
+    assert "Traceback" not in err

@@ -118,6 +118,8 @@ CASES = [
         "name", ("'../../escaped' is not a safe suite name", "results folder")),
     Bad("name-empty", "include: base.yaml\nname: ''",
         "name", ("is not a safe suite name",)),
+    Bad("data-empty", "include: base.yaml\ntasks: [{name: vqav2, data: '', split: test, n: 4}]",
+        "tasks[0].data", ("data is empty", "'shapes' for the built-in offline world")),
     Bad("invalid-yaml", "name: x\nvictims: [{name: shapes-vlm}\ntasks: []\n",
         "", ("not valid YAML", "line 3")),
     Bad("top-level-list", "- name: x\n- victims: []\n",
@@ -391,3 +393,14 @@ def test_a_suite_that_is_not_utf8_is_named(tmp_path: Path, capsys, monkeypatch) 
     code, _, err = _run_main(["validate", str(path)], capsys, monkeypatch)
     assert code == 2
     assert_one_paragraph_error(err, path, "", ("not UTF-8 text", "byte 9", "saved as UTF-8"))
+
+
+def test_a_split_the_data_does_not_have_is_an_error_before_any_compute(tmp_path: Path, capsys, monkeypatch) -> None:
+    """The shapes world is here, so a misspelt split is the suite's mistake (a suite for data on
+    another machine validates with a note instead: tests/test_victim_hf.py's paper suite)."""
+    shutil.copy(FIXTURES / "suites" / "base.yaml", tmp_path / "base.yaml")
+    path = tmp_path / "suite.yaml"
+    path.write_text("include: base.yaml\ntasks: [{name: vqav2, data: shapes, split: tset, n: 4}]")
+    code, _, err = _run_main(["validate", str(path)], capsys, monkeypatch)
+    assert code == 2
+    assert_one_paragraph_error(err, path, "tasks[0].split", ("split 'tset' not found",))
