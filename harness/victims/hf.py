@@ -70,6 +70,13 @@ def checkpoint_layers(model: torch.nn.Module) -> int:
     return len(layers)
 
 
+def checkpointing_setting(value: object) -> bool | None:
+    """The ``gradient_checkpointing`` victim parameter, checked: true, false or None (auto)."""
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"gradient_checkpointing must be true, false or null (auto), got {value!r}")
+    return value
+
+
 def wants_checkpointing(setting: bool | None, device: str, device_map: str | None) -> bool:
     """The ``gradient_checkpointing`` victim parameter: None (the default) turns it on where the
     model sits on a GPU, where attack memory is the limit, and off on the CPU, where it only costs
@@ -166,9 +173,7 @@ class HFImageTextToText:
         self.device_map = device_map
         self.trust_remote_code = trust_remote_code
         self.max_new_tokens = max_new_tokens
-        if gradient_checkpointing is not None and not isinstance(gradient_checkpointing, bool):
-            raise ValueError(f"gradient_checkpointing must be true, false or null (auto), got {gradient_checkpointing!r}")
-        self.gradient_checkpointing = gradient_checkpointing
+        self.gradient_checkpointing = checkpointing_setting(gradient_checkpointing)
         #: transformer layers under checkpointing once loaded (0: off)
         self.checkpointed_layers = 0
         self.input_size = (0, 0)

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from harness.contracts import TaskKind
-from harness.victims.hf import DTYPES, _missing, checkpoint_layers, normalise, resize_and_crop, wants_checkpointing
+from harness.victims.hf import (DTYPES, _missing, checkpoint_layers, checkpointing_setting, normalise, resize_and_crop,
+                               wants_checkpointing)
 
 
 class HFBlip:
@@ -53,10 +54,8 @@ class HFBlip:
         self.max_new_tokens = max_new_tokens
         # accelerate's placement ("auto" spreads a large model over the visible GPUs); None: all of it on ``device``
         self.device_map = device_map
-        if gradient_checkpointing is not None and not isinstance(gradient_checkpointing, bool):
-            raise ValueError(f"gradient_checkpointing must be true, false or null (auto), got {gradient_checkpointing!r}")
         # as hf-image-text-to-text's (checkpoint_layers): None is on for a GPU, off on the CPU
-        self.gradient_checkpointing = gradient_checkpointing
+        self.gradient_checkpointing = checkpointing_setting(gradient_checkpointing)
         self.checkpointed_layers = 0
         self.input_size = (0, 0)
         self.preprocessing = ""
