@@ -16,6 +16,7 @@ warning too: it is almost always a missing decorator.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -138,7 +139,10 @@ def import_plugin_spec(spec: str) -> types.ModuleType:
     if spec.endswith(".py") or os.sep in spec:
         if not path.is_file():
             raise ImportError(f"no such plugin file: {spec!r} (give the path of a .py file, or a module name such as my_defense.plugin)")
-        name = f"codefend_plugin_{path.stem}_{abs(hash(str(path.resolve()))):x}"
+        # the same name in every process (str hashes are salted per process): what a worker
+        # unpickles from this module must find it under the name the driver used
+        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+        name = f"codefend_plugin_{path.stem}_{digest}"
         loader_spec = importlib.util.spec_from_file_location(name, path)
         if loader_spec is None or loader_spec.loader is None:
             raise ImportError(f"{spec!r} is not a Python file that can be imported")

@@ -20,9 +20,10 @@ on its pixels. The harness's own tests run the kit on every built-in plugin.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -115,10 +116,23 @@ def _pixels(victim: Any, batch: int, seed: int) -> torch.Tensor:
     return torch.rand(batch, 3, height, width, generator=_generator(seed))
 
 
+@contextlib.contextmanager
+def _global_seeds(seed: int) -> Iterator[None]:
+    """Set torch's and NumPy's global seeds to ``seed`` inside, and give the caller's global
+    random state back after: a plugin that draws from them shows up as output that moves with
+    ``seed``, and the author's own test keeps its randomness."""
+    numpy_state = np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        try:
+            yield
+        finally:
+            np.random.set_state(numpy_state)
+
+
 def _purify(defense: Defense, pixels: torch.Tensor, seed: int, torch_seed: int) -> torch.Tensor:
-    torch.manual_seed(torch_seed)
-    np.random.seed(torch_seed)
-    with torch.no_grad():
+    with _global_seeds(torch_seed), torch.no_grad():
         return check_defense_output(_named(defense), pixels, defense.purify(pixels.clone(), _generator(seed)))
 
 
@@ -199,16 +213,15 @@ def check_attack(attack: Any, *, victim: Any = None, threat: ThreatModel | None 
     prompts = ["what color is the shape?"] * batch
     targets = ["red", "blue", "green", "circle"][:batch] + ["red"] * max(0, batch - 4)
 
-    def run(torch_seed: int) -> torch.Tensor:
-        torch.manual_seed(torch_seed)
-        np.random.seed(torch_seed)
-        def exact_match(outputs: Sequence[str], indices: Sequence[int]) -> list[float]:
-            return [float(o.strip().lower() == targets[i]) for o, i in zip(outputs, indices)]
+    def exact_match(outputs: Sequence[str], indices: Sequence[int]) -> list[float]:
+        return [float(o.strip().lower() == targets[i]) for o, i in zip(outputs, indices)]
 
-        result = attack.perturb(victim, AttackBatch(clean.clone(), list(prompts), list(targets), "vqa",
-                                                    seeds=list(range(batch)), references=[[t] for t in targets],
-                                                    scorer=exact_match),
-                                threat, _generator(seed))
+    def run(torch_seed: int) -> torch.Tensor:
+        with _global_seeds(torch_seed):
+            result = attack.perturb(victim, AttackBatch(clean.clone(), list(prompts), list(targets), "vqa",
+                                                        seeds=list(range(batch)), references=[[t] for t in targets],
+                                                        scorer=exact_match),
+                                    threat, _generator(seed))
         return result.pixels.detach()
 
     first = run(1)
