@@ -30,8 +30,9 @@ from harness.paths import codefend_home, publish_checkpoint
 
 PAD, BOS, SEP, EOS, UNK = "[PAD]", "[BOS]", "[SEP]", "[EOS]", "[UNK]"
 SPECIAL_TOKENS = [PAD, BOS, SEP, EOS, UNK]
-# 2: eager attention and exact GELU in the decoder (weights trained under 1 are not reused)
-MODEL_FORMAT_VERSION = 2
+# 2: eager attention and exact GELU in the decoder (weights trained under 1 are not reused);
+# 3: answers and captions decode in two batches of their own widths (same loss, other rounding)
+MODEL_FORMAT_VERSION = 3
 # At these sizes (head width 16, ~20 tokens) PyTorch's CPU flash-attention kernel and GPT-2's
 # tanh-GELU (a chain of small elementwise ops) cost more than the matrix products: eager
 # attention and the fused exact GELU make a training step 1.8x faster on 2 CPU cores
@@ -434,6 +435,8 @@ def train_shapes_vlm(
     pixels, input_ids, labels, attention = (t.to(device) for t in (pixels, input_ids, labels, attention))
     owner_t = torch.tensor(owner)
     rows_of_image = [torch.nonzero(owner_t == row).flatten() for row in range(len(image_ids))]
+    lengths = attention.sum(dim=1)
+    long_rows = lengths > _shorter_width(lengths)
 
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
     warmup = max(1, config.steps // 20)
@@ -452,12 +455,22 @@ def train_shapes_vlm(
         ).to(device)
         batch_images = batch_images.to(device)
         encoded = model.encoder(pixel_values=victim._normalise(pixels[batch_images])).last_hidden_state
-        logits = model(
-            encoder_outputs=BaseModelOutput(last_hidden_state=encoded[local_owner]),
-            decoder_input_ids=input_ids[seq_index],
-            decoder_attention_mask=attention[seq_index],
-        ).logits
-        loss = _per_sample_cross_entropy(logits, labels[seq_index]).mean()
+        per_sequence = []
+        # Short texts (answers) and long ones (captions) decode as two batches, each cut to its
+        # own longest text: the same loss as one batch padded to the longest caption (causal
+        # attention, padding masked), on ~1/3 fewer decoder tokens.
+        for in_group in (~long_rows[seq_index], long_rows[seq_index]):
+            rows = seq_index[in_group]
+            if not len(rows):
+                continue
+            width = int(lengths[rows].max())
+            logits = model(
+                encoder_outputs=BaseModelOutput(last_hidden_state=encoded[local_owner[in_group]]),
+                decoder_input_ids=input_ids[rows, :width],
+                decoder_attention_mask=attention[rows, :width],
+            ).logits
+            per_sequence.append(_per_sample_cross_entropy(logits, labels[rows, :width]))
+        loss = torch.cat(per_sequence).mean()
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -482,6 +495,16 @@ def train_shapes_vlm(
         tokenizer.save_pretrained(scratch)
         (scratch / "training.json").write_text(json.dumps(record, indent=2))
     return record
+
+
+def _shorter_width(lengths: torch.Tensor) -> int:
+    """The width splitting texts into two decoder batches with the fewest padded tokens."""
+    longest = int(lengths.max())
+    counts = torch.bincount(lengths, minlength=longest + 1)
+    below = torch.cumsum(counts, dim=0)
+    # tokens decoded when texts up to width w pad to w and the rest to the longest text
+    cost = [int(below[w]) * w + (len(lengths) - int(below[w])) * longest for w in range(1, longest + 1)]
+    return 1 + min(range(len(cost)), key=cost.__getitem__)
 
 
 def _majority_answer(answers: Sequence[str]) -> str:
