@@ -16,11 +16,13 @@ from typing import Any, Sequence
 
 import yaml
 
+from harness.contracts import DataError
 from harness.plugins import HOOK_KINDS, Plugins, get_plugins, load_plugins, plugin_specs_from_env, use_plugins
 from harness.registry import RegistryError
+from harness.store import StoreBusy
 from harness.suite import SuiteError
 
-USER_ERRORS = (SuiteError, RegistryError, FileNotFoundError)
+USER_ERRORS = (SuiteError, RegistryError, FileNotFoundError, DataError, StoreBusy)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -83,10 +85,10 @@ def cmd_plugins(args: argparse.Namespace, plugins: Plugins) -> int:
 def cmd_validate(args: argparse.Namespace, plugins: Plugins) -> int:
     from harness.suite import estimate_passes, expand, load_suite
 
-    suite = _with_executor(load_suite(args.suite, plugins), args, plugins)
+    notes: list[str] = []
+    suite = _with_executor(load_suite(args.suite, plugins, device_notes=notes), args, plugins)
     cells = expand(suite)
     counts: dict[int, int] = {}
-    notes = []
     for i, task in enumerate(suite.tasks):
         instance = plugins.tasks.create(task.name, task.factory_params())
         try:
@@ -98,6 +100,8 @@ def cmd_validate(args: argparse.Namespace, plugins: Plugins) -> int:
                 raise SuiteError(args.suite, f"tasks[{i}].split", f"{' '.join(str(exc).split())[:600]}") from None
             counts[i] = 0
             notes.append(f"tasks[{i}]: sample count unknown until its data is present ({exc})")
+        except DataError as exc:  # the data is here and breaks its format
+            raise SuiteError(args.suite, f"tasks[{i}].data", str(exc)[:1500]) from None
     print(f"suite '{suite.name}' ({args.suite}) is valid")
     print(f"matrix: {len(suite.victims)} victim(s) x {len(suite.tasks)} task(s) x "
           f"{sum(len(suite.threats_of(a)) for a in suite.attacks)} attack condition(s) x {len(suite.defenses)} defense(s)")
@@ -467,6 +471,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     args = build_parser().parse_args(argv)
     try:
+        if args.func is cmd_run:
+            # The driver compiles what it imports (torch, transformers) in any case; with
+            # PYTHONDONTWRITEBYTECODE set, as on these machines, each worker it spawns and each
+            # later run would compile it all again (~8 s a process). Compiled files are a cache.
+            sys.dont_write_bytecode = False
+        if args.func in (cmd_run, cmd_validate):
+            from harness.suite import parse_suite
+
+            parse_suite(args.suite)  # a malformed file answers before the plugins load (~5 s)
         if args.plugin:
             plugins = use_plugins(load_plugins(specs=(*plugin_specs_from_env(), *args.plugin)))
         else:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -185,6 +187,17 @@ def _sample_digest(task: Any, sample: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def _load_cached_pairs(path: Path) -> Pairs | None:
+    """The pairs cached at ``path``, loaded as tensors and plain data only (``weights_only``: a
+    pickle planted in the cache never runs); None, with a warning, for a file that is not that."""
+    try:
+        return Pairs(**torch.load(path, weights_only=True))
+    except Exception as exc:  # a refused pickle, a truncated file, another layout: recompute
+        warnings.warn(f"ignoring the training-pairs cache {path}: it is not a plain tensor file this version "
+                      f"wrote ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); recomputing the pairs")
+        return None
+
+
 def make_pairs(victim: Victim, spec: PairSpec, *, plugins: Any = None, progress: bool = True,
                batch_size: int = 64) -> Pairs:
     """Attack ``spec.per_task`` samples of each task's ``spec.split`` with each attack (cached).
@@ -203,8 +216,9 @@ def make_pairs(victim: Victim, spec: PairSpec, *, plugins: Any = None, progress:
     key = spec.fingerprint([_sample_digest(task, s) for task, samples in zip(tasks, task_samples) for s in samples])
     path = codefend_home() / "pairs" / f"pairs-{key}.pt"
     if path.exists():
-        stored = torch.load(path, weights_only=False)
-        return Pairs(**stored)
+        cached = _load_cached_pairs(path)
+        if cached is not None:
+            return cached
 
     started = time.perf_counter()
     attacks = [plugins.attacks.create(a.attack, a.params) for a in spec.attacks]

@@ -191,6 +191,18 @@ class Table:
     corpus: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     """defense -> condition -> the cell's set-level metrics (:class:`harness.contracts.CorpusScoredTask`),
     where the store has them for exactly the cell's rows."""
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    """Samples the task's reader left out as malformed in the latest run (``on_bad_sample: skip``):
+    :class:`harness.contracts.SkippedSample` records, counted beside n."""
+
+    def skipped_note(self, shown: int = 5) -> str | None:
+        """Plain text counting the skipped samples, the first ``shown`` with their problems."""
+        if not self.skipped:
+            return None
+        listed = "; ".join(f"{s['id']}: {s['problem']}" for s in self.skipped[:shown])
+        more = f"; and {len(self.skipped) - shown} more" if len(self.skipped) > shown else ""
+        return (f"{len(self.skipped)} malformed sample(s) of {self.task} left out (on_bad_sample: skip), "
+                f"not in n: {listed}{more}")
 
     def flags_for(self, defense: str, condition: str | None = None) -> list[Flag]:
         return [f for f in self.flags if f.defense in (defense, None) and (condition is None or f.condition == condition)]

@@ -7,10 +7,11 @@ Everything a plugin receives or returns is declared here, once. The hook specifi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Literal, Mapping, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Mapping, Protocol, Sequence, runtime_checkable
 
-import numpy as np
-import torch
+if TYPE_CHECKING:  # annotations only: the CLI reads suites and reports errors without loading torch
+    import numpy as np
+    import torch
 
 Norm = Literal["linf", "l2"]
 TaskKind = Literal["vqa", "caption"]
@@ -51,6 +52,26 @@ class ThreatModel:
 
 
 CLEAN_THREAT = ThreatModel(name="clean", norm="linf", eps=0.0)
+
+
+class DataError(ValueError):
+    """A data set breaks its official format (an unreadable file, a VQA question without its 10
+    answers, a repeated id, an empty reference caption). Task readers raise it with a message
+    naming the file, the sample and the fix; the CLI shows that message, never a traceback."""
+
+
+#: What a task reader does with a sample that breaks its format: stop with a :class:`DataError`
+#: (the default), or leave the sample out and report it (:class:`SkippingTask`).
+OnBadSample = Literal["fail", "skip"]
+
+
+@dataclass(frozen=True)
+class SkippedSample:
+    """A sample a task left out under ``on_bad_sample: skip``: its id, its file, and why."""
+
+    id: str
+    file: str
+    problem: str
 
 
 @runtime_checkable
@@ -237,6 +258,17 @@ class Task(Protocol):
     def score(self, outputs: Sequence[str], samples: Sequence[Sample]) -> list[dict[str, float]]: ...
 
     def describe(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class SkippingTask(Protocol):
+    """A task that can leave malformed samples out (``on_bad_sample: skip``) and says which.
+
+    ``skipped_samples(split)`` lists every sample of ``split`` left out so far, in file order;
+    the runner stores them and the board counts them beside each cell's n, so a skip is never
+    a silent change of the sample set."""
+
+    def skipped_samples(self, split: str) -> list[SkippedSample]: ...
 
 
 @runtime_checkable

@@ -160,6 +160,7 @@ def plan(suite: Suite, plugins: Plugins, task_sizes: dict[str, int]) -> WorkGrap
                                              spec.resources, 1.0, victim=spec))
 
     defenses = {d.label: plugins.defenses.create(d.name, d.params) for d in suite.defenses}
+    defense_specs = {d.label: d for d in suite.defenses}
     attacks: dict[str, Any] = {}
     ready: dict[tuple[str, str], list[str]] = {}
     producers: dict[str, int] = {}
@@ -170,7 +171,7 @@ def plan(suite: Suite, plugins: Plugins, task_sizes: dict[str, int]) -> WorkGrap
         counts.append(n)
         vkey = victim_key(cell.victim)
         defense = defenses[cell.defense.label]
-        defense_spec = next(d for d in suite.defenses if d.label == cell.defense.label)
+        defense_spec = defense_specs[cell.defense.label]
         resources = cell.victim.resources.union(defense_spec.resources)
         if (vkey, cell.defense.label) not in ready:
             steps = defense.preparations() if isinstance(defense, Prepared) else []

@@ -9,6 +9,11 @@ from pathlib import Path
 from typing import Iterator
 
 
+class CheckpointNotFound(FileNotFoundError, ValueError):
+    """A ``checkpoint`` parameter names a folder without the model's files. A ValueError too, so
+    that a suite's validation reports it as a bad parameter, naming the key, before any compute."""
+
+
 def codefend_home() -> Path:
     """The cache root for generated data and trained checkpoints; created on first use."""
     home = Path(os.environ.get("CODEFEND_HOME", Path.home() / ".cache" / "codefend")).expanduser()

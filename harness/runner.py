@@ -20,6 +20,7 @@ import sys
 import time
 import traceback
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -31,8 +32,8 @@ from tqdm.auto import tqdm
 
 from harness.adaptive import DefendedTarget, gradient_route, soft_prompt_kwargs
 from harness.graph import victim_key
-from harness.contracts import (AttackBatch, CheapFingerprintVictim, CorpusScoredTask, Sample, Task, TemplatedVictim,
-                               ThreatModel, TransferAttack, Victim)
+from harness.contracts import (AttackBatch, CheapFingerprintVictim, CorpusScoredTask, Sample, SkippingTask, Task,
+                               TemplatedVictim, ThreatModel, TransferAttack, Victim)
 from harness.image_quality import psnr, ssim
 from harness.labels import training_label
 from harness.plugins import Plugins, get_plugins
@@ -579,7 +580,15 @@ def run_suite(suite: Suite, store: Store, *, plugins: Plugins | None = None, pro
 
     ``executor`` (an :class:`harness.executors.Executor`) defaults to the suite's. Only this
     process writes the store: workers return rows and adversarial examples, committed as they
-    arrive, so a rerun after any interruption resumes from the last committed node."""
+    arrive, so a rerun after any interruption resumes from the last committed node. A second
+    run on the same store meanwhile raises :class:`harness.store.StoreBusy`."""
+    with store.writer_lock():
+        return _run_suite_locked(suite, store, plugins=plugins, progress=progress, suite_path=suite_path,
+                                 executor=executor)
+
+
+def _run_suite_locked(suite: Suite, store: Store, *, plugins: Plugins | None, progress: bool, suite_path: str,
+                      executor: Any) -> RunSummary:
     from harness.graph import plan
 
     plugins = plugins or get_plugins()
@@ -604,7 +613,8 @@ def run_suite(suite: Suite, store: Store, *, plugins: Plugins | None = None, pro
         driver.close_bars()
         seconds = time.perf_counter() - started
         store.finish_run(run_id, status, {"seconds": round(seconds, 2), "computed_rows": driver.computed,
-                                          "reused_rows": driver.reused, "failed_cells": len(driver.failures)})
+                                          "reused_rows": driver.reused, "failed_cells": len(driver.failures),
+                                          "skipped_samples": driver.skipped_samples})
     return RunSummary(run_id, len(graph.cells), driver.computed, driver.reused, seconds,
                       [f"{label}: {error}" for label, error in driver.failures.items()], driver.node_seconds)
 
@@ -625,6 +635,8 @@ class _Driver:
         self.victim_fp: dict[str, str] = {}
         self.cell_data: dict[int, dict[str, Any]] = {}
         self.samples_cache: dict[tuple[str, int | None], list[Sample]] = {}
+        self.skipped_samples: dict[str, list[dict[str, str]]] = {}
+        """task label -> the samples its reader left out as malformed (``on_bad_sample: skip``)."""
         self.failures: dict[str, str] = {}
         self.computed = self.reused = 0
         self.node_seconds: dict[str, float] = {}
@@ -765,6 +777,10 @@ class _Driver:
         if key not in self.samples_cache:
             task: Task = component(self.plugins, "task", cell.task.name, cell.task.factory_params())
             self.samples_cache[key] = task.samples(cell.task.split, cell.task.n, self.suite.seed)
+            if isinstance(task, SkippingTask) and (skipped := task.skipped_samples(cell.task.split)):
+                self.skipped_samples[cell.task.label] = [dataclasses.asdict(s) for s in skipped]
+                warnings.warn(f"{cell.task.label}: {len(skipped)} malformed samples left out (on_bad_sample: skip), "
+                              f"first {skipped[0].id}: {skipped[0].problem}; the board counts them")
         return self.samples_cache[key]
 
     def _plan_victim(self, victim_node: str) -> None:

@@ -20,6 +20,8 @@ Every write is one transaction: a killed process loses at most the chunk in flig
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -117,6 +119,10 @@ class ResultRow:
     record: dict[str, Any]
 
 
+class StoreBusy(Exception):
+    """Another process is running a suite into this store (one writer per store at a time)."""
+
+
 class Store:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -137,6 +143,31 @@ class Store:
 
     def close(self) -> None:
         self._db.close()
+
+    @contextlib.contextmanager
+    def writer_lock(self) -> Iterator[None]:
+        """Hold this store's writer lock for a run: a second run on the same store refuses at
+        once, before any compute, instead of recomputing rows the first is computing. The OS
+        drops the lock when its process dies, so a killed run never leaves the store locked."""
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        handle = open(lock_path, "a+")
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise StoreBusy(
+                    f"{self.path} is being written by a run in progress ({holder}). Wait for it to finish "
+                    "(rerun then: the rows it committed are reused), or give this run its own --out folder."
+                ) from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            handle.flush()
+            yield
+        finally:
+            handle.close()  # closing the descriptor releases the lock
 
     # -- runs -------------------------------------------------------------------------------
     def begin_run(self, run_id: str, suite: str, suite_path: str, provenance: dict[str, Any]) -> None:

@@ -136,9 +136,16 @@ class ThreatSpec(_Strict):
         return value
 
 
+def _nonempty_id(value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise ValueError("id is empty: leave it out (the label is then the plugin's name) or give a name")
+    return value
+
+
 class AttackSpec(_Strict):
     name: str
     id: str | None = None
+    _id_given = field_validator("id")(_nonempty_id)
     params: dict[str, Any] = Field(default_factory=dict)
     threats: list[str] = Field(default_factory=list)
     adaptive: bool = False
@@ -181,6 +188,7 @@ class AttackSpec(_Strict):
 class DefenseSpec(_Strict):
     name: str
     id: str | None = None
+    _id_given = field_validator("id")(_nonempty_id)
     params: dict[str, Any] = Field(default_factory=dict)
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
     train_resources: ResourceSpec | None = None
@@ -308,7 +316,7 @@ def _eps_text(eps: float) -> str:
 # -- loading ----------------------------------------------------------------------------------
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser: ~10x faster on big suites
     """YAML's safe loader, refusing a key written twice in one mapping (PyYAML keeps the last one
     silently: `attacks:` twice would drop the first list)."""
 
@@ -351,6 +359,9 @@ def _read_yaml(path: Path, included_from: tuple[Path, ...]) -> dict[str, Any]:
         problem = getattr(exc, "problem", None) or str(exc)
         raise SuiteError(path, "", f"not valid YAML: {where}{problem}") from None
     if data is None:
+        if not included_from:
+            raise SuiteError(path, "", "the suite file is empty: a suite names its victims, tasks, attacks and "
+                             "defenses (see suites/quickstart.yaml)")
         data = {}
     if not isinstance(data, dict):
         raise SuiteError(path, "", f"the top level must be a mapping of keys (name, victims, tasks, ...), got {type(data).__name__}")
@@ -432,21 +443,62 @@ def _pydantic_error(path: Path, exc: pydantic.ValidationError) -> SuiteError:
     return SuiteError(path, key, message)
 
 
-def load_suite(path: str | Path, plugins: Plugins) -> Suite:
-    """Read, merge includes, validate the schema and check every name and parameter."""
+def load_suite(path: str | Path, plugins: Plugins, *, device_notes: list[str] | None = None) -> Suite:
+    """Read, merge includes, validate the schema and check every name and parameter.
+
+    A ``device`` this machine lacks is an error; with ``device_notes`` (``codefend validate``),
+    a CUDA device on a machine with none is noted there instead: a suite for a GPU machine
+    validates on a laptop, as a suite for another machine's data does."""
+    path = Path(path).resolve()
+    suite = parse_suite(path)
+    _check_plugins(path, suite, plugins, device_notes)
+    return suite
+
+
+def parse_suite(path: str | Path) -> Suite:
+    """Read the file and its includes and validate the schema, without any plugin: what the CLI
+    checks before it loads the plugins (torch and the model libraries), so that a malformed
+    file gets its error at once. :func:`load_suite` then checks names and parameters."""
     path = Path(path).resolve()
     data = _read_yaml(path, ())
     data.setdefault("name", path.stem)
     try:
-        suite = Suite.model_validate(data)
+        return Suite.model_validate(data)
     except pydantic.ValidationError as exc:
         raise _pydantic_error(path, exc) from None
-    _check_plugins(path, suite, plugins)
-    return suite
 
 
-def _check_plugins(path: Path, suite: Suite, plugins: Plugins) -> None:
+def _device_problem(value: Any) -> str | None:
+    """Why ``value`` names no device of this machine (None when it does, or is not a device)."""
+    if not isinstance(value, str):
+        return None
+    import torch
+
+    try:
+        device = torch.device(value)
+    except RuntimeError as exc:
+        return f"'{value}' is not a torch device ({exc}); use 'cpu', 'cuda' or 'cuda:N'"
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0 or (device.index or 0) >= count:
+            have = f"{count} CUDA device(s): cuda:0..cuda:{count - 1}" if count else "no CUDA device"
+            return (f"device '{value}' does not exist on this machine ({have}); use one it has, 'cpu', "
+                    "or leave 'device' out for the default (cuda when present, else cpu)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return f"device '{value}' does not exist on this machine (no MPS); use 'cpu' or leave 'device' out"
+    return None
+
+
+def _check_plugins(path: Path, suite: Suite, plugins: Plugins, device_notes: list[str] | None = None) -> None:
+    # a Ray cluster's devices are its workers', not this machine's
+    local_devices = suite.executor.name != "ray"
+
     def create(kind: str, name: str, params: dict[str, Any], key: str) -> Any:
+        if local_devices and (problem := _device_problem(params.get("device"))) is not None:
+            if device_notes is not None and params.get("device") == "cuda" and "no CUDA device" in problem:
+                device_notes.append(f"{key}.params.device: {problem}; `codefend run` refuses it here")
+            else:
+                raise SuiteError(path, f"{key}.params.device", problem)
         registry = plugins.registry(kind)
         try:
             return registry.create(name, params)

@@ -46,6 +46,8 @@ def build_board(store: Store) -> Board:
     for row in store.results(scored_only=True):
         grouped[(row.victim, row.task)].append(row)
     tables = []
+    runs = store.runs()
+    skipped = runs[-1]["provenance"].get("skipped_samples", {}) if runs else {}
     for (victim, task), rows in sorted(grouped.items()):
         eps = {condition_of(r): r.eps for r in rows}
         conditions = sorted(eps, key=lambda c: _condition_order(c, eps))
@@ -57,7 +59,8 @@ def build_board(store: Store) -> Board:
             costs[r.defense].add_row(r)
         details = {c: _condition(c, [r for r in rows if condition_of(r) == c]) for c in conditions}
         conditions.sort(key=lambda c: (c != CLEAN, _ROLE_ORDER.get(details[c].role, 9), _condition_order(c, eps)))
-        table = Table(victim=victim, task=task, metric=rows[0].metric, conditions=conditions, details=details)
+        table = Table(victim=victim, task=task, metric=rows[0].metric, conditions=conditions, details=details,
+                      skipped=list(skipped.get(task, [])))
         ranked = {c for c in conditions if table.details[c].ranked}
         for defense, by_condition in per_defense.items():
             scores = {c: score_of(list(v.values())) for c, v in by_condition.items()}
@@ -87,7 +90,6 @@ def build_board(store: Store) -> Board:
         table.flags = sanity_flags(table, rows)
         table.examples = _examples(store, table, rows)
         tables.append(table)
-    runs = store.runs()
     failures = store.failures(runs[-1]["run_id"]) if runs else []
     return Board(tables=tables, runs=runs, failures=failures)
 

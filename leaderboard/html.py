@@ -81,6 +81,11 @@ def _score_cell(score: Score | None, metric: str, marks: str = "") -> str:
     return f'<td data-value="{score.mean:.6g}">{score.mean:.{digits}f}{ci}{marks}</td>'
 
 
+def _plain(text: object) -> str:
+    """``text`` for a matplotlib label: a ``$`` in an id would start mathtext (and fail the plot)."""
+    return str(text).replace("$", r"\$")
+
+
 def _plots(table: Table) -> list[str]:
     import matplotlib
 
@@ -103,9 +108,9 @@ def _plots(table: Table) -> list[str]:
             if clean is not None:
                 points = [(0.0, clean.mean), *points]
             xs, ys = zip(*points)
-            axis.plot(xs, ys, marker="o", label=f"{row.defense} · {family}")
+            axis.plot(xs, ys, marker="o", label=_plain(f"{row.defense} · {family}"))
     axis.set_xlabel("ε (/255)")
-    axis.set_ylabel(table.metric)
+    axis.set_ylabel(_plain(table.metric))
     axis.set_title("score vs ε")
     axis.legend(fontsize=6, ncol=2)
     images.append(_png(figure))
@@ -115,9 +120,9 @@ def _plots(table: Table) -> list[str]:
         clean = row.scores.get(CLEAN)
         if clean is not None and row.robust is not None:
             axis.scatter(clean.mean, row.robust.mean)
-            axis.annotate(row.defense, (clean.mean, row.robust.mean), fontsize=7)
-    axis.set_xlabel(f"clean {table.metric}")
-    axis.set_ylabel(f"robust ({'adaptive' if table.adaptive else 'oblivious only'}) {table.metric}")
+            axis.annotate(_plain(row.defense), (clean.mean, row.robust.mean), fontsize=7)
+    axis.set_xlabel(_plain(f"clean {table.metric}"))
+    axis.set_ylabel(_plain(f"robust ({'adaptive' if table.adaptive else 'oblivious only'}) {table.metric}"))
     axis.set_title("clean vs robust")
     images.append(_png(figure))
 
@@ -126,10 +131,10 @@ def _plots(table: Table) -> list[str]:
         if row.robust is not None and row.seconds_per_image is not None:
             seconds = max(row.seconds_per_image, 1e-6)
             axis.scatter(seconds, row.robust.mean)
-            axis.annotate(row.defense, (seconds, row.robust.mean), fontsize=7)
+            axis.annotate(_plain(row.defense), (seconds, row.robust.mean), fontsize=7)
     axis.set_xscale("log")
     axis.set_xlabel("defense seconds / image (log)")
-    axis.set_ylabel(f"robust {table.metric}")
+    axis.set_ylabel(_plain(f"robust {table.metric}"))
     axis.set_title("cost vs robustness")
     images.append(_png(figure))
     return images
@@ -213,6 +218,8 @@ def render_html(board: Board) -> str:
     for table in board.tables:
         n = max((s.n for row in table.rows for s in row.scores.values()), default=0)
         parts.append(f"<h2>{html.escape(table.victim)} · {html.escape(table.task)} — {html.escape(table.metric)} (n={n})</h2>")
+        if (note := table.skipped_note()) is not None:
+            parts.append(f"<p><strong>{html.escape(note)}</strong></p>")
         parts += _table_html(table)
         if table.adaptive:
             basis = (f"Ranked on robust (adaptive): the per-sample worst over the standard adaptive attack "
@@ -223,7 +230,7 @@ def render_html(board: Board) -> str:
                      "is over attacks that never saw the defenses and is not a robustness claim.")
         parts.append(f'<p class="note">{basis} [low, high]: 95% bootstrap interval of the mean. ° the defense was trained on '
                      "this attack; ◦ on this attack at another ε. ⚑ a sanity flag (listed below). Click a header to sort.</p>")
-        notes = [_describe(table.details[c]) for c in table.conditions if c != CLEAN]
+        notes = [_describe(table.details[c], literal=str) for c in table.conditions if c != CLEAN]
         if notes:
             parts.append("<ul class=\"note\">" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
         if table.flags:

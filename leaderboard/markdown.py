@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
+import re
+from typing import Callable
+
 from harness.board import MIN_SAMPLES, Board, Condition, Score
 
 # Papers report CIDEr x100 (already scaled by the task) with one decimal; accuracies with three.
 _DECIMALS = {"cider": 1, "bleu4": 3, "rouge_l": 3, "meteor": 3}
+
+
+_MARKUP = re.compile(r"[\\`*\[\]|$~]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
+_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+
+
+def _md(text: object) -> str:
+    """``text`` as literal markdown: markup characters escaped (an id is any YAML string), HTML
+    as entities, line breaks as a visible ``\\n``, so a table row stays one row."""
+    escaped = _MARKUP.sub(lambda m: "\\" + m.group(0), str(text))
+    escaped = re.sub(r"[&<>]", lambda m: _ENTITIES[m.group(0)], escaped)
+    return re.sub(r"\r\n|\r|\n", r"\\n", escaped)
+
+
+def _code(text: object) -> str:
+    """``text`` as a code span when it can be one (no backtick, no line break), else escaped."""
+    text = str(text)
+    return f"`{text}`" if not re.search(r"[`\r\n|]", text) else _md(text)
 
 
 def _fmt(score: Score | None, metric: str) -> str:
@@ -41,22 +62,26 @@ ROLE_NOTES = {
 }
 
 
-def _describe(c: Condition) -> str:
+def _describe(c: Condition, literal: Callable[[object], str] | None = None) -> str:
+    """One condition in words; ids go through ``literal`` (markdown escaping unless given: the
+    HTML report passes ``str`` and escapes the whole text)."""
+    name = _code if literal is None else literal
+    literal = literal or _md
     how = c.mode
     if c.mode == "oblivious" and c.access == "white-box" and c.role == "suite":
         how = "oblivious: transfer from the undefended victim for every defense but none"
     if c.routes:
-        how += " (" + "; ".join(f"{defense}: {route}" for defense, route in c.routes.items()) + ")"
+        how += " (" + "; ".join(f"{literal(defense)}: {route}" for defense, route in c.routes.items()) + ")"
     ball = f"ε={c.eps * 255:.3g}/255, max measured L∞ {c.max_linf * 255:.3g}/255" if c.bounded else "unbounded"
     access = c.access + (" (a transfer attack whose surrogate is the victim itself)" if c.surrogate_is_victim else "")
-    text = f"`{c.name}`: {access}, {how}, {ball}"
+    text = f"{name(c.name)}: {access}, {how}, {ball}"
     if c.draws > 1:
         text += f", {c.draws} draws"
     if c.role in ROLE_NOTES:
         text += f"; {ROLE_NOTES[c.role]}"
     if c.target_text:
-        rates = ", ".join(f"{d} {rate:.0%}" for d, rate in c.target_success.items())
-        text += f"; targeted '{c.target_text}', output contains it: {rates}"
+        rates = ", ".join(f"{literal(d)} {rate:.0%}" for d, rate in c.target_success.items())
+        text += f"; targeted '{literal(c.target_text)}', output contains it: {rates}"
     return text
 
 
@@ -81,7 +106,7 @@ def _cost_table(table) -> list[str]:
         clean = row.scores.get("clean")
         cost = None if clean is None or base is None else clean.mean - base.mean
         lines.append("| " + " | ".join([
-            row.defense,
+            _md(row.defense),
             "–" if cost is None else f"{cost:+.{_DECIMALS.get(table.metric, 3)}f}",
             num(row.seconds_per_image, 4),
             num(row.passes_per_image, 0),
@@ -121,7 +146,7 @@ def _corpus_table(table) -> list[str]:
             values = table.corpus.get(row.defense, {}).get(condition)
             if values:
                 cells = ["–" if m not in values else f"{values[m]:.{_DECIMALS.get(m, 3)}f}" for m in metrics]
-                lines.append(f"| {row.defense} | {condition} | " + " | ".join(cells) + " |")
+                lines.append(f"| {_md(row.defense)} | {_md(condition)} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
@@ -131,13 +156,15 @@ def render_markdown(board: Board) -> str:
     lines = ["# Leaderboard", ""]
     if board.failures:
         lines += [f"**{len(board.failures)} cell(s) of the latest run failed** and are not on this board:", ""]
-        lines += [f"- `{f['cell']}`: {f['error']}" for f in board.failures] + [""]
+        lines += [f"- {_code(f['cell'])}: {_md(f['error'])}" for f in board.failures] + [""]
     for table in board.tables:
         n = max((s.n for row in table.rows for s in row.scores.values()), default=0)
-        lines += [f"## {table.victim} · {table.task} — {table.metric} (n={n})", ""]
+        lines += [f"## {_md(table.victim)} · {_md(table.task)} — {_md(table.metric)} (n={n})", ""]
+        if (note := table.skipped_note()) is not None:
+            lines += [f"**{_md(note)}**", ""]
         headline = "robust (adaptive)" if table.adaptive else "robust (oblivious only)"
         converged = any(row.converged is not None for row in table.rows)
-        header = ["defense", *table.conditions, headline, "worst case", *(["converged"] if converged else []), "vs next row"]
+        header = ["defense", *map(_md, table.conditions), headline, "worst case", *(["converged"] if converged else []), "vs next row"]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
         for row in table.rows:
@@ -148,21 +175,21 @@ def render_markdown(board: Board) -> str:
                 for c in table.conditions
             ]
             check = ([{True: "yes", False: "NO ⚑", None: "–"}[row.converged]] if converged else [])
-            lines.append("| " + " | ".join([row.defense, *cells, "**" + _fmt(row.robust, table.metric) + "**",
+            lines.append("| " + " | ".join([_md(row.defense), *cells, "**" + _fmt(row.robust, table.metric) + "**",
                                             _fmt(row.worst_case, table.metric), *check,
                                             _versus(row.versus_next, table.metric)]) + " |")
         lines.append("")
         if table.adaptive:
             lines += [
                 f"**{headline}** ranks the board: per sample, the worst over the standard adaptive attack "
-                f"({table.adaptive}), its N-draw evaluation for stochastic defenses, and every other attack all rows "
-                f"faced ({', '.join(table.shared_conditions)}), then averaged. Oblivious columns are transfer from the "
+                f"({_md(table.adaptive)}), its N-draw evaluation for stochastic defenses, and every other attack all rows "
+                f"faced ({', '.join(map(_md, table.shared_conditions))}), then averaged. Oblivious columns are transfer from the "
                 "undefended victim, never the headline. 'worst case' adds the attacks only some rows faced.",
                 "",
             ]
         else:
             lines += [
-                f"**No adaptive evaluation** on this table ({table.no_adaptive_reason}): '{headline}' is the worst case "
+                f"**No adaptive evaluation** on this table ({_md(table.no_adaptive_reason)}): '{headline}' is the worst case "
                 "over attacks that never saw the defenses, which overstates robustness. It is not a robustness claim.",
                 "",
             ]
@@ -179,7 +206,7 @@ def render_markdown(board: Board) -> str:
             lines += ["◦ seen attack, unseen ε: trained on this attack at another radius.", ""]
         if table.flags:
             lines += ["Sanity flags (⚑):", ""]
-            lines += [f"- ⚑ `{f.code}`" + (f" ({f.defense})" if f.defense else "") + f": {f.message}" for f in table.flags]
+            lines += [f"- ⚑ `{f.code}`" + (f" ({_md(f.defense)})" if f.defense else "") + f": {_md(f.message)}" for f in table.flags]
             lines.append("")
         lines += _cost_table(table)
         lines += _corpus_table(table)

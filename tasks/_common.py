@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Hashable, Sequence, TypeVar
+from typing import Any, Hashable, Sequence, TypeVar
 
 import numpy as np
 from PIL import Image
 
+from harness.contracts import DataError, OnBadSample, SkippedSample
 from tasks.shapes_world import build_shapes_world
 
 K = TypeVar("K", bound=Hashable)
@@ -53,12 +55,93 @@ def seeded_subset(ids: Sequence[K], n: int | None, seed: int) -> list[K]:
     return [ordered[int(i)] for i in permutation]
 
 
+#: Pillow's modes for 16-bit (and 32-bit integer) grey levels: ``convert("RGB")`` clips them at
+#: 255, which turns a 16-bit image all white, so they are scaled to 8 bits instead.
+_WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 def load_rgb(path: Path) -> np.ndarray:
-    """An image file as a read-only uint8 H x W x 3 RGB array (read-only: samples share it)."""
-    with Image.open(path) as image:
-        array = np.array(image.convert("RGB"), dtype=np.uint8)
+    """An image file as a read-only uint8 H x W x 3 RGB array (read-only: samples share it).
+
+    Grey, palette, alpha and CMYK images convert as Pillow converts them; 16-bit grey scales to 8
+    bits (65535 -> 255). A file that cannot be decoded is a :class:`DataError` naming it."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now: a truncated file fails here, naming itself
+            if image.mode in _WIDE_GREY_MODES:
+                grey = np.asarray(image, dtype=np.int64)
+                if grey.min() < 0 or grey.max() > 65535:
+                    raise DataError(f"image {path}: {image.mode} grey levels outside 0..65535 are not "
+                                    "an image format this task reads; save it as 8- or 16-bit PNG or JPEG")
+                array = np.repeat(np.round(grey / 257.0).astype(np.uint8)[..., None], 3, axis=2)
+            elif image.mode == "F":
+                raise DataError(f"image {path} holds floating-point pixels (mode F); save it as 8- or "
+                                "16-bit PNG or JPEG")
+            else:
+                array = np.array(image.convert("RGB"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(f"image {path} cannot be decoded ({exc}); re-download or replace the file") from None
     array.setflags(write=False)
     return array
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file, or a :class:`DataError` naming the file and where it breaks."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); the official "
+                        "annotation files are UTF-8 JSON: re-download or re-encode it") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); "
+                        "the file may be truncated: re-download it") from None
+
+
+def require_keys(record: Any, keys: Sequence[str], path: Path, what: str) -> None:
+    """``record`` is a JSON object with ``keys``, or a :class:`DataError` naming the file."""
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: expected {what} to be a JSON object, got {type(record).__name__}")
+    missing = [key for key in keys if key not in record]
+    if missing:
+        shown = json.dumps(record)[:200]
+        raise DataError(f"{path}: {what} lacks {', '.join(repr(k) for k in missing)}: {shown}")
+
+
+def json_list(document: Any, key: str, path: Path) -> list[Any]:
+    """``document[key]``, which the official format makes a list."""
+    if not isinstance(document, dict) or not isinstance(document.get(key), list):
+        raise DataError(f"{path}: expected a JSON object with a list under {key!r}, as the official files have")
+    return document[key]
+
+
+class BadSamples:
+    """One split's malformed samples under a task's ``on_bad_sample`` policy.
+
+    ``fail`` raises a :class:`DataError` naming the file, the sample and the fix; ``skip``
+    records the sample (``skipped``), and the runner counts it on the board."""
+
+    def __init__(self, policy: OnBadSample, task: str) -> None:
+        if policy not in ("fail", "skip"):
+            raise ValueError(f"on_bad_sample must be 'fail' or 'skip', got {policy!r}")
+        self.policy, self.task = policy, task
+        self.skipped: list[SkippedSample] = []
+        self._seen: set[str] = set()
+
+    def report(self, sample_id: Any, path: Path, problem: str, fix: str = "") -> None:
+        """``problem`` may name ``path`` itself (an image's own error); ``fix`` says what to do."""
+        if self.policy == "fail":
+            where = "" if str(path) in problem else f"{path}: "
+            raise DataError(f"{where}{self.task} sample {sample_id}: {problem}. {fix + ' ' if fix else ''}"
+                            f"(Or set `on_bad_sample: skip` on the task to leave such samples out, counted on the board.)")
+        if str(sample_id) not in self._seen:
+            self._seen.add(str(sample_id))
+            self.skipped.append(SkippedSample(id=str(sample_id), file=str(path), problem=problem))
 
 
 def split_image_dirs(root: Path, split: str, images: str | None) -> list[Path]:

@@ -7,19 +7,22 @@ split most captioning papers report on.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from harness.contracts import Sample, TaskKind
+from harness.contracts import DataError, OnBadSample, Sample, SkippedSample, TaskKind
 from tasks._common import (
     SHAPES_DATA,
+    BadSamples,
     find_image,
     first_existing,
+    json_list,
     load_rgb,
     not_found,
+    read_json,
+    require_keys,
     resolve_root,
     seeded_subset,
     split_image_dirs,
@@ -60,18 +63,24 @@ class CocoCaptionsTask:
     or ``<data>/images/<split>/`` (shapes).
     ``meteor``: also compute METEOR; it starts a JVM that loads a paraphrase table (~7 s per
     ``score`` call), so quick suites may turn it off. The headline CIDEr does not depend on it.
+    ``on_bad_sample``: an empty reference caption, a repeated image id or an image that cannot be
+    decoded is an error naming the file and the id (``fail``), or the image is left out and counted
+    on the board (``skip``). Images with no captions at all (a test set) are not samples.
     """
 
     name: str = "coco_captions"
     kind: TaskKind = "caption"
     metric: str = "cider"
 
-    def __init__(self, *, data: str = SHAPES_DATA, images: str | None = None, meteor: bool = True) -> None:
+    def __init__(self, *, data: str = SHAPES_DATA, images: str | None = None, meteor: bool = True,
+                 on_bad_sample: OnBadSample = "fail") -> None:
         self.data = data
         self.images = images
         self.meteor = meteor
+        self.on_bad_sample = BadSamples(on_bad_sample, self.name).policy
         self._root: Path | None = None
         self._splits: dict[str, dict[int, _Image]] = {}
+        self._bad: dict[str, BadSamples] = {}
 
     @property
     def root(self) -> Path:
@@ -84,10 +93,16 @@ class CocoCaptionsTask:
         out = []
         for image_id in seeded_subset(list(index), n, seed):
             item = index[image_id]
+            path = find_image(item.image_dirs, item.file_name)
+            try:
+                image = load_rgb(path)
+            except DataError as exc:
+                self._bad[split].report(image_id, path, str(exc))
+                continue
             out.append(
                 Sample(
                     id=str(image_id),
-                    image=load_rgb(find_image(item.image_dirs, item.file_name)),
+                    image=image,
                     prompt=CAPTION_PROMPT,
                     references=item.references,
                     meta={"image_id": image_id, "file_name": item.file_name},
@@ -121,17 +136,49 @@ class CocoCaptionsTask:
         )
         return [per_sample[i] for i in ids], corpus
 
+    def skipped_samples(self, split: str) -> list[SkippedSample]:
+        self._split(split)
+        return list(self._bad[split].skipped)
+
     def describe(self) -> dict[str, Any]:
-        return {"data": self.data, "root": str(self.root), "images": self.images, "meteor": self.meteor}
+        return {"data": self.data, "root": str(self.root), "images": self.images, "meteor": self.meteor,
+                "on_bad_sample": self.on_bad_sample}
 
     def _split(self, split: str) -> dict[int, _Image]:
         if split not in self._splits:
             loader = _load_karpathy if split in KARPATHY_SPLITS else _load_coco
-            self._splits[split] = loader(self.root, split, self.images)
+            bad = BadSamples(self.on_bad_sample, self.name)
+            self._splits[split] = _drop_bad_references(loader(self.root, split, self.images, bad), bad)
+            self._bad[split] = bad
         return self._splits[split]
 
 
-def _load_coco(root: Path, split: str, images: str | None) -> dict[int, _Image]:
+def _drop_bad_references(index: dict[int, tuple[_Image, Path]], bad: BadSamples) -> dict[int, _Image]:
+    """Images whose references are all real text: an empty reference scores every caption 0 and
+    shifts every other image's CIDEr (its document frequencies come from all references)."""
+    out: dict[int, _Image] = {}
+    for image_id, (item, path) in index.items():
+        empty = sum(1 for reference in item.references if not reference.strip())
+        if empty:
+            bad.report(image_id, path, f"{empty} of its {len(item.references)} reference captions are empty",
+                       "Remove the empty captions from the annotation file")
+            continue
+        out[image_id] = item
+    return out
+
+
+def _unique_image_id(out: dict[int, Any], image_id: int, path: Path, bad: BadSamples, repeated: set[int]) -> bool:
+    """False (and the id reported) when ``image_id`` was already read: which entry is right is unknowable."""
+    if image_id in out or image_id in repeated:
+        if image_id not in repeated:
+            bad.report(image_id, path, "the image id appears more than once", "Each image id must be unique")
+        repeated.add(image_id)
+        out.pop(image_id, None)
+        return False
+    return True
+
+
+def _load_coco(root: Path, split: str, images: str | None, bad: BadSamples) -> dict[int, tuple[_Image, Path]]:
     candidates = [root / "annotations" / f"captions_{split}.json", root / f"captions_{split}.json"]
     path = first_existing(candidates)
     if path is None:
@@ -141,24 +188,34 @@ def _load_coco(root: Path, split: str, images: str | None) -> dict[int, _Image]:
             "Point `data:` at your COCO folder (holding annotations/captions_<split>.json, e.g. "
             f"captions_val2014.json), or use `data: {SHAPES_DATA}` for the built-in offline world.",
         )
-    coco = json.loads(path.read_text())
+    coco = read_json(path)
     captions: dict[int, list[str]] = defaultdict(list)
-    for annotation in coco["annotations"]:
-        captions[int(annotation["image_id"])].append(annotation["caption"])
+    for annotation in json_list(coco, "annotations", path):
+        require_keys(annotation, ("image_id", "caption"), path, "an annotation")
+        caption = annotation["caption"]
+        captions[_int_id(annotation["image_id"], path)].append(caption if isinstance(caption, str) else "")
     dirs = split_image_dirs(root, split, images)
-    return {
-        int(image["id"]): _Image(
-            image_id=int(image["id"]),
-            file_name=image["file_name"],
-            image_dirs=dirs,
-            references=tuple(captions[int(image["id"])]),  # all of them (5-7 in COCO), as pycocoevalcap
-        )
-        for image in coco["images"]
-        if captions.get(int(image["id"]))  # unannotated images (a test set) cannot be scored
-    }
+    out: dict[int, tuple[_Image, Path]] = {}
+    repeated: set[int] = set()
+    for image in json_list(coco, "images", path):
+        require_keys(image, ("id", "file_name"), path, "an image entry")
+        image_id = _int_id(image["id"], path)
+        if not captions.get(image_id):  # unannotated images (a test set) cannot be scored
+            continue
+        if _unique_image_id(out, image_id, path, bad, repeated):
+            # all the references (5-7 in COCO), as pycocoevalcap uses them
+            out[image_id] = (_Image(image_id, str(image["file_name"]), dirs, tuple(captions[image_id])), path)
+    return out
 
 
-def _load_karpathy(root: Path, split: str, images: str | None) -> dict[int, _Image]:
+def _int_id(value: Any, path: Path) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: image ids must be integers, got {value!r}") from None
+
+
+def _load_karpathy(root: Path, split: str, images: str | None, bad: BadSamples) -> dict[int, tuple[_Image, Path]]:
     candidates = [root / "dataset_coco.json", root / "annotations" / "dataset_coco.json"]
     path = first_existing(candidates)
     if path is None:
@@ -169,16 +226,21 @@ def _load_karpathy(root: Path, split: str, images: str | None) -> dict[int, _Ima
             "images in <coco>/train2014 and <coco>/val2014, or set `images:` to one folder holding them all.",
         )
     wanted = KARPATHY_SPLITS[split]
-    out: dict[int, _Image] = {}
-    for entry in json.loads(path.read_text())["images"]:
+    out: dict[int, tuple[_Image, Path]] = {}
+    repeated: set[int] = set()
+    for entry in json_list(read_json(path), "images", path):
+        require_keys(entry, ("split", "cocoid", "filename", "sentences"), path, "an image entry")
         if entry["split"] not in wanted:
             continue
         filepath = entry.get("filepath", "")
         dirs = [Path(images).expanduser()] if images is not None else [root / filepath, root / "images" / filepath]
-        out[int(entry["cocoid"])] = _Image(
-            image_id=int(entry["cocoid"]),
-            file_name=entry["filename"],
-            image_dirs=dirs,
-            references=tuple(s["raw"] for s in entry["sentences"]),
-        )
+        image_id = _int_id(entry["cocoid"], path)
+        sentences = entry["sentences"] if isinstance(entry["sentences"], list) else []
+        references = tuple(s.get("raw", "") if isinstance(s, dict) and isinstance(s.get("raw", ""), str) else ""
+                           for s in sentences)
+        if not references:
+            bad.report(image_id, path, "it has no reference captions", "Every Karpathy image has five: re-download dataset_coco.json")
+            continue
+        if _unique_image_id(out, image_id, path, bad, repeated):
+            out[image_id] = (_Image(image_id, str(entry["filename"]), dirs, references), path)
     return out

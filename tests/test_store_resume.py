@@ -247,3 +247,30 @@ def test_rows_record_what_the_defense_did_to_the_image(run_a: Run) -> None:
     assert all(p >= 30.0 for p, _ in quality[("none", "pgd")])
     board = run_a.board
     assert "| defense | clean cost | s / image | network evals / image |" in board
+
+
+def test_a_second_run_on_a_busy_store_refuses_and_computes_nothing(run_a: Run, codefend_cmd, tmp_path: Path, run_cli) -> None:
+    out = tmp_path / "C"
+    db = out / "store.sqlite"
+    log = tmp_path / "first.log"
+    with open(log, "w") as stderr:
+        first = subprocess.Popen([*codefend_cmd, "run", str(SUITE), "--out", str(out), "--quiet"],
+                                 cwd=REPO, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            deadline = time.monotonic() + 240
+            while not (db.exists() and _query(db, "SELECT count(*) FROM runs WHERE status = 'running'") == [(1,)]):
+                assert first.poll() is None, f"the first run ended before the second started:\n{log.read_text()}"
+                assert time.monotonic() < deadline, "the first run never started"
+                time.sleep(0.05)
+            second = _run(run_cli, out)
+            assert first.wait(timeout=300) == 0, log.read_text()
+        finally:
+            if first.poll() is None:
+                first.kill()
+                first.wait()
+    assert second.result.returncode == 2, second.result.stderr
+    assert "is being written by a run in progress (pid" in second.result.stderr, second.result.stderr
+    assert "Traceback" not in second.result.stderr
+    assert _query(db, "SELECT count(*) FROM runs") == [(1,)]  # the second never began a run
+    assert SUMMARY.search(log.read_text())[2] == str(ROWS)  # the first computed every row, once
+    assert _count(db) == ROWS

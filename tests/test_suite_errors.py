@@ -126,15 +126,63 @@ CASES = [
         "", ("top level must be a mapping", "got list")),
     Bad("invalid-yaml-in-include", "include: broken.yaml\nname: x",
         "", ("not valid YAML",), extra_files=(("broken.yaml", "seed: [1, 2\n"),), blamed="broken.yaml"),
+    # -- numbers, names and types anywhere in the suite
+    Bad("eps-zero-denominator", "include: base.yaml\nthreat_models:\n  linf-8: {norm: linf, eps: 8/0}",
+        "threat_models.linf-8.eps", ("8/0",)),
+    Bad("n-negative", "include: base.yaml\ntasks: [{name: vqav2, data: shapes, n: -3}]",
+        "tasks[0].n", ("greater than 0",)),
+    Bad("seed-not-an-int", "include: base.yaml\nseed: zero",
+        "seed", ("valid integer", "'zero'")),
+    Bad("batch-size-text", "include: base.yaml\nbatch_size: many",
+        "batch_size", ("valid integer",)),
+    Bad("threats-not-names", "include: base.yaml\nattacks:\n  - {name: none}\n  - {name: pgd, threats: {linf-8: 1}}",
+        "attacks[1].threats", ("valid list",)),
+    Bad("unknown-task", "include: base.yaml\ntasks: [{name: vqa2, data: shapes, n: 4}]",
+        "tasks[0].name", ("unknown task 'vqa2'", "did you mean 'vqav2'?")),
+    Bad("victim-param-typo", "include: base.yaml\nvictims: [{name: shapes-vlm, params: {stepz: 100}}]",
+        "victims[0].params.stepz", ("is not a parameter of this victim",)),
+    Bad("victim-param-value", "include: base.yaml\nvictims: [{name: shapes-vlm, params: {steps: 0}}]",
+        "victims[0].params", ("steps must be an integer >= 1",)),
+    Bad("victim-checkpoint-missing", "include: base.yaml\nvictims: [{name: shapes-vlm, params: {checkpoint: /nonexistent/vlm}}]",
+        "victims[0].params", ("/nonexistent/vlm", "checkpoint")),
+    Bad("victim-device-absent", "include: base.yaml\nvictims: [{name: shapes-vlm, params: {steps: 100, device: 'cuda:7'}}]",
+        "victims[0].params.device", ("cuda:7",)),
+    Bad("defense-param-typo", "include: base.yaml\ndefenses: [{name: none}, {name: jpeg, params: {qualty: 75}}]",
+        "defenses[1].params.qualty", ("is not a parameter of this defense", "did you mean 'quality'?")),
+    Bad("defense-param-out-of-range", "include: base.yaml\ndefenses: [{name: none}, {name: jpeg, params: {quality: 0}}]",
+        "defenses[1].params.quality", ("greater than or equal to 1", "got 0")),
+    Bad("defense-id-empty", "include: base.yaml\ndefenses: [{name: none}, {name: jpeg, id: ''}]",
+        "defenses[1].id", ("empty",)),
+    Bad("task-on-bad-sample-value", "include: base.yaml\ntasks: [{name: vqav2, data: shapes, n: 4, params: {on_bad_sample: ignore}}]",
+        "tasks[0].params.on_bad_sample", ("'fail'", "'skip'")),
+    Bad("reserved-threat-name", "include: base.yaml\nthreat_models:\n  probe-eps0: {norm: linf, eps: 8/255}\n"
+        "attacks:\n  - {name: none}\n  - {name: pgd, threats: [probe-eps0]}",
+        "threat_models.probe-eps0", ("probe-eps0",)),
+    Bad("executor-workers-zero", "include: base.yaml\nexecutor: {name: local, params: {workers: 0}}",
+        "executor.params.workers", ("greater than or equal to 1",)),
+    Bad("adaptive-eot-zero", "include: base.yaml\nadaptive: {eot: 0}",
+        "adaptive.eot", ("greater than 0",)),
+    Bad("adaptive-unknown-threat", "include: base.yaml\nadaptive: {enabled: true, threats: [linf-16]}",
+        "adaptive.threats[0]", ("unknown threat model 'linf-16'",)),
+    Bad("adaptive-key-typo", "include: base.yaml\nadaptive: {samplez: 4}",
+        "adaptive.samplez", ("is not a known key", "did you mean 'samples'?")),
+    # -- files that are not what a suite is
+    Bad("empty-file", "", "", ("empty",)),
+    Bad("include-latin1", "include: latin.yaml\nname: x", "", ("not UTF-8",),
+        extra_files=(("latin.yaml", "seed: 0 # caf\udce9\n"),), blamed="latin.yaml"),
+    Bad("anchor-bomb", "include: base.yaml\na: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+        "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+        "e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: [*e, *e, *e, *e, *e, *e, *e, *e, *e]",
+        "a", ("is not a known key",)),
 ]
 
 
 def _write(tmp_path: Path, case: Bad) -> Path:
     shutil.copy(FIXTURES / "suites" / "base.yaml", tmp_path / "base.yaml")
-    for name, text in case.extra_files:
-        (tmp_path / name).write_text(text)
+    for name, text in case.extra_files:  # "\udcXX" in a case's text is the raw byte 0xXX
+        (tmp_path / name).write_bytes(text.encode("utf-8", "surrogateescape"))
     path = tmp_path / "suite.yaml"
-    path.write_text(case.yaml)
+    path.write_bytes(case.yaml.encode("utf-8", "surrogateescape"))
     return path
 
 
@@ -151,6 +199,7 @@ def assert_one_paragraph_error(stderr: str, file: Path, key: str, says: tuple[st
     assert "Traceback" not in text, stderr
     assert all(line.strip() for line in text.splitlines()), f"not one paragraph:\n{stderr}"
     assert text.count("error:") == 1, stderr
+    assert len(text) <= 2000, f"an error of {len(text)} characters is not one a user reads:\n{text[:500]}"
     where = f"error: {file}: {key}: " if key else f"error: {file}: "
     assert text.startswith(where), f"expected the message to start with {where!r}:\n{stderr}"
     for fragment in says:
@@ -342,7 +391,7 @@ def test_attack_limited_to_some_victims_is_transfer_only_where_its_surrogate_is_
 
 
 def test_paper_suite_mf_ii_is_transfer_from_the_other_victim(plugins) -> None:
-    suite = load_suite(REPO / "suites" / "paper.yaml", plugins)
+    suite = load_suite(REPO / "suites" / "paper.yaml", plugins, device_notes=[])  # a suite for a GPU machine
     cells = [c for c in expand(suite) if c.attack.name == "mf-ii"]
     assert cells and all(c.attack.params["surrogate"] != c.victim.name for c in cells)
     assert {c.victim.name for c in cells} == {"hf-blip2", "hf-llava"}

@@ -47,7 +47,7 @@ def test_tasks_satisfy_the_protocol_and_construct_without_io(tmp_path: Path, mon
 def test_shapes_data_uses_the_built_in_world(world: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_common, "build_shapes_world", lambda: world)
     task = VQAv2Task()
-    assert task.describe() == {"data": "shapes", "root": str(world), "images": None}
+    assert task.describe() == {"data": "shapes", "root": str(world), "images": None, "on_bad_sample": "fail"}
     assert len(task.samples("val", 2, seed=0)) == 2
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from harness.contracts import Preparation, Sample, TaskKind
-from harness.paths import codefend_home, publish_checkpoint
+from harness.paths import CheckpointNotFound, codefend_home, publish_checkpoint
 
 PAD, BOS, SEP, EOS, UNK = "[PAD]", "[BOS]", "[SEP]", "[EOS]", "[UNK]"
 SPECIAL_TOKENS = [PAD, BOS, SEP, EOS, UNK]
@@ -148,6 +148,12 @@ class ShapesVLM:
         self._model = None
         self._tokenizer = None
         self._fingerprint: str | None = None
+        if self.checkpoint is not None and not self.is_trained():
+            raise CheckpointNotFound(self._missing_checkpoint())
+
+    def _missing_checkpoint(self) -> str:
+        return (f"shapes-vlm checkpoint not found: looked for model.safetensors and tokenizer.json in "
+                f"{self.checkpoint}. Remove 'checkpoint' to train one, or run `codefend train shapes-vlm`.")
 
     # -- loading ---------------------------------------------------------------------------
     @property
@@ -174,10 +180,7 @@ class ShapesVLM:
             return
         if not self.is_trained():
             if self.checkpoint is not None:
-                raise FileNotFoundError(
-                    f"shapes-vlm checkpoint not found: looked for model.safetensors and tokenizer.json in "
-                    f"{self.checkpoint}. Remove 'checkpoint' to train one, or run `codefend train shapes-vlm`."
-                )
+                raise CheckpointNotFound(self._missing_checkpoint())
             with torch.enable_grad():  # load() may first be reached from generate(), under no_grad
                 train_shapes_vlm(self.config, self.cache_dir, progress=progress, device=self._device_name)
         from transformers import PreTrainedTokenizerFast, VisionEncoderDecoderModel

@@ -1,0 +1,59 @@
+"""``codefend validate`` wall time: on a malformed suite (goal <= 1 s, before any plugin loads) and
+on valid suites of 1k, 10k and 100k defense entries (goal: linear in the suite's size).
+
+    python benchmarks/validate_speed.py [--sizes 1000,10000,100000]
+
+Each size is a suite of that many JPEG defenses (distinct ids and qualities) under one victim,
+one task and the clean condition, so its matrix grows linearly too; the standard adaptive
+protocol is off (it would multiply the cells). Runs the real console script, a fresh process
+per suite, and prints seconds per 1k entries: flat means linear.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CODEFEND = Path(sys.executable).with_name("codefend")
+
+HEAD = """\
+name: validate-speed
+seed: 0
+victims: [{name: shapes-vlm, params: {steps: 100}}]
+tasks: [{name: vqav2, data: shapes, split: test, n: 4}]
+attacks: [{name: none}]
+adaptive: {enabled: false, reason: a validation benchmark}
+defenses:
+"""
+
+
+def _time(suite: Path) -> tuple[float, int]:
+    started = time.perf_counter()
+    result = subprocess.run([str(CODEFEND), "validate", str(suite)], capture_output=True, text=True)
+    return time.perf_counter() - started, result.returncode
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1000,10000,100000")
+    sizes = [int(s) for s in parser.parse_args().sizes.split(",")]
+    with tempfile.TemporaryDirectory() as folder:
+        bad = Path(folder) / "bad.yaml"
+        bad.write_text("name: x\nvictims: [{name: shapes-vlm}\ntasks: []\n")
+        seconds, code = _time(bad)
+        print(f"malformed suite: {seconds:.2f} s (exit {code}; goal <= 1 s)")
+        for size in sizes:
+            suite = Path(folder) / f"suite-{size}.yaml"
+            lines = [f"  - {{name: jpeg, id: d{i}, params: {{quality: {1 + i % 95}}}}}" for i in range(size)]
+            suite.write_text(HEAD + "\n".join(lines) + "\n")
+            seconds, code = _time(suite)
+            print(f"{size:>7} entries ({suite.stat().st_size / 1e6:.1f} MB): {seconds:7.2f} s, "
+                  f"{1000 * seconds / size:.3f} s per 1k entries (exit {code})")
+
+
+if __name__ == "__main__":
+    main()
