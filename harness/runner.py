@@ -17,6 +17,7 @@ import platform
 import re
 import socket
 import sys
+import threading
 import time
 import traceback
 import uuid
@@ -635,6 +636,7 @@ class _Driver:
         self.victim_fp: dict[str, str] = {}
         self.cell_data: dict[int, dict[str, Any]] = {}
         self.samples_cache: dict[tuple[str, int | None], list[Sample]] = {}
+        self.samples_lock = threading.Lock()
         self.skipped_samples: dict[str, list[dict[str, str]]] = {}
         """task label -> the samples its reader left out as malformed (``on_bad_sample: skip``)."""
         self.failures: dict[str, str] = {}
@@ -655,6 +657,9 @@ class _Driver:
 
     # -- the walk ---------------------------------------------------------------------------
     def run(self) -> None:
+        # The tasks' samples load (the shapes world builds on first use) while the executor spawns
+        # its workers, instead of later inside the first training node, with a core idle.
+        threading.Thread(target=self._load_all_samples, name="load-samples", daemon=True).start()
         ready = [n for n, node in self.graph.nodes.items() if not node.deps]
         while True:
             ready.sort(key=lambda n: -self.priority[n])
@@ -772,8 +777,19 @@ class _Driver:
             stack.extend(self.dependents[current])
 
     # -- planning a victim's chunks -----------------------------------------------------------
+    def _load_all_samples(self) -> None:
+        for cell in {cell.task.model_dump_json(): cell for cell in self.graph.cells}.values():
+            try:
+                self._samples(cell)
+            except Exception:  # the driver's own call raises it again, where it is reported
+                return
+
     def _samples(self, cell: Cell) -> list[Sample]:
         key = (cell.task.model_dump_json(), cell.task.n)
+        with self.samples_lock:
+            return self._samples_locked(cell, key)
+
+    def _samples_locked(self, cell: Cell, key: tuple[str, int | None]) -> list[Sample]:
         if key not in self.samples_cache:
             task: Task = component(self.plugins, "task", cell.task.name, cell.task.factory_params())
             self.samples_cache[key] = task.samples(cell.task.split, cell.task.n, self.suite.seed)
