@@ -24,6 +24,9 @@ from pydantic import Field
 
 
 def _init_worker(threads: int) -> None:
+    from harness.lifetime import die_with_parent
+
+    die_with_parent()  # a killed run leaves no worker behind
     import torch
 
     torch.set_num_threads(threads)

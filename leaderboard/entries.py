@@ -47,6 +47,7 @@ def _entry(board: Board, table: Table, row: BoardRow, threat: str) -> dict[str, 
         "task": table.task,
         "metric": table.metric,
         "defense": row.defense,
+        "skipped_samples": len(table.skipped),
         "threat_model": {
             "name": threat,
             "norm": detail.norm if detail and detail.bounded else None,

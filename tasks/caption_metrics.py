@@ -14,7 +14,9 @@ never loses the other metrics.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import subprocess
 import threading
 import warnings
 from typing import Hashable, Mapping, Sequence, TypeVar
@@ -24,6 +26,8 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+from harness.lifetime import die_with_parent
 
 __all__ = ["CIDER_SCALE", "score_captions"]
 
@@ -101,7 +105,8 @@ def score_captions(
 def _tokenize(
     ids: list[K], outputs: Mapping[K, str], references: Mapping[K, Sequence[str]]
 ) -> tuple[dict[K, list[str]], dict[K, list[str]]]:
-    """PTB-tokenise outputs and references in one JVM call; key order follows ``ids``.
+    """PTB-tokenise outputs and references (one JVM call for the captions not seen before); key
+    order follows ``ids``.
 
     The tokenizer works line by line and only replaces ``\\n``, so another line break inside a
     caption (``\\r``, U+2028, ...) would shift every later caption onto the wrong sample: all
@@ -111,25 +116,49 @@ def _tokenize(
     def clean(text: str) -> str:
         return " ".join(str(text).split())
 
-    combined: dict[tuple[str, K], list[dict[str, str]]] = {}
-    for key in ids:
-        combined[("out", key)] = [{"caption": clean(outputs[key])}]
-    for key in ids:
-        combined[("ref", key)] = [{"caption": clean(ref)} for ref in references[key]]
-    tokens = PTBTokenizer().tokenize(combined)
-    if len(tokens) != len(combined):
-        raise RuntimeError(
-            f"the PTB tokenizer returned {len(tokens)} of {len(combined)} caption groups; is Java working?"
-        )
-    return {key: tokens[("ref", key)] for key in ids}, {key: tokens[("out", key)] for key in ids}
+    tokens = iter(_ptb_tokens([clean(outputs[key]) for key in ids]
+                              + [clean(ref) for key in ids for ref in references[key]]))
+    res = {key: [next(tokens)] for key in ids}
+    return {key: [next(tokens) for _ in references[key]] for key in ids}, res
+
+
+_tokenized: dict[str, str] = {}
+"""Caption -> its PTB tokens, per process. The tokenizer works line by line, so a caption's tokens
+never depend on the others in its call: caching is exact, and a cell whose captions were all seen
+(the references of every cell on the same samples, repeated outputs) starts no JVM (~1 s each)."""
+
+
+def _ptb_tokens(texts: list[str]) -> list[str]:
+    missing = sorted({text for text in texts if text not in _tokenized})
+    if missing:
+        tokens = PTBTokenizer().tokenize({i: [{"caption": text}] for i, text in enumerate(missing)})
+        if len(tokens) != len(missing):
+            raise RuntimeError(
+                f"the PTB tokenizer returned {len(tokens)} of {len(missing)} captions; is Java working?"
+            )
+        if len(_tokenized) > 200_000:  # a bound, far above a suite's distinct captions
+            _tokenized.clear()
+        _tokenized.update((text, tokens[i][0]) for i, text in enumerate(missing))
+    return [_tokenized[text] for text in texts]
 
 
 class _Meteor(Meteor):
-    """pycocoevalcap's METEOR wrapper with a shutdown that cannot deadlock.
+    """pycocoevalcap's METEOR wrapper with a shutdown that cannot deadlock, and a JVM that dies
+    with this process.
 
     The original ``__del__`` takes the scorer's lock, which a scoring thread that hung (or died
     mid-call) still holds, so garbage collection would block forever; this one just kills the JVM.
     """
+
+    def __init__(self) -> None:  # pycocoevalcap's command and folder, started with die_with_parent
+        from pycocoevalcap.meteor import meteor as reference
+
+        self.meteor_cmd = ["java", "-jar", "-Xmx2G", reference.METEOR_JAR, "-", "-", "-stdio", "-l", "en", "-norm"]
+        self.meteor_p = subprocess.Popen(
+            self.meteor_cmd, cwd=os.path.dirname(os.path.abspath(reference.__file__)),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=die_with_parent,
+        )
+        self.lock = threading.Lock()
 
     def shutdown(self) -> str:
         """Kill the JVM (if still running), release its pipes, and return the end of its stderr."""

@@ -303,6 +303,9 @@ adaptive: {{enabled: false, reason: a test of data handling}}
     assert sorted(table.rows[0].samples["clean"]) == ["10", "30"]
     assert "1 malformed sample(s)" in render_markdown(board) and "20: it has 3 annotator answers" in render_markdown(board)
     assert "1 malformed sample(s)" in render_html(board)
+    from leaderboard.entries import JSONReporter
+
+    assert {entry["skipped_samples"] for entry in json.loads(JSONReporter()(board))} in ({1}, set())
 
 
 WEIRD_IDS = ["dollar-$x$-sign", "angle-<img src=x onerror=alert(1)>", "pipe-a|b", "newline-a\nb"]
@@ -344,3 +347,35 @@ adaptive: {{enabled: false, reason: a test of rendering}}
     rows = list(csv.DictReader(io.StringIO(CSVReporter()(board))))
     assert set(WEIRD_IDS) <= {row["defense"] for row in rows}
     assert set(WEIRD_IDS) <= {entry["defense"] for entry in json.loads(JSONReporter()(board))}
+
+
+class _Planted:
+    """A pickle that runs code when loaded: what a file planted in a cache could hold."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_planted_pickle_in_the_pairs_cache_is_refused_and_never_runs(tmp_path: Path) -> None:
+    import torch
+
+    from defenses.training_pairs import Pairs, _load_cached_pairs
+
+    marker = tmp_path / "code-ran"
+    planted = tmp_path / "pairs-planted.pt"
+    torch.save({"clean": torch.zeros(1, 3, 2, 2), "adversarial": _Planted(marker)}, planted)
+    with pytest.warns(UserWarning, match="ignoring the training-pairs cache .*recomputing"):
+        assert _load_cached_pairs(planted) is None
+    assert not marker.exists()
+
+    honest = tmp_path / "pairs-honest.pt"
+    pairs = Pairs(clean=torch.zeros(2, 3, 4, 4), adversarial=torch.ones(2, 3, 4, 4), prompts=["q", "q"],
+                  targets=["a", "b"], kinds=["vqa", "vqa"], attack=["pgd", "pgd"], record={"pairs": 2})
+    from dataclasses import asdict
+
+    torch.save(asdict(pairs), honest)
+    loaded = _load_cached_pairs(honest)
+    assert loaded is not None and torch.equal(loaded.adversarial, pairs.adversarial) and loaded.targets == ["a", "b"]

@@ -249,28 +249,90 @@ def test_rows_record_what_the_defense_did_to_the_image(run_a: Run) -> None:
     assert "| defense | clean cost | s / image | network evals / image |" in board
 
 
-def test_a_second_run_on_a_busy_store_refuses_and_computes_nothing(run_a: Run, codefend_cmd, tmp_path: Path, run_cli) -> None:
+def test_a_second_run_on_a_busy_store_refuses_and_computes_nothing(run_a: Run, tmp_path: Path, run_cli) -> None:
+    """A run in progress holds the store's writer lock (here this test holds it, so that the
+    second run cannot arrive after a fast first one has finished)."""
     out = tmp_path / "C"
-    db = out / "store.sqlite"
-    log = tmp_path / "first.log"
-    with open(log, "w") as stderr:
-        first = subprocess.Popen([*codefend_cmd, "run", str(SUITE), "--out", str(out), "--quiet"],
-                                 cwd=REPO, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=stderr)
-        try:
-            deadline = time.monotonic() + 240
-            while not (db.exists() and _query(db, "SELECT count(*) FROM runs WHERE status = 'running'") == [(1,)]):
-                assert first.poll() is None, f"the first run ended before the second started:\n{log.read_text()}"
-                assert time.monotonic() < deadline, "the first run never started"
-                time.sleep(0.05)
+    store = Store(out / "store.sqlite")
+    try:
+        with store.writer_lock():
             second = _run(run_cli, out)
-            assert first.wait(timeout=300) == 0, log.read_text()
-        finally:
-            if first.poll() is None:
-                first.kill()
-                first.wait()
-    assert second.result.returncode == 2, second.result.stderr
-    assert "is being written by a run in progress (pid" in second.result.stderr, second.result.stderr
-    assert "Traceback" not in second.result.stderr
-    assert _query(db, "SELECT count(*) FROM runs") == [(1,)]  # the second never began a run
-    assert SUMMARY.search(log.read_text())[2] == str(ROWS)  # the first computed every row, once
-    assert _count(db) == ROWS
+            assert second.result.returncode == 2, second.result.stderr
+            assert "is being written by a run in progress (pid" in second.result.stderr, second.result.stderr
+            assert "Traceback" not in second.result.stderr
+            assert _query(out / "store.sqlite", "SELECT count(*) FROM runs") == [(0,)]
+            assert _count(out / "store.sqlite") == 0
+        after = _run(run_cli, out)  # the lock released: the run computes every row, once
+    finally:
+        store.close()
+    assert after.result.returncode == 0, after.result.stderr
+    assert after.summary() == (CELLS, ROWS, 0)
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, stack = set(), [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.add(child)
+            stack.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's reaping is left
+
+
+def test_a_killed_run_leaves_no_child_process_after_a_second(run_a: Run, codefend_cmd, tmp_path: Path) -> None:
+    out = tmp_path / "D"
+    db = out / "store.sqlite"
+    process = subprocess.Popen([*codefend_cmd, "run", str(SUITE), "--out", str(out), "--quiet", "--workers", "2"],
+                               cwd=REPO, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while _count(db, "attack = 'pgd'") == 0:  # mid-run, with both workers up
+            assert process.poll() is None and time.monotonic() < deadline, "the run ended or stalled before the kill"
+            time.sleep(0.05)
+        children = _descendants(process.pid)
+        assert len(children) >= 2, "expected the pool's workers below the driver"
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        time.sleep(1.0)
+        assert not [pid for pid in children if _alive(pid)], "children outlived the killed run by a second"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_the_meteor_jvm_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
+    import shutil
+    import sys
+
+    if shutil.which("java") is None:
+        pytest.skip("no Java here: METEOR does not start")
+    script = "from tasks.caption_metrics import _Meteor\nimport time\nm = _Meteor()\nprint(m.meteor_p.pid, flush=True)\ntime.sleep(60)\n"
+    owner = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        jvm = int(owner.stdout.readline())
+        assert _alive(jvm)
+        owner.send_signal(signal.SIGKILL)
+        owner.wait(timeout=30)
+        time.sleep(1.0)
+        assert not _alive(jvm), "the METEOR JVM outlived its owner by a second"
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()

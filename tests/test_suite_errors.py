@@ -170,6 +170,8 @@ CASES = [
     Bad("empty-file", "", "", ("empty",)),
     Bad("include-latin1", "include: latin.yaml\nname: x", "", ("not UTF-8",),
         extra_files=(("latin.yaml", "seed: 0 # caf\udce9\n"),), blamed="latin.yaml"),
+    Bad("include-is-a-png", "include: picture.png\nname: x", "", ("not UTF-8",),
+        extra_files=(("picture.png", "\udc89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"),), blamed="picture.png"),
     Bad("anchor-bomb", "include: base.yaml\na: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
         "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
         "e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: [*e, *e, *e, *e, *e, *e, *e, *e, *e]",
