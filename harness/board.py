@@ -36,13 +36,12 @@ class PairedComparison:
 
     @property
     def significant(self) -> bool:
-        """The difference is significant at 1 − CONFIDENCE (its interval excludes 0, or the exact
-        test's p-value is below 0.05)."""
+        """The difference is significant at 1 − CONFIDENCE: its p-value (McNemar's exact test, or
+        the paired bootstrap's) is below 0.05. One criterion, so that the word beside a p-value
+        never contradicts it."""
         if self.n < MIN_SAMPLES:
             return False
-        if self.test == "mcnemar-exact":
-            return self.p_value < 1 - CONFIDENCE
-        return self.interval.low > 0 or self.interval.high < 0
+        return self.p_value < 1 - CONFIDENCE
 
 
 @dataclass(frozen=True)

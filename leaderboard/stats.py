@@ -56,4 +56,7 @@ def paired_comparison(a: dict[str, float], b: dict[str, float]) -> PairedCompari
     rng = np.random.default_rng(SEED)
     means = diff[rng.integers(0, diff.size, size=(RESAMPLES, diff.size))].mean(axis=1)
     p = float(min(1.0, 2 * min((means <= 0).mean(), (means >= 0).mean())))
-    return PairedComparison(len(common), float(diff.mean()), interval, p, "paired-bootstrap")
+    # the interval from the same resamples as p: two independent draws could disagree at the
+    # boundary (an interval excluding 0 beside p = 0.051)
+    low, high = np.quantile(means, [(1 - CONFIDENCE) / 2, 1 - (1 - CONFIDENCE) / 2])
+    return PairedComparison(len(common), float(diff.mean()), Interval(float(low), float(high)), p, "paired-bootstrap")

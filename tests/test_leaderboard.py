@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from codefend import cli
@@ -210,3 +211,22 @@ def test_adaptive_columns_name_the_gradient_route_per_defense(tmp_path: Path) ->
     store.set_scores(scored)
     text = render_markdown(build_board(store))
     assert "adaptive (jpeg: bpda-identity; none: exact)" in text
+
+
+def test_a_paired_comparison_s_interval_p_value_and_verdict_agree() -> None:
+    """The board prints 'significant' beside a p-value; an interval and a p-value from two
+    independent bootstrap draws once put 'significant' beside p = 0.051."""
+    from leaderboard.stats import paired_comparison
+
+    rng = np.random.default_rng(0)
+    checked = 0
+    for shift in np.linspace(0.0, 0.6, 40):
+        a = rng.normal(shift, 1.0, size=24)
+        b = rng.normal(0.0, 1.0, size=24)
+        comparison = paired_comparison({str(i): v for i, v in enumerate(a)}, {str(i): v for i, v in enumerate(b)})
+        excludes_zero = comparison.interval.low > 0 or comparison.interval.high < 0
+        assert comparison.significant == (comparison.p_value < 0.05)
+        if abs(comparison.p_value - 0.05) > 0.002:  # the same resamples: they can only differ on a tie at the edge
+            assert excludes_zero == comparison.significant, (shift, comparison)
+            checked += 1
+    assert checked > 30
