@@ -637,6 +637,7 @@ class _Driver:
         self.cell_data: dict[int, dict[str, Any]] = {}
         self.samples_cache: dict[tuple[str, int | None], list[Sample]] = {}
         self.samples_lock = threading.Lock()
+        self.samples_failure: Exception | None = None
         self.skipped_samples: dict[str, list[dict[str, str]]] = {}
         """task label -> the samples its reader left out as malformed (``on_bad_sample: skip``)."""
         self.failures: dict[str, str] = {}
@@ -659,7 +660,8 @@ class _Driver:
     def run(self) -> None:
         # The tasks' samples load (the shapes world builds on first use) while the executor spawns
         # its workers, instead of later inside the first training node, with a core idle.
-        threading.Thread(target=self._load_all_samples, name="load-samples", daemon=True).start()
+        self.loader = threading.Thread(target=self._load_all_samples, name="load-samples", daemon=True)
+        self.loader.start()
         ready = [n for n, node in self.graph.nodes.items() if not node.deps]
         while True:
             ready.sort(key=lambda n: -self.priority[n])
@@ -727,6 +729,11 @@ class _Driver:
         if not self.executor_started:
             self.executor.start()
             self.executor_started = True
+            # bad data stops the run here, before any node computes (the samples loaded while
+            # the workers spawned)
+            self.loader.join()
+            if self.samples_failure is not None:
+                raise self.samples_failure
             if self.progress and self.executor.dashboard_url:
                 print(f"Ray dashboard: {self.executor.dashboard_url}", file=sys.stderr)
         call = dataclasses.replace(call, threads=self.executor.threads_for(node.resources))
@@ -781,7 +788,8 @@ class _Driver:
         for cell in {cell.task.model_dump_json(): cell for cell in self.graph.cells}.values():
             try:
                 self._samples(cell)
-            except Exception:  # the driver's own call raises it again, where it is reported
+            except Exception as exc:  # the walk raises it at its next step: bad data stops the run early
+                self.samples_failure = exc
                 return
 
     def _samples(self, cell: Cell) -> list[Sample]:

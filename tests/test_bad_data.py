@@ -379,3 +379,25 @@ def test_a_planted_pickle_in_the_pairs_cache_is_refused_and_never_runs(tmp_path:
     torch.save(asdict(pairs), honest)
     loaded = _load_cached_pairs(honest)
     assert loaded is not None and torch.equal(loaded.adversarial, pairs.adversarial) and loaded.targets == ["a", "b"]
+
+
+def test_a_run_stops_on_bad_data_before_any_row_is_computed(tmp_path: Path) -> None:
+    vqa = _write_vqa(tmp_path / "vqa")
+    coco = tmp_path / "coco"
+    _latin1_captions(coco)
+    with pytest.raises(DataError, match="is not UTF-8"):
+        _run(tmp_path, f"""\
+name: stops
+seed: 0
+victims: [{{name: fake-victim}}]
+tasks:
+  - {{name: vqav2, data: {vqa}, split: {SPLIT}}}
+  - {{name: coco_captions, data: {coco}, split: {SPLIT}, params: {{meteor: false}}}}
+attacks: [{{name: none}}]
+defenses: [{{name: none}}]
+adaptive: {{enabled: false, reason: a test of data handling}}
+""")
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "out" / "store.sqlite") as db:
+        assert db.execute("SELECT count(*) FROM results").fetchone() == (0,)  # not even the good task's rows
