@@ -7,6 +7,7 @@ wrong and what is allowed — users never see a traceback for a mistake in their
 
 from __future__ import annotations
 
+import collections
 import difflib
 import math
 import re
@@ -573,7 +574,7 @@ def _check_plugins(path: Path, suite: Suite, plugins: Plugins, device_notes: lis
             raise SuiteError(path, f"attacks[{i}]", f"the label '{attack.label}' is the standard adaptive protocol's "
                              "(see `adaptive:`); give this attack another 'id'")
     for label, items in (("attacks", [a.label for a in suite.attacks]), ("defenses", [d.label for d in suite.defenses])):
-        dupes = {x for x in items if items.count(x) > 1}
+        dupes = {x for x, count in collections.Counter(items).items() if count > 1}
         if dupes:
             raise SuiteError(path, label, f"duplicate entries {sorted(dupes)}; give repeated plugins distinct 'id's")
 
