@@ -469,8 +469,9 @@ def parse_suite(path: str | Path) -> Suite:
         raise _pydantic_error(path, exc) from None
 
 
-def _device_problem(value: Any) -> str | None:
-    """Why ``value`` names no device of this machine (None when it does, or is not a device)."""
+def _device_problem(value: Any) -> tuple[str, bool] | None:
+    """Why ``value`` names no device of this machine, and whether the suite is simply for a GPU
+    machine (a bare ``cuda`` where there is none); None when the device is here, or not one."""
     if not isinstance(value, str):
         return None
     import torch
@@ -478,15 +479,16 @@ def _device_problem(value: Any) -> str | None:
     try:
         device = torch.device(value)
     except RuntimeError as exc:
-        return f"'{value}' is not a torch device ({exc}); use 'cpu', 'cuda' or 'cuda:N'"
+        return f"'{value}' is not a torch device ({exc}); use 'cpu', 'cuda' or 'cuda:N'", False
     if device.type == "cuda":
         count = torch.cuda.device_count()
         if count == 0 or (device.index or 0) >= count:
             have = f"{count} CUDA device(s): cuda:0..cuda:{count - 1}" if count else "no CUDA device"
             return (f"device '{value}' does not exist on this machine ({have}); use one it has, 'cpu', "
-                    "or leave 'device' out for the default (cuda when present, else cpu)")
+                    "or leave 'device' out for the default (cuda when present, else cpu)",
+                    count == 0 and device.index is None)
     if device.type == "mps" and not torch.backends.mps.is_available():
-        return f"device '{value}' does not exist on this machine (no MPS); use 'cpu' or leave 'device' out"
+        return f"device '{value}' does not exist on this machine (no MPS); use 'cpu' or leave 'device' out", False
     return None
 
 
@@ -495,11 +497,11 @@ def _check_plugins(path: Path, suite: Suite, plugins: Plugins, device_notes: lis
     local_devices = suite.executor.name != "ray"
 
     def create(kind: str, name: str, params: dict[str, Any], key: str) -> Any:
-        if local_devices and (problem := _device_problem(params.get("device"))) is not None:
-            if device_notes is not None and params.get("device") == "cuda" and "no CUDA device" in problem:
-                device_notes.append(f"{key}.params.device: {problem}; `codefend run` refuses it here")
-            else:
+        if local_devices and (found := _device_problem(params.get("device"))) is not None:
+            problem, for_a_gpu_machine = found
+            if device_notes is None or not for_a_gpu_machine:
                 raise SuiteError(path, f"{key}.params.device", problem)
+            device_notes.append(f"{key}.params.device: {problem}; `codefend run` refuses it here")
         registry = plugins.registry(kind)
         try:
             return registry.create(name, params)
