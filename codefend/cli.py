@@ -86,7 +86,8 @@ def cmd_validate(args: argparse.Namespace, plugins: Plugins) -> int:
     from harness.suite import estimate_passes, expand, load_suite
 
     notes: list[str] = []
-    suite = _with_executor(load_suite(args.suite, plugins, device_notes=notes), args, plugins)
+    suite = load_suite(args.suite, plugins, device_notes=notes, parsed=getattr(args, "parsed_suite", None))
+    suite = _with_executor(suite, args, plugins)
     cells = expand(suite)
     counts: dict[int, int] = {}
     for i, task in enumerate(suite.tasks):
@@ -206,7 +207,7 @@ def cmd_run(args: argparse.Namespace, plugins: Plugins) -> int:
     from harness.store import Store
     from harness.suite import load_suite
 
-    suite = _with_executor(load_suite(args.suite, plugins), args, plugins)
+    suite = _with_executor(load_suite(args.suite, plugins, parsed=getattr(args, "parsed_suite", None)), args, plugins)
     store_path = default_store_path(suite, args.out)
     store = Store(store_path)
     try:
@@ -479,7 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.func in (cmd_run, cmd_validate):
             from harness.suite import parse_suite
 
-            parse_suite(args.suite)  # a malformed file answers before the plugins load (~5 s)
+            args.parsed_suite = parse_suite(args.suite)  # a malformed file answers before the plugins load (~5 s)
         if args.plugin:
             plugins = use_plugins(load_plugins(specs=(*plugin_specs_from_env(), *args.plugin)))
         else:

@@ -444,14 +444,16 @@ def _pydantic_error(path: Path, exc: pydantic.ValidationError) -> SuiteError:
     return SuiteError(path, key, message)
 
 
-def load_suite(path: str | Path, plugins: Plugins, *, device_notes: list[str] | None = None) -> Suite:
+def load_suite(path: str | Path, plugins: Plugins, *, device_notes: list[str] | None = None,
+               parsed: Suite | None = None) -> Suite:
     """Read, merge includes, validate the schema and check every name and parameter.
 
     A ``device`` this machine lacks is an error; with ``device_notes`` (``codefend validate``),
     a CUDA device on a machine with none is noted there instead: a suite for a GPU machine
-    validates on a laptop, as a suite for another machine's data does."""
+    validates on a laptop, as a suite for another machine's data does. ``parsed`` is
+    :func:`parse_suite`'s result for ``path`` when the caller has it (the file is not read again)."""
     path = Path(path).resolve()
-    suite = parse_suite(path)
+    suite = parsed if parsed is not None else parse_suite(path)
     _check_plugins(path, suite, plugins, device_notes)
     return suite
 
