@@ -1,4 +1,5 @@
-"""Built-in attacks, registered like any third-party plugin."""
+"""Built-in attacks, registered like any third-party plugin (by import path: a module is imported
+when one of its attacks is first used)."""
 
 from harness.hookspecs import hookimpl
 from harness.plugins import register_from
@@ -6,7 +7,7 @@ from harness.plugins import register_from
 
 @hookimpl
 def register_attacks(register):
-    # one module at a time: one that fails to import (ART missing, say) takes only its own attacks
+    # one module at a time: one that cannot be imported (ART missing, say) takes only its own attacks
     register_from(register, "attacks.clean", [("none", "NoAttack", "no attack: the clean score")])
     register_from(register, "attacks.pgd", [
         ("pgd", "PGD", "projected gradient descent (L∞/L2, random start) on the victim's loss")])
@@ -18,7 +19,7 @@ def register_attacks(register):
         ("art-pgd", "ARTPGD", "ART ProjectedGradientDescent through an image-to-text estimator"),
         ("art-fgsm", "ARTFGSM", "ART FastGradientMethod through an image-to-text estimator"),
         ("art-square", "ARTSquare", "ART SquareAttack (query-only) with a text loss and success check"),
-    ])
+    ], requires=("art",))
     register_from(register, "attacks.transfer", [
         ("mf-ii", "MFii", "AttackVLM MF-ii: transfer via a surrogate's image embedding of a target image"),
         ("mf-tt", "MFtt", "AttackVLM MF-tt: query-only random gradient-free text matching"),

@@ -35,9 +35,9 @@ defenses:
 """
 
 
-def _time(suite: Path) -> tuple[float, int]:
+def _time(*argv: str) -> tuple[float, int]:
     started = time.perf_counter()
-    result = subprocess.run([str(CODEFEND), "validate", str(suite)], capture_output=True, text=True)
+    result = subprocess.run([str(CODEFEND), *argv], capture_output=True, text=True)
     return time.perf_counter() - started, result.returncode
 
 
@@ -48,13 +48,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         bad = Path(folder) / "bad.yaml"
         bad.write_text("name: x\nvictims: [{name: shapes-vlm}\ntasks: []\n")
-        seconds, code = _time(bad)
+        seconds, code = _time("validate", str(bad))
         print(f"malformed suite: {seconds:.2f} s (exit {code}; goal <= 1 s)")
+        typo = Path(folder) / "typo.yaml"
+        typo.write_text(HEAD.replace("defenses:\n", "defenses: [{name: jepg}]\n"))
+        seconds, code = _time("validate", str(typo))
+        print(f"unknown plugin name: {seconds:.2f} s (exit {code}; goal <= 1 s)")
+        seconds, code = _time("plugins")
+        print(f"codefend plugins: {seconds:.2f} s (exit {code}; goal <= 1 s)")
         for size in sizes:
             suite = Path(folder) / f"suite-{size}.yaml"
             lines = [f"  - {{name: jpeg, id: d{i}, params: {{quality: {1 + i % 95}}}}}" for i in range(size)]
             suite.write_text(HEAD + "\n".join(lines) + "\n")
-            seconds, code = _time(suite)
+            seconds, code = _time("validate", str(suite))
             print(f"{size:>7} entries ({suite.stat().st_size / 1e6:.1f} MB): {seconds:7.2f} s, "
                   f"{1000 * seconds / size:.3f} s per 1k entries (exit {code})")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -86,8 +87,7 @@ def cmd_validate(args: argparse.Namespace, plugins: Plugins) -> int:
     from harness.suite import estimate_passes, expand, load_suite
 
     notes: list[str] = []
-    suite = load_suite(args.suite, plugins, device_notes=notes, parsed=getattr(args, "parsed_suite", None))
-    suite = _with_executor(suite, args, plugins)
+    suite = load_suite(args.suite, plugins, device_notes=notes, parsed=_parsed_with_executor(args, plugins))
     cells = expand(suite)
     counts: dict[int, int] = {}
     for i, task in enumerate(suite.tasks):
@@ -202,12 +202,21 @@ def _with_executor(suite: Any, args: argparse.Namespace, plugins: Plugins) -> An
     return suite.model_copy(update={"executor": ExecutorSpec(name=name, params=params)})
 
 
+def _parsed_with_executor(args: argparse.Namespace, plugins: Plugins) -> Any:
+    """The parsed suite with the command line's executor options, before its plugins are checked:
+    the device check depends on the executor (a Ray cluster's devices are its workers')."""
+    from harness.suite import parse_suite
+
+    parsed = getattr(args, "parsed_suite", None)
+    return _with_executor(parsed if parsed is not None else parse_suite(args.suite), args, plugins)
+
+
 def cmd_run(args: argparse.Namespace, plugins: Plugins) -> int:
     from harness.runner import default_store_path, run_suite
     from harness.store import Store
     from harness.suite import load_suite
 
-    suite = _with_executor(load_suite(args.suite, plugins, parsed=getattr(args, "parsed_suite", None)), args, plugins)
+    suite = load_suite(args.suite, plugins, parsed=_parsed_with_executor(args, plugins))
     store_path = default_store_path(suite, args.out)
     store = Store(store_path)
     try:
@@ -490,6 +499,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = exc.args[0] if isinstance(exc, FileNotFoundError) and exc.args and isinstance(exc.args[0], str) else str(exc)
         print(f"error: {message}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `codefend plugins | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("interrupted: everything committed so far is in the store; run the same command again to resume", file=sys.stderr)
         return 130

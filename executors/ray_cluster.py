@@ -8,7 +8,8 @@ mid-task is retried by Ray (``max_retries``); only the driver writes the store, 
 node when its one result arrives, so a retry never duplicates a row.
 
 Without ``address`` a local Ray is started with ``num_cpus`` CPUs (default: all) and stopped at
-the end; with one (``auto``, ``ray://host:10001``, ``host:6379``) the run joins that cluster.
+the end (and killed with the driver, however it dies: :func:`harness.lifetime.ensure_descendant_guard`);
+with one (``auto``, ``ray://host:10001``, ``host:6379``) the run joins that cluster.
 Workers need this project (and any plugin package) installed, and ``$CODEFEND_HOME`` on shared
 storage or their own copy of it: see docs/scale.md.
 """
@@ -65,6 +66,11 @@ class RayExecutor:
             if self.include_dashboard is not None:
                 kwargs["include_dashboard"] = self.include_dashboard
             self._started_here = True
+            # a local Ray's agents and idle workers outlive a SIGKILLed driver by seconds to a
+            # minute (they notice their raylet's death late); the guard kills them at once
+            from harness.lifetime import ensure_descendant_guard
+
+            ensure_descendant_guard()
         else:
             kwargs["address"] = self.address
         context = ray.init(**kwargs)

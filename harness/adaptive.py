@@ -35,9 +35,6 @@ class GradientRoute:
     """Set when the gradient goes through a surrogate process: what it is (e.g. ``ddpm, 2 steps
     at the same t*``); the board labels such columns."""
 
-    def as_record(self) -> dict[str, Any]:
-        return {"gradient": self.method, "eot": self.eot, **({"surrogate": self.surrogate} if self.surrogate else {})}
-
 
 def gradient_route(defense: Defense, eot: int | None, surrogate_steps: int | None = None) -> GradientRoute:
     """The route an adaptive attack takes through ``defense``. ``eot`` overrides the defense's

@@ -14,8 +14,12 @@ functions decorated by :data:`hookimpl`. Built-ins register exactly like third-p
     def register_defenses(register):
         register("blur", BlurDefense, description="Gaussian blur before the victim")
 
-``register(name, factory, *, description="")`` adds one named component. ``factory`` is called
-with the suite's ``params`` as keyword arguments; its signature is the parameter schema (typed
+``register(name, factory, *, description="")`` adds one named component. ``factory`` is a callable,
+or its import path ``"my_package.blur:BlurDefense"``: the module is then imported only when the
+component is first used, so ``codefend plugins`` and a suite's name check stay fast (and a module
+that fails to import fails only its own components, with an error naming them;
+:func:`harness.plugins.register_from` also checks optional dependencies up front). ``factory`` is
+called with the suite's ``params`` as keyword arguments; its signature is the parameter schema (typed
 annotations are checked when a suite is validated, and unknown keys are reported with the allowed
 ones). Factories must be cheap: no model loading or file I/O until the component is used.
 """
@@ -32,7 +36,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 class Register(Protocol):
-    def __call__(self, name: str, factory: Callable[..., Any], *, description: str = "") -> None: ...
+    def __call__(self, name: str, factory: Callable[..., Any] | str, *, description: str = "") -> None: ...
 
 
 @hookspec

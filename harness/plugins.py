@@ -111,20 +111,35 @@ def _describe_error(exc: BaseException) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
-def register_from(register: Callable[..., None], module: str, components: Sequence[tuple[str, str, str]]) -> None:
-    """Register ``components``, ``(name, attribute of module, description)`` triples, importing
-    ``module`` only now: if it fails to import (an optional dependency missing, say), a
-    :class:`PluginLoadWarning` names the module and the components lost, and the plugin's other
-    modules still register. For plugins whose components live in several modules (the built-ins)."""
-    try:
-        loaded = importlib.import_module(module)
-    except Exception as exc:
-        warnings.warn(f"{module} failed to import, so {', '.join(name for name, _, _ in components)} "
-                      f"{'is' if len(components) == 1 else 'are'} not registered: {_describe_error(exc)}",
+def _missing_module(names: Iterable[str]) -> str | None:
+    """The first of ``names`` that cannot be found, without importing any of them (a dotted name
+    imports its parent packages only)."""
+    for name in names:
+        try:
+            if importlib.util.find_spec(name) is None:
+                return name
+        except (ImportError, ValueError):
+            return name
+    return None
+
+
+def register_from(register: Callable[..., None], module: str, components: Sequence[tuple[str, str, str]],
+                  *, requires: Sequence[str] = ()) -> None:
+    """Register ``components``, ``(name, attribute of module, description)`` triples, by import
+    path: ``module`` is imported when one of them is first used, so listing plugins and checking a
+    suite's names import no model library. When ``module``, or a top-level package it
+    ``requires`` (an optional dependency), is not installed, a :class:`PluginLoadWarning` names it
+    and the components lost, and the plugin's other modules still register. For plugins whose
+    components live in several modules (the built-ins)."""
+    missing = _missing_module((*requires, module))
+    if missing is not None:
+        warnings.warn(f"{module} cannot be imported (no module named '{missing}'), so "
+                      f"{', '.join(name for name, _, _ in components)} "
+                      f"{'is' if len(components) == 1 else 'are'} not registered",
                       PluginLoadWarning, stacklevel=2)
         return
     for name, attribute, description in components:
-        register(name, getattr(loaded, attribute), description=description)
+        register(name, f"{module}:{attribute}", description=description)
 
 
 def plugin_specs_from_env() -> tuple[str, ...]:
@@ -218,7 +233,7 @@ def load_plugins(
 
             def register(
                 name: str,
-                factory: Callable[..., Any],
+                factory: Callable[..., Any] | str,
                 *,
                 description: str = "",
                 _kind: str = kind,

@@ -1,6 +1,8 @@
 """Typed registries of named plugin components, with parameter validation and "did you mean".
 
-A registry maps a name (``"pgd"``) to a factory. The factory's signature is the component's
+A registry maps a name (``"pgd"``) to a factory: a callable, or the import path of one
+(``"attacks.pgd:PGD"``), imported the first time the component is used, so that listing plugins and
+checking a suite's names import no model library. The factory's signature is the component's
 parameter schema: :meth:`Registry.create` validates a suite's ``params`` against it with pydantic
 before calling it, so a typo or a wrong type is reported with the allowed keys rather than as a
 ``TypeError`` deep inside a run.
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import importlib
 import inspect
 import types
 import typing
@@ -67,17 +70,35 @@ class ParamError(RegistryError):
         super().__init__(f"bad parameters for {kind} '{name}': {said} (allowed parameters: {allowed_text})")
 
 
+class PluginImportError(RegistryError):
+    """A component registered by import path whose module cannot be imported."""
+
+
 @dataclass(frozen=True)
 class Entry(Generic[T]):
-    """One registered component and where it came from."""
+    """One registered component and where it came from. ``target`` is the factory, or its import
+    path ``"module:attribute"``; :attr:`factory` is the factory, imported on first use."""
 
     kind: str
     name: str
-    factory: Callable[..., T]
+    target: Callable[..., T] | str
     description: str
     plugin: str
     distribution: str
     version: str
+
+    @functools.cached_property
+    def factory(self) -> Callable[..., T]:
+        if not isinstance(self.target, str):
+            return self.target
+        module, _, attribute = self.target.partition(":")
+        try:
+            return getattr(importlib.import_module(module), attribute)
+        except Exception as exc:
+            raise PluginImportError(
+                f"{self.kind} '{self.name}' (plugin '{self.plugin}', {self.distribution} {self.version}) cannot be "
+                f"loaded from {self.target}: {' '.join(f'{type(exc).__name__}: {exc}'.split())}. Install what it "
+                "needs, or leave it out of the suite") from None
 
     def parameters(self) -> dict[str, inspect.Parameter]:
         params = inspect.signature(self.factory).parameters

@@ -38,6 +38,8 @@ from harness.contracts import (AttackBatch, CheapFingerprintVictim, CorpusScored
 from harness.image_quality import psnr, ssim
 from harness.labels import training_label
 from harness.plugins import Plugins, get_plugins
+from harness.records import (AttackCost, AttackInfo, DefenseInfo, Perturbation, ResultRow, RowImages, RowRecord,
+                             TargetedInfo, ThreatInfo, VictimInfo)
 from harness.store import SCHEMA_VERSION, Store, digest_json
 from harness.suite import Cell, Suite, expand
 
@@ -128,7 +130,7 @@ def check_threat_model(attack: str, threat: ThreatModel, bounded: bool, clean: t
 
 @dataclass
 class ChunkOutcome:
-    rows: list[dict[str, Any]]
+    rows: list[ResultRow]
     adversarial: dict[str, tuple[np.ndarray, dict[str, Any]]]
     artifacts: list[np.ndarray] = field(default_factory=list)
 
@@ -162,10 +164,9 @@ def said(text: str, output: str) -> bool:
 
 
 def _attack_cost(key: str, new: dict[str, tuple[np.ndarray, dict[str, Any]]],
-                 cached: dict[str, tuple[np.ndarray, dict[str, Any]]]) -> dict[str, Any]:
+                 cached: dict[str, tuple[np.ndarray, dict[str, Any]]]) -> AttackCost:
     """What producing this row's adversarial example cost (its batch's totals), computed or reused."""
-    record = (new.get(key) or cached[key])[1]
-    return {k: v for k, v in record.items() if k != "sample"}
+    return AttackCost.model_validate((new.get(key) or cached[key])[1])
 
 
 _ACCESS = {"gradients": "white-box", "queries": "query", "transfer": "transfer", "none": "none"}
@@ -311,21 +312,43 @@ def run_chunk(chunk: Chunk, plugins: Plugins | None = None) -> ChunkOutcome:
     defense.bind(victim)
 
     clean = victim.prepare([s.image for s in chunk.samples]).to(victim.device)
-    prompts = [s.prompt for s in chunk.samples]
-    targets = [task.attack_targets(s)[0] for s in chunk.samples]
-    defense_generator = torch.Generator().manual_seed(_seed_for(cell.seed, cell.defense.model_dump(exclude={"resources", "train_resources"}), chunk.fingerprints[0]))
+    defense_generator = torch.Generator().manual_seed(_defense_seed(chunk))
     route = gradient_route(defense, cell.attack.eot, cell.attack.surrogate_steps) if cell.attack.adaptive else None
     attack_target = (
         DefendedTarget(victim, defense, route, defense_generator, surrogate_steps=cell.attack.surrogate_steps)
         if route else victim
     )
     adversarial, new_adversarial = _attack_chunk(chunk, victim, task, attack, attack_target, clean)
+    defended = _defend(chunk, victim, task, defense, adversarial, clean, defense_generator)
+    rows, artifacts = _rows(chunk, victim, task, attack, defense, route, clean, adversarial, defended, new_adversarial)
+    return ChunkOutcome(rows=rows, adversarial=new_adversarial, artifacts=artifacts)
 
-    delta = (adversarial - clean).flatten(1)
-    linf = delta.abs().max(dim=1).values.tolist()
-    l2 = delta.norm(dim=1).tolist()
 
-    defended_prompts = defense.rewrite(prompts)
+def _defense_seed(chunk: Chunk, *draw: Any) -> int:
+    """The seed of the defense's randomness for a chunk (and for its extra N-draw draws)."""
+    identity = chunk.cell.defense.model_dump(exclude={"resources", "train_resources"})
+    return _seed_for(chunk.cell.seed, identity, chunk.fingerprints[0], *draw)
+
+
+@dataclass
+class _Defended:
+    """What the defense and the victim made of a chunk's (attacked) images."""
+
+    purified: torch.Tensor
+    draw_outputs: list[list[str]]
+    """The outputs of each purification draw (one draw for a deterministic defense); the first
+    draw's are the row's ``output``."""
+    sent: list[str]
+    seconds_per_image: float
+    generate_seconds_per_sample: float
+    psnr: list[float | None]
+    ssim: list[float]
+
+
+def _defend(chunk: Chunk, victim: Victim, task: Task, defense: Any, adversarial: torch.Tensor, clean: torch.Tensor,
+            generator: torch.Generator) -> _Defended:
+    cell = chunk.cell
+    defended_prompts = defense.rewrite([s.prompt for s in chunk.samples])
     soft_prompt = soft_prompt_kwargs(defense)
 
     def purified_by(generator: torch.Generator) -> torch.Tensor:
@@ -334,101 +357,97 @@ def run_chunk(chunk: Chunk, plugins: Plugins | None = None) -> ChunkOutcome:
 
     _synchronise(adversarial.device)  # CUDA runs asynchronously: time the work, not its launch
     started = time.perf_counter()
-    purified = purified_by(defense_generator)
+    purified = purified_by(generator)
     _synchronise(adversarial.device)
-    defense_seconds = (time.perf_counter() - started) / len(chunk.samples)
-    # inf PSNR (an untouched image) is stored as None: JSON has no infinity
-    quality_psnr = [v if np.isfinite(v) else None for v in psnr(clean, purified).tolist()]
-    quality_ssim = ssim(clean, purified).tolist()
+    seconds_per_image = (time.perf_counter() - started) / len(chunk.samples)
     started = time.perf_counter()
     outputs = victim.generate(purified, defended_prompts, task.kind, **soft_prompt)
     _synchronise(purified.device)
     generate_seconds = (time.perf_counter() - started) / len(chunk.samples)
-    sent = ([victim.prompt_text(p, task.kind) for p in defended_prompts] if isinstance(victim, TemplatedVictim)
-            else list(defended_prompts))
     # N-draw evaluation (DiffHammer's resubmission): independent purifications of the same images
     draws = cell.attack.draws if defense.stochastic else 1
     draw_outputs = [outputs] + [
-        victim.generate(purified_by(torch.Generator().manual_seed(
-            _seed_for(cell.seed, cell.defense.model_dump(exclude={"resources", "train_resources"}), chunk.fingerprints[0], "draw", j))),
-            defended_prompts, task.kind, **soft_prompt)
+        victim.generate(purified_by(torch.Generator().manual_seed(_defense_seed(chunk, "draw", j))),
+                        defended_prompts, task.kind, **soft_prompt)
         for j in range(1, draws)
     ]
+    sent = ([victim.prompt_text(p, task.kind) for p in defended_prompts] if isinstance(victim, TemplatedVictim)
+            else list(defended_prompts))
+    return _Defended(
+        purified=purified, draw_outputs=draw_outputs, sent=sent, seconds_per_image=seconds_per_image,
+        generate_seconds_per_sample=generate_seconds,
+        # inf PSNR (an untouched image) is stored as None: JSON has no infinity
+        psnr=[v if np.isfinite(v) else None for v in psnr(clean, purified).tolist()],
+        ssim=ssim(clean, purified).tolist(),
+    )
 
+
+def _attack_info(cell: Cell, victim: Victim, attack: Any, defense: Any, route: Any, draws: int) -> AttackInfo:
     access = _ACCESS[attack.requires]
     surrogate_is_victim = isinstance(attack, TransferAttack) and _surrogate_is_victim(attack, cell, victim)
     if surrogate_is_victim:
         access = "white-box"  # its gradients are the victim's own
     label = training_label(cell.attack.name, cell.attack.params, attack, cell.threat, defense.training_attacks)
-    attack_info = {
-        "name": cell.attack.name,
-        "params": cell.attack.params,
-        "mode": "adaptive" if route else "oblivious",
-        **(route.as_record() if route else {}),
-        "access": access,
-        "role": cell.attack.role,
-        "draws": draws,
-        "training_label": label,
-        "seen_in_training": label == "seen",
+    return AttackInfo(
+        name=cell.attack.name, params=cell.attack.params, mode="adaptive" if route else "oblivious",
+        gradient=route.method if route else None, eot=route.eot if route else None,
+        surrogate_process=route.surrogate if route else None,
+        access=access, role=cell.attack.role, draws=draws, training_label=label, seen_in_training=label == "seen",
         **({"surrogate": attack.surrogate, "surrogate_is_victim": surrogate_is_victim}
            if isinstance(attack, TransferAttack) else {}),
-    }
-    rows = []
-    artifacts: list[np.ndarray] = []
+    )
+
+
+def _rows(chunk: Chunk, victim: Victim, task: Task, attack: Any, defense: Any, route: Any, clean: torch.Tensor,
+          adversarial: torch.Tensor, defended: _Defended,
+          new_adversarial: dict[str, tuple[np.ndarray, dict[str, Any]]]) -> tuple[list[ResultRow], list[np.ndarray]]:
+    cell = chunk.cell
+    delta = (adversarial - clean).flatten(1)
+    linf, l2 = delta.abs().max(dim=1).values.tolist(), delta.norm(dim=1).tolist()
+    draws = len(defended.draw_outputs)
+    attack_info = _attack_info(cell, victim, attack, defense, route, draws)
+    threat = ThreatInfo(**cell.threat.as_record(), bounded=attack.uses_threat,
+                        space=f"victim input {victim.input_size[0]}x{victim.input_size[1]}, [0,1]")
+    defense_info = dict(name=cell.defense.name, params=cell.defense.params, stochastic=defense.stochastic,
+                        seconds_per_image=defended.seconds_per_image, passes_per_image=defense.passes_per_sample(),
+                        seen_attacks=defense.seen_attacks)
+    rows, artifacts = [], []
     for i, sample in enumerate(chunk.samples):
         key = chunk.adversarial_keys[i]
-        images: dict[str, str] = {}
+        output = defended.draw_outputs[0][i]
+        images = None
         if sample.id in chunk.keep_images:
-            for name, pixels in (("clean", clean[i]), ("defended", purified[i])):
+            digests = []
+            for pixels in (clean[i], defended.purified[i]):
                 array = pixels.detach().cpu().float().numpy()
                 artifacts.append(array)
-                images[name] = Store.artifact_digest(array)
-        targeted = (
-            {"targeted": {"text": attack.target_text, "success": said(attack.target_text, outputs[i])}}
-            if attack.target_text
-            else {}
+                digests.append(Store.artifact_digest(array))
+            images = RowImages(clean=digests[0], defended=digests[1])
+        targeted = (TargetedInfo(text=attack.target_text, success=said(attack.target_text, output))
+                    if attack.target_text else None)
+        record = RowRecord(
+            victim=VictimInfo(prompt=defended.sent[i]),
+            attack=attack_info.model_copy(update={"reused": key in chunk.cached_adversarial if key else False,
+                                                  "targeted": targeted}),
+            threat=threat,
+            perturbation=Perturbation(linf=linf[i], l2=l2[i]),
+            # psnr/ssim: the defense's output against the *clean* image
+            defense=DefenseInfo(**defense_info, psnr=defended.psnr[i], ssim=defended.ssim[i]),
+            generate_seconds_per_sample=defended.generate_seconds_per_sample,
+            draw_outputs=[d[i] for d in defended.draw_outputs] if draws > 1 else None,
+            reference_attacked=task.attack_targets(sample)[0],
+            attack_cost=_attack_cost(key, new_adversarial, chunk.cached_adversarial) if key else None,
+            victim_fingerprint=chunk.victim_fingerprint,
+            seed=cell.seed,
+            images=images,
         )
-        rows.append(
-            {
-                "fingerprint": chunk.fingerprints[i],
-                "run_id": chunk.run_id,
-                "suite": chunk.suite,
-                "victim": cell.victim.name,
-                "task": cell.task.label,
-                "metric": task.metric,
-                "attack": cell.attack.label,
-                "threat": cell.threat.name,
-                "norm": cell.threat.norm,
-                "eps": cell.threat.eps,
-                "defense": cell.defense.label,
-                "sample_id": sample.id,
-                "output": outputs[i],
-                "adversarial_key": key,
-                "record": {
-                    "victim": {"prompt": sent[i]},
-                    "attack": {**attack_info, "reused": key in chunk.cached_adversarial if key else False, **targeted},
-                    "threat": {
-                        **cell.threat.as_record(),
-                        "bounded": attack.uses_threat,
-                        "space": f"victim input {victim.input_size[0]}x{victim.input_size[1]}, [0,1]",
-                    },
-                    "perturbation": {"linf": linf[i], "l2": l2[i]},
-                    "defense": {"name": cell.defense.name, "params": cell.defense.params, "stochastic": defense.stochastic,
-                                "seconds_per_image": defense_seconds, "passes_per_image": defense.passes_per_sample(),
-                                "seen_attacks": defense.seen_attacks,
-                                # the defense's output against the *clean* image
-                                "psnr": quality_psnr[i], "ssim": quality_ssim[i]},
-                    "generate_seconds_per_sample": generate_seconds,
-                    **({"draw_outputs": [d[i] for d in draw_outputs]} if draws > 1 else {}),
-                    "reference_attacked": targets[i],
-                    **({"attack_cost": _attack_cost(key, new_adversarial, chunk.cached_adversarial)} if key else {}),
-                    "victim_fingerprint": chunk.victim_fingerprint,
-                    "seed": cell.seed,
-                    **({"images": images} if images else {}),
-                },
-            }
-        )
-    return ChunkOutcome(rows=rows, adversarial=new_adversarial, artifacts=artifacts)
+        rows.append(ResultRow(
+            fingerprint=chunk.fingerprints[i], run_id=chunk.run_id, suite=chunk.suite, victim=cell.victim.name,
+            task=cell.task.label, metric=task.metric, attack=cell.attack.label, threat=cell.threat.name,
+            norm=cell.threat.norm, eps=cell.threat.eps, defense=cell.defense.label, sample_id=sample.id,
+            output=output, adversarial_key=key, record=record,
+        ))
+    return rows, artifacts
 
 
 def _synchronise(device: torch.device) -> None:

@@ -29,11 +29,12 @@ import os
 import socket
 import sqlite3
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
+
+from harness.records import ResultRow, RowRecord
 
 SCHEMA_VERSION = 1
 
@@ -96,27 +97,6 @@ def _process_alive(pid: Any) -> bool:
 
 def digest_json(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class ResultRow:
-    fingerprint: str
-    run_id: str
-    suite: str
-    victim: str
-    task: str
-    metric: str
-    attack: str
-    threat: str
-    norm: str
-    eps: float
-    defense: str
-    sample_id: str
-    output: str
-    adversarial_key: str | None
-    scores: dict[str, float] | None
-    headline: float | None
-    record: dict[str, Any]
 
 
 class StoreBusy(Exception):
@@ -256,7 +236,7 @@ class Store:
         return cls._encode(array)[0]
 
     def commit_chunk(
-        self, rows: list[dict[str, Any]], adversarial: dict[str, tuple[np.ndarray, dict[str, Any]]],
+        self, rows: list[ResultRow], adversarial: dict[str, tuple[np.ndarray, dict[str, Any]]],
         artifacts: Iterable[np.ndarray] = (),
     ) -> None:
         """Write a chunk's new adversarial examples, artifacts (example images) and result rows in
@@ -280,9 +260,9 @@ class Store:
                 self._db.execute(
                     "INSERT OR REPLACE INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,NULL,NULL,?,?)",
                     (
-                        r["fingerprint"], r["run_id"], r["suite"], r["victim"], r["task"], r["metric"], r["attack"],
-                        r["threat"], r["norm"], r["eps"], r["defense"], r["sample_id"], r["output"],
-                        r["adversarial_key"], json.dumps(r["record"], default=str), now,
+                        r.fingerprint, r.run_id, r.suite, r.victim, r.task, r.metric, r.attack,
+                        r.threat, r.norm, r.eps, r.defense, r.sample_id, r.output,
+                        r.adversarial_key, json.dumps(r.record.as_json()), now,
                     ),
                 )
 
@@ -319,7 +299,7 @@ class Store:
         """fingerprint -> the outputs of every purification draw, for rows evaluated over N draws."""
         out = {}
         for fp, text in self._by_fingerprint("record", fingerprints):
-            draws = json.loads(text).get("draw_outputs")
+            draws = RowRecord.model_validate_json(text).draw_outputs
             if draws:
                 out[fp] = list(draws)
         return out
@@ -341,5 +321,5 @@ class Store:
                 fingerprint=r[0], run_id=r[1], suite=r[2], victim=r[3], task=r[4], metric=r[5], attack=r[6],
                 threat=r[7], norm=r[8], eps=r[9], defense=r[10], sample_id=r[11], output=r[12],
                 adversarial_key=r[13], scores=json.loads(r[14]) if r[14] else None, headline=r[15],
-                record=json.loads(r[16]),
+                record=RowRecord.model_validate_json(r[16]),
             )

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from harness.contracts import CLEAN_THREAT, ThreatModel, check_defense_declarations
 from harness.plugins import Plugins
 from harness.protocol import STANDARD_LABEL, AdaptiveProtocol, SanityProbes
-from harness.registry import ParamError, UnknownNameError, parse_fraction
+from harness.registry import ParamError, PluginImportError, UnknownNameError, parse_fraction
 
 
 class SuiteError(Exception):
@@ -143,6 +143,12 @@ def _nonempty_id(value: str | None) -> str | None:
     return value
 
 
+AttackRole = Literal["suite", "standard", "n-draw", "clean-n-draw", "convergence", "probe"]
+"""suite: declared in the suite; the standard adaptive protocol's cells: standard (the attack),
+n-draw (its examples judged over N purification draws), clean-n-draw, convergence (its re-run
+at a larger budget); probe: the sanity checklist's probes."""
+
+
 class AttackSpec(_Strict):
     name: str
     id: str | None = None
@@ -167,7 +173,7 @@ class AttackSpec(_Strict):
     surrogate_steps: int | None = Field(default=None, gt=0)
     """Adaptive only: attack through a defense's surrogate process with at most this many network
     evaluations, where it offers one (see :mod:`harness.protocol`)."""
-    role: Literal["suite", "standard", "n-draw", "clean-n-draw", "convergence", "probe"] = "suite"
+    role: AttackRole = "suite"
     """Set by the harness for the attacks it adds (:mod:`harness.protocol`); suites leave it."""
 
     def crosses(self, task: "TaskSpec") -> bool:
@@ -509,11 +515,28 @@ def _check_plugins(path: Path, suite: Suite, plugins: Plugins, device_notes: lis
             return registry.create(name, params)
         except UnknownNameError as exc:
             raise SuiteError(path, f"{key}.name", str(exc)) from None
+        except PluginImportError as exc:
+            raise SuiteError(path, f"{key}.name", str(exc)) from None
         except ParamError as exc:
             first_key = exc.problems[0][0] if exc.problems else ""
             raise SuiteError(path, f"{key}.params" + (f".{first_key}" if first_key else ""), str(exc)) from None
         except (ValueError, TypeError) as exc:
             raise SuiteError(path, f"{key}.params", f"{kind} '{name}' rejected its parameters: {exc}") from None
+
+    # every name first: a misspelt plugin is reported before any plugin module (torch, the model
+    # libraries) is imported to check parameters
+    named = [("victim", v.name, f"victims[{i}]") for i, v in enumerate(suite.victims)]
+    named += [("task", t.name, f"tasks[{i}]") for i, t in enumerate(suite.tasks)]
+    named += [("defense", d.name, f"defenses[{i}]") for i, d in enumerate(suite.defenses)]
+    named += [("executor", suite.executor.name, "executor")]
+    named += [("attack", a.name, f"attacks[{i}]") for i, a in enumerate(suite.attacks)]
+    if suite.adaptive.enabled:
+        named.append(("attack", suite.adaptive.attack, "adaptive"))
+    for kind, name, key in named:
+        try:
+            plugins.registry(kind).get(name)
+        except UnknownNameError as exc:
+            raise SuiteError(path, f"{key}.name" if key != "adaptive" else "adaptive.attack", str(exc)) from None
 
     for name in suite.threat_models:
         if name in RESERVED_THREAT_NAMES or "@" in name:

@@ -12,7 +12,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.store import ResultRow, Store
+from harness.records import ResultRow
+from harness.store import Store
 from harness.board import (  # noqa: F401 - re-exported: the board's types are the kernel's
     FLAG_CODES, Board, BoardRow, Condition, DefendedExample, Example, Flag, Score, Table,
 )
@@ -30,8 +31,8 @@ def condition_of(row: ResultRow) -> str:
     clean N-draw evaluation by their own name; bounded attacks as ``attack@threat``."""
     if row.threat != CLEAN:
         return f"{row.attack}@{row.threat}"
-    attack = row.record.get("attack", {})
-    return CLEAN if attack.get("name", "none") == "none" and attack.get("role", "suite") == "suite" else row.attack
+    attack = row.record.attack
+    return CLEAN if attack.name == "none" and attack.role == "suite" else row.attack
 
 
 _ROLE_ORDER = {"clean-n-draw": 1, "suite": 2, "standard": 3, "n-draw": 4, "convergence": 5, "probe": 6}
@@ -151,7 +152,7 @@ def _check_convergence(table: Table, row: BoardRow) -> None:
 
 def _examples(store: Store, table: Table, rows: list[ResultRow], limit: int = 3) -> list[Example]:
     """The image grid: stored example samples under the strongest oblivious bounded attack."""
-    with_images = [r for r in rows if "images" in r.record]
+    with_images = [r for r in rows if r.record.images is not None]
     if not with_images:
         return []
     none_row = next((row for row in table.rows if row.defense == "none"), table.rows[0])
@@ -169,11 +170,11 @@ def _examples(store: Store, table: Table, rows: list[ResultRow], limit: int = 3)
         if anchor.adversarial_key:
             stored = store.adversarial([anchor.adversarial_key])
             adversarial = stored[anchor.adversarial_key][0] if stored else None
-        example = Example(sample_id, condition, store.artifact(anchor.record["images"]["clean"]), adversarial)
+        example = Example(sample_id, condition, store.artifact(anchor.record.images.clean), adversarial)
         for row, attacked, clean_row in zip(table.rows, attacked_rows, clean_rows):
             example.defenses.append(DefendedExample(
                 defense=row.defense,
-                defended=store.artifact(attacked.record["images"]["defended"]) if attacked else None,
+                defended=store.artifact(attacked.record.images.defended) if attacked and attacked.record.images else None,
                 clean_output=clean_row.output if clean_row else None,
                 attacked_output=attacked.output if attacked else None,
                 attacked_score=attacked.headline if attacked else None,
@@ -204,27 +205,27 @@ class _DefenseFacts:
 
     def add_row(self, row: ResultRow) -> None:
         condition, record = condition_of(row), row.record
-        defense = record.get("defense", {})
-        if defense.get("seconds_per_image") is not None:
-            self.seconds.append(float(defense["seconds_per_image"]))
-        if defense.get("passes_per_image") is not None:
-            self.passes.append(float(defense["passes_per_image"]))
-        if defense.get("psnr") is not None:
-            self.psnr[condition].append(float(defense["psnr"]))
-        if defense.get("ssim") is not None:
-            self.ssim[condition].append(float(defense["ssim"]))
-        if record.get("attack", {}).get("seen_in_training"):
+        defense = record.defense
+        if defense.seconds_per_image is not None:
+            self.seconds.append(defense.seconds_per_image)
+        if defense.passes_per_image is not None:
+            self.passes.append(float(defense.passes_per_image))
+        if defense.psnr is not None:
+            self.psnr[condition].append(defense.psnr)
+        if defense.ssim is not None:
+            self.ssim[condition].append(defense.ssim)
+        if record.attack.seen_in_training:
             self.seen.add(condition)
-        self.stochastic = self.stochastic or bool(defense.get("stochastic", False))
-        if record.get("attack", {}).get("training_label") == "seen-attack-unseen-eps":
+        self.stochastic = self.stochastic or defense.stochastic
+        if record.attack.training_label == "seen-attack-unseen-eps":
             self.seen_other_eps.add(condition)
         self.run_ids.add(row.run_id)
         self.fingerprints.append(row.fingerprint)
-        self.params = row.record.get("defense", {}).get("params", self.params)
-        if row.record.get("victim_fingerprint"):
-            self.victim_fingerprints.add(row.record["victim_fingerprint"])
-        if row.record.get("seed") is not None:
-            self.seeds.add(int(row.record["seed"]))
+        self.params = defense.params
+        if record.victim_fingerprint:
+            self.victim_fingerprints.add(record.victim_fingerprint)
+        if record.seed is not None:
+            self.seeds.add(record.seed)
 
     def summary(self) -> dict:
         return {
@@ -248,36 +249,34 @@ class _DefenseFacts:
 
 
 def _condition(name: str, rows: list[ResultRow]) -> Condition:
-    attack = rows[0].record.get("attack", {})
-    threat = rows[0].record.get("threat", {})
+    attack, threat = rows[0].record.attack, rows[0].record.threat
     success: dict[str, list[bool]] = defaultdict(list)
     target_text = None
     routes: dict[str, str] = {}
     for r in rows:
-        info = r.record.get("attack", {})
-        if info.get("mode") == "adaptive":
-            eot = info.get("eot") or 1
-            routes[r.defense] = (info.get("gradient", "?") + (f", EOT {eot}" if eot > 1 else "")
-                                 + (f", {info['surrogate']}" if info.get("surrogate") else ""))
-        targeted = r.record.get("attack", {}).get("targeted")
-        if targeted:
-            target_text = targeted["text"]
-            success[r.defense].append(bool(targeted["success"]))
+        info = r.record.attack
+        if info.mode == "adaptive":
+            eot = info.eot or 1
+            routes[r.defense] = ((info.gradient or "?") + (f", EOT {eot}" if eot > 1 else "")
+                                 + (f", {info.surrogate_process}" if info.surrogate_process else ""))
+        if info.targeted:
+            target_text = info.targeted.text
+            success[r.defense].append(info.targeted.success)
     return Condition(
         name=name,
-        access=attack.get("access", "none"),
-        mode=attack.get("mode", "oblivious"),
+        access=attack.access,
+        mode=attack.mode,
         routes=dict(sorted(routes.items())),
-        bounded=threat.get("bounded", True),
+        bounded=threat.bounded,
         eps=rows[0].eps,
         norm=rows[0].norm,
         threat=rows[0].threat,
-        max_linf=max(r.record.get("perturbation", {}).get("linf", 0.0) for r in rows),
+        max_linf=max(r.record.perturbation.linf for r in rows),
         target_text=target_text,
         target_success={d: sum(v) / len(v) for d, v in sorted(success.items())},
-        role=attack.get("role", "suite"),
-        draws=max(int(r.record.get("attack", {}).get("draws", 1)) for r in rows),
-        surrogate_is_victim=bool(attack.get("surrogate_is_victim", False)),
+        role=attack.role,
+        draws=max(r.record.attack.draws for r in rows),
+        surrogate_is_victim=attack.surrogate_is_victim,
     )
 
 
@@ -371,10 +370,10 @@ def sanity_flags(table: Table, rows: list[ResultRow]) -> list[Flag]:
         firsts, lasts = [], []
         for r in rows:
             if condition_of(r) == condition:
-                cost = r.record.get("attack_cost", {})
-                if cost.get("loss_first") is not None and cost.get("loss_last") is not None:
-                    firsts.append(float(cost["loss_first"]))
-                    lasts.append(float(cost["loss_last"]))
+                cost = r.record.attack_cost
+                if cost is not None and cost.loss_first is not None and cost.loss_last is not None:
+                    firsts.append(cost.loss_first)
+                    lasts.append(cost.loss_last)
         # an untargeted attack raises the loss of the reference; a targeted one lowers the target's
         direction = -1.0 if detail.target_text else 1.0
         if firsts and direction * (sum(lasts) - sum(firsts)) <= 0:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Hashable, Sequence, TypeVar
+from typing import Any, Hashable, Iterable, Sequence, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -14,6 +14,7 @@ from harness.contracts import DataError, OnBadSample, SkippedSample
 from tasks.shapes_world import build_shapes_world
 
 K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
 
 SHAPES_DATA = "shapes"
 
@@ -166,6 +167,22 @@ class BadSamples:
         if str(sample_id) not in self._seen:
             self._seen.add(str(sample_id))
             self.skipped.append(SkippedSample(id=str(sample_id), file=str(path), problem=problem))
+
+
+def unique_ids(pairs: Iterable[tuple[int, T]], path: Path, bad: BadSamples, what: str, fix: str) -> dict[int, T]:
+    """``(id, record)`` pairs as a dict, where an id that appears more than once is a bad sample
+    (which of its records is right is unknowable, so none is kept), reported once."""
+    out: dict[int, T] = {}
+    repeated: set[int] = set()
+    for key, value in pairs:
+        if key in out or key in repeated:
+            repeated.add(key)
+            out.pop(key, None)
+            continue
+        out[key] = value
+    for key in sorted(repeated):
+        bad.report(key, path, f"the {what} appears more than once", fix)
+    return out
 
 
 def split_image_dirs(root: Path, split: str, images: str | None) -> list[Path]:

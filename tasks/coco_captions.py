@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from harness.contracts import DataError, OnBadSample, Sample, SkippedSample, TaskKind
 from tasks._common import (
@@ -26,6 +26,7 @@ from tasks._common import (
     resolve_root,
     seeded_subset,
     split_image_dirs,
+    unique_ids,
 )
 from tasks.caption_metrics import score_captions
 
@@ -167,15 +168,7 @@ def _drop_bad_references(index: dict[int, tuple[_Image, Path]], bad: BadSamples)
     return out
 
 
-def _unique_image_id(out: dict[int, Any], image_id: int, path: Path, bad: BadSamples, repeated: set[int]) -> bool:
-    """False (and the id reported) when ``image_id`` was already read: which entry is right is unknowable."""
-    if image_id in out or image_id in repeated:
-        if image_id not in repeated:
-            bad.report(image_id, path, "the image id appears more than once", "Each image id must be unique")
-        repeated.add(image_id)
-        out.pop(image_id, None)
-        return False
-    return True
+_UNIQUE_IMAGE_IDS = "Each image id must be unique: remove the repeated entries"
 
 
 def _load_coco(root: Path, split: str, images: str | None, bad: BadSamples) -> dict[int, tuple[_Image, Path]]:
@@ -195,17 +188,16 @@ def _load_coco(root: Path, split: str, images: str | None, bad: BadSamples) -> d
         caption = annotation["caption"]
         captions[_int_id(annotation["image_id"], path)].append(caption if isinstance(caption, str) else "")
     dirs = split_image_dirs(root, split, images)
-    out: dict[int, tuple[_Image, Path]] = {}
-    repeated: set[int] = set()
-    for image in json_list(coco, "images", path):
-        require_keys(image, ("id", "file_name"), path, "an image entry")
-        image_id = _int_id(image["id"], path)
-        if not captions.get(image_id):  # unannotated images (a test set) cannot be scored
-            continue
-        if _unique_image_id(out, image_id, path, bad, repeated):
-            # all the references (5-7 in COCO), as pycocoevalcap uses them
-            out[image_id] = (_Image(image_id, str(image["file_name"]), dirs, tuple(captions[image_id])), path)
-    return out
+
+    def keyed() -> Iterator[tuple[int, tuple[_Image, Path]]]:
+        for image in json_list(coco, "images", path):
+            require_keys(image, ("id", "file_name"), path, "an image entry")
+            image_id = _int_id(image["id"], path)
+            if captions.get(image_id):  # unannotated images (a test set) cannot be scored
+                # all the references (5-7 in COCO), as pycocoevalcap uses them
+                yield image_id, (_Image(image_id, str(image["file_name"]), dirs, tuple(captions[image_id])), path)
+
+    return unique_ids(keyed(), path, bad, "image id", _UNIQUE_IMAGE_IDS)
 
 
 def _int_id(value: Any, path: Path) -> int:
@@ -226,21 +218,22 @@ def _load_karpathy(root: Path, split: str, images: str | None, bad: BadSamples) 
             "images in <coco>/train2014 and <coco>/val2014, or set `images:` to one folder holding them all.",
         )
     wanted = KARPATHY_SPLITS[split]
-    out: dict[int, tuple[_Image, Path]] = {}
-    repeated: set[int] = set()
-    for entry in json_list(read_json(path), "images", path):
-        require_keys(entry, ("split", "cocoid", "filename", "sentences"), path, "an image entry")
-        if entry["split"] not in wanted:
-            continue
-        filepath = entry.get("filepath", "")
-        dirs = [Path(images).expanduser()] if images is not None else [root / filepath, root / "images" / filepath]
-        image_id = _int_id(entry["cocoid"], path)
-        sentences = entry["sentences"] if isinstance(entry["sentences"], list) else []
-        references = tuple(s.get("raw", "") if isinstance(s, dict) and isinstance(s.get("raw", ""), str) else ""
-                           for s in sentences)
-        if not references:
-            bad.report(image_id, path, "it has no reference captions", "Every Karpathy image has five: re-download dataset_coco.json")
-            continue
-        if _unique_image_id(out, image_id, path, bad, repeated):
-            out[image_id] = (_Image(image_id, str(entry["filename"]), dirs, references), path)
-    return out
+
+    def keyed() -> Iterator[tuple[int, tuple[_Image, Path]]]:
+        for entry in json_list(read_json(path), "images", path):
+            require_keys(entry, ("split", "cocoid", "filename", "sentences"), path, "an image entry")
+            if entry["split"] not in wanted:
+                continue
+            filepath = entry.get("filepath", "")
+            dirs = [Path(images).expanduser()] if images is not None else [root / filepath, root / "images" / filepath]
+            image_id = _int_id(entry["cocoid"], path)
+            sentences = entry["sentences"] if isinstance(entry["sentences"], list) else []
+            references = tuple(s.get("raw", "") if isinstance(s, dict) and isinstance(s.get("raw", ""), str) else ""
+                               for s in sentences)
+            if not references:
+                bad.report(image_id, path, "it has no reference captions",
+                           "Every Karpathy image has five: re-download dataset_coco.json")
+                continue
+            yield image_id, (_Image(image_id, str(entry["filename"]), dirs, references), path)
+
+    return unique_ids(keyed(), path, bad, "image id", _UNIQUE_IMAGE_IDS)

@@ -11,7 +11,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from tasks._common import (
     resolve_root,
     seeded_subset,
     split_image_dirs,
+    unique_ids,
 )
 from tasks.vqa_eval import vqa_accuracy
 
@@ -173,24 +174,17 @@ class VQAv2Task:
 
 
 def _by_question_id(records: list[Any], path: Path, keys: Sequence[str], bad: BadSamples) -> dict[int, dict[str, Any]]:
-    """Records keyed by question id; a repeated id is a bad sample (which record is right is unknowable)."""
-    out: dict[int, dict[str, Any]] = {}
-    repeated: set[int] = set()
-    for record in records:
-        require_keys(record, keys, path, "an entry")
-        try:
-            question_id, _ = int(record["question_id"]), int(record["image_id"])
-        except (TypeError, ValueError):
-            raise DataError(f"{path}: question_id and image_id must be integers: {json.dumps(record)[:200]}") from None
-        if question_id in out or question_id in repeated:
-            repeated.add(question_id)
-            out.pop(question_id, None)
-            continue
-        out[question_id] = record
-    for question_id in sorted(repeated):
-        bad.report(question_id, path, "the question id appears more than once",
-                   "Each question id must be unique: remove the repeated entries")
-    return out
+    """Records keyed by question id; a repeated id is a bad sample."""
+    def keyed() -> Iterator[tuple[int, dict[str, Any]]]:
+        for record in records:
+            require_keys(record, keys, path, "an entry")
+            try:
+                question_id, _ = int(record["question_id"]), int(record["image_id"])
+            except (TypeError, ValueError):
+                raise DataError(f"{path}: question_id and image_id must be integers: {json.dumps(record)[:200]}") from None
+            yield question_id, record
+
+    return unique_ids(keyed(), path, bad, "question id", "Each question id must be unique: remove the repeated entries")
 
 
 def _answers_problem(answers: Any) -> str | None:

@@ -85,8 +85,8 @@ class _Noise(Defense):
 
 
 def test_gradient_routes_follow_the_defense_declarations() -> None:
-    assert gradient_route(JpegDefense(), None).as_record() == {"gradient": "bpda-identity", "eot": 1}
-    assert gradient_route(_Zeroing(), None).as_record() == {"gradient": "exact", "eot": 1}
+    assert (gradient_route(JpegDefense(), None).method, gradient_route(JpegDefense(), None).eot) == ("bpda-identity", 1)
+    assert (gradient_route(_Zeroing(), None).method, gradient_route(_Zeroing(), None).eot) == ("exact", 1)
     assert gradient_route(_Noise(), None).eot == 4
     assert gradient_route(_Noise(), 7).eot == 7
 

@@ -165,6 +165,59 @@ def test_a_ray_worker_killed_mid_task_is_retried_to_the_same_rows_and_board(
     _assert_same_rows_and_board(out, local_run)
 
 
+def test_a_killed_ray_run_leaves_no_process_of_its_local_ray_after_a_second(
+        trained_home, codefend_cmd, tmp_path: Path) -> None:
+    """The local Ray a run starts dies with it: raylet and GCS by Ray's own fate sharing, and
+    the agents and idle workers (which notice their raylet's death seconds to a minute late) by
+    the run's guard (harness.lifetime)."""
+    out = tmp_path / "killed-driver"
+    process = subprocess.Popen([*codefend_cmd, "run", str(SUITE), "--out", str(out), "--quiet", *RAY],
+                               cwd=REPO, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while _count(out / "store.sqlite") == 0:  # mid-run: Ray is up and its workers are computing
+            assert process.poll() is None and time.monotonic() < deadline, "the run ended or stalled before the kill"
+            time.sleep(0.05)
+        tree = psutil.Process(process.pid).children(recursive=True)
+        assert any("raylet" in " ".join(p.cmdline()) for p in tree), [p.cmdline()[:2] for p in tree]
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        time.sleep(1.0)
+        alive = [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not alive, f"outlived the killed run by a second: {[' '.join(p.cmdline())[:60] for p in alive]}"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_the_guard_kills_an_orphaned_grandchild_with_its_owner(tmp_path: Path) -> None:
+    """A grandchild that ignores its parent's death (double-forked: reparented to init) dies
+    within a second of its owner's SIGKILL."""
+    script = ("import os, subprocess, sys, time\n"
+              "from harness.lifetime import ensure_descendant_guard\n"
+              "ensure_descendant_guard()\n"
+              "child = subprocess.Popen([sys.executable, '-c', 'import subprocess, sys, time; "
+              "p = subprocess.Popen([sys.executable, \"-c\", \"import time; time.sleep(120)\"]); "
+              "print(p.pid, flush=True)'], stdout=subprocess.PIPE, text=True)\n"
+              "print(child.stdout.readline().strip(), flush=True)\n"
+              "child.wait()\n"
+              "time.sleep(120)\n")
+    owner = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        grandchild = psutil.Process(int(owner.stdout.readline()))
+        time.sleep(0.6)  # the guard's next looks at the tree
+        assert grandchild.is_running() and grandchild.ppid() != owner.pid  # orphaned: not the owner's child
+        owner.send_signal(signal.SIGKILL)
+        owner.wait(timeout=30)
+        time.sleep(1.0)
+        assert not grandchild.is_running() or grandchild.status() == psutil.STATUS_ZOMBIE
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+
+
 FAILING_SUITE = """
 name: failing-node
 seed: 0

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from codefend import cli
+from harness.records import ResultRow
 from harness.store import Store
 from leaderboard.aggregate import build_board
 from leaderboard.markdown import render_markdown
@@ -59,7 +60,7 @@ def _fill(store: Store, scores: dict, *, task: str = TASK, metric: str = "vqa_ac
                 row = _row(defense, condition, sample, task=task, metric=metric)
                 rows.append(row)
                 scored[row["fingerprint"]] = ({metric: value}, value)
-    store.commit_chunk(rows, {})
+    store.commit_chunk([ResultRow.model_validate(r) for r in rows], {})
     store.set_scores(scored)
 
 
@@ -122,7 +123,7 @@ def test_worst_case_counts_only_samples_seen_under_every_condition(store: Store)
 
 
 def test_unscored_rows_are_left_out(store: Store) -> None:
-    store.commit_chunk([_row("pending", "clean", "s1")], {})  # written, never scored
+    store.commit_chunk([ResultRow.model_validate(_row("pending", "clean", "s1"))], {})  # written, never scored
     markdown = render_markdown(build_board(store))
     assert "pending" not in markdown
     assert len(_table_lines(markdown)) == 4
@@ -135,7 +136,7 @@ def test_condition_order_and_one_table_per_task(store: Store) -> None:
     # a smaller eps of the same attack sorts before the larger one
     small = {**_row("none", "A", "c1", task=caption, metric="cider"), "threat": "linf-4", "eps": 4 / 255,
              "fingerprint": "small-1"}
-    store.commit_chunk([small], {})
+    store.commit_chunk([ResultRow.model_validate(small)], {})
     store.set_scores({"small-1": ({"cider": 50.0}, 50.0)})
     board = build_board(store)
     assert [t.task for t in board.tables] == [caption, TASK]
@@ -189,7 +190,7 @@ def test_an_unbounded_attack_gets_its_own_column_and_leaves_clean_alone(tmp_path
                        record={"attack": {"name": attack, "access": "none"}, "threat": {"bounded": attack == "none"}})
             rows.append(row)
             scored[row["fingerprint"]] = ({"vqa_accuracy": score}, score)
-    store.commit_chunk(rows, {})
+    store.commit_chunk([ResultRow.model_validate(r) for r in rows], {})
     store.set_scores(scored)
     table = build_board(store).tables[0]
     assert table.conditions == ["clean", "typographic"]
@@ -207,7 +208,7 @@ def test_adaptive_columns_name_the_gradient_route_per_defense(tmp_path: Path) ->
         row["record"] = {"attack": {"name": "pgd", "access": "white-box", "mode": "adaptive", "gradient": route, "eot": 1}}
         rows.append(row)
         scored[row["fingerprint"]] = ({"vqa_accuracy": 0.0}, 0.0)
-    store.commit_chunk(rows, {})
+    store.commit_chunk([ResultRow.model_validate(r) for r in rows], {})
     store.set_scores(scored)
     text = render_markdown(build_board(store))
     assert "adaptive (jpeg: bpda-identity; none: exact)" in text

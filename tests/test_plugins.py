@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import sqlite3
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from harness.contracts import Defense
 from harness.hookspecs import hookimpl
 from harness.plugins import PluginLoadWarning, load_plugins
-from harness.registry import ParamError, UnknownNameError
+from harness.registry import ParamError, RegistryError, UnknownNameError
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 BUILTINS = {"attack": ["none", "pgd"], "defense": ["none", "jpeg"], "victim": ["shapes-vlm"],
@@ -372,15 +373,40 @@ def test_a_bad_plugin_spec_or_an_empty_module_is_a_warning_naming_it(run_cli, tm
 
 
 def test_a_builtin_attack_module_that_fails_to_import_takes_only_its_own_attacks(monkeypatch) -> None:
-    """ART missing (say): its three attacks go, with a warning naming the module; pgd, apgd and
-    the rest stay."""
-    monkeypatch.setitem(sys.modules, "attacks.art_attacks", None)  # the next import raises ImportError
-    with pytest.warns(PluginLoadWarning, match=r"attacks\.art_attacks failed to import, so art-pgd, art-fgsm, art-square are not registered"):
+    """ART missing: its three attacks go, with a warning naming the module; pgd, apgd and the
+    rest stay."""
+    monkeypatch.setitem(sys.modules, "art", None)  # as if ART were not installed
+    with pytest.warns(PluginLoadWarning, match=r"attacks\.art_attacks cannot be imported \(no module named 'art'\), "
+                                               r"so art-pgd, art-fgsm, art-square are not registered"):
         plugins = load_plugins()
     names = set(plugins.attacks.names())
     assert {"none", "pgd", "apgd", "ensemble", "mf-ii", "typographic"} <= names
     assert not names & {"art-pgd", "art-fgsm", "art-square"}
     assert plugins.plugins["attacks"].registered["attack"][:2] == ["none", "pgd"]
+
+
+def test_listing_plugins_and_checking_names_import_no_model_library(tmp_path: Path) -> None:
+    """Components register by import path: `codefend plugins` and a suite's unknown name answer
+    without torch (item 6 of the bad-input issue: a CLI that answers in a second)."""
+    suite = tmp_path / "typo.yaml"
+    suite.write_text("name: typo\nvictims: [{name: shapes-vlm}]\ntasks: [{name: vqav2, data: shapes, n: 2}]\n"
+                     "threat_models: {linf-4: {norm: linf, eps: 4/255}}\n"
+                     "attacks: [{name: pgd, threats: [linf-4]}]\ndefenses: [{name: jpg}]\n")
+    probe = ("import sys\nfrom codefend import cli\ncode = cli.main(sys.argv[1:])\n"
+             "heavy = sorted(m for m in ('torch', 'transformers', 'diffusers', 'art', 'scipy') if m in sys.modules)\n"
+             "print('heavy:', heavy, 'code:', code)\n")
+    for argv in (["plugins"], ["validate", str(suite)]):
+        result = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=120)
+        assert "heavy: [] code:" in result.stdout, (argv, result.stdout[-500:], result.stderr[-2000:])
+    assert "defenses[0].name: unknown defense 'jpg' — did you mean 'jpeg'?" in result.stderr
+
+
+def test_a_component_whose_module_breaks_fails_when_used_naming_itself(monkeypatch) -> None:
+    plugins = load_plugins()
+    monkeypatch.setitem(sys.modules, "attacks.typographic", None)  # found at registration, broken on import
+    with pytest.raises(RegistryError, match=r"attack 'typographic' \(plugin 'attacks', codefend-bench .*\) cannot be "
+                                            r"loaded from attacks\.typographic:Typographic: .*Install what it needs"):
+        plugins.attacks.create("typographic", {})
 
 
 def _main(argv: list[str], capsys) -> tuple[int, str]:

@@ -25,6 +25,7 @@ from harness.contracts import Attack, AttackResult, Defense, Sample, ThreatModel
 from harness.hookspecs import hookimpl
 from harness.plugins import load_plugins
 from harness.runner import ThreatModelViolation, _score_cell, check_threat_model, run_suite
+from harness.records import ResultRow
 from harness.store import Store
 from harness.suite import SuiteError, load_suite
 from leaderboard.aggregate import build_board
@@ -153,7 +154,7 @@ def test_stochastic_defenses_show_single_n_draw_and_clean_n_draw_numbers(protoco
     assert all(coin.robust_samples[s] <= many[s] + 1e-12 for s in coin.robust_samples)
     # a deterministic defense is evaluated once
     jpeg_rows = [r for r in store.results() if r.defense == "jpeg" and r.attack == "adaptive-N4"]
-    assert jpeg_rows and all(r.record["attack"]["draws"] == 1 for r in jpeg_rows)
+    assert jpeg_rows and all(r.record.attack.draws == 1 for r in jpeg_rows)
 
 
 def test_n_evaluation_counts_a_sample_as_broken_when_one_draw_of_n_fails(tmp_path, vqa_task) -> None:
@@ -169,7 +170,7 @@ def test_n_evaluation_counts_a_sample_as_broken_when_one_draw_of_n_fails(tmp_pat
                      "metric": "vqa_accuracy", "attack": "adaptive-N10", "threat": "linf-8", "norm": "linf",
                      "eps": 8 / 255, "defense": "d", "sample_id": sample.id, "output": draws[0], "adversarial_key": None,
                      "record": {"draw_outputs": draws}})
-    store.commit_chunk(rows, {})
+    store.commit_chunk([ResultRow.model_validate(r) for r in rows], {})
     _score_cell(store, vqa_task, samples, ["fp0", "fp1"])
     scored = {r.fingerprint: r for r in store.results()}
     assert scored["fp0"].scores["single_draw"] == 1.0 and scored["fp0"].headline == 0.0

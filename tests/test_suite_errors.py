@@ -455,3 +455,15 @@ def test_a_split_the_data_does_not_have_is_an_error_before_any_compute(tmp_path:
     code, _, err = _run_main(["validate", str(path)], capsys, monkeypatch)
     assert code == 2
     assert_one_paragraph_error(err, path, "tasks[0].split", ("split 'tset' not found",))
+
+
+def test_a_device_is_checked_against_the_executor_the_command_line_chooses(tmp_path: Path, capsys, monkeypatch) -> None:
+    """`--executor ray` makes the devices the cluster's workers' (as `executor: ray` in the file
+    does), so `cuda:7` is not this machine's business; with the local executor it is an error."""
+    case = next(c for c in CASES if c.id == "victim-device-absent")
+    path = _write(tmp_path, case)
+    code, _, err = _run_main(["validate", str(path)], capsys, monkeypatch)
+    assert code == 2 and "victims[0].params.device" in err
+    code, out, err = _run_main(["validate", str(path), "--executor", "ray"], capsys, monkeypatch)
+    assert code == 0, err
+    assert "executor ray" in out

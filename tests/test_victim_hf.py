@@ -122,12 +122,12 @@ def test_pgd_runs_end_to_end_through_the_runner(tiny_llava: Path, trained_home, 
     try:
         rows = list(store.results())
         pgd = [r for r in rows if r.attack == "pgd"]
-        assert len(pgd) == 4 and all(r.record["perturbation"]["linf"] <= 8 / 255 + 1e-6 for r in pgd)
-        assert pgd[0].record["threat"]["space"] == "victim input 32x32, [0,1]"
+        assert len(pgd) == 4 and all(r.record.perturbation.linf <= 8 / 255 + 1e-6 for r in pgd)
+        assert pgd[0].record.threat.space == "victim input 32x32, [0,1]"
         # every row records the exact text its victim was sent, the instruction included
-        assert all("Answer the question using a single word or phrase." in r.record["victim"]["prompt"] for r in rows)
-        losses = pgd[0].record["attack_cost"]
-        assert losses["loss_last"] > losses["loss_first"]  # the attack's loss rose on the real model code
+        assert all("Answer the question using a single word or phrase." in r.record.victim.prompt for r in rows)
+        losses = pgd[0].record.attack_cost
+        assert losses.loss_last > losses.loss_first  # the attack's loss rose on the real model code
     finally:
         store.close()
 
