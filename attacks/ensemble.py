@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from attacks.pgd import project_pixels
 from harness.contracts import Attack, AttackBatch, AttackResult, AttackTarget, ThreatModel
+from harness.plugins import PluginsUser
 
 
 class Member(BaseModel):
@@ -24,7 +25,7 @@ class Member(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-class Ensemble(Attack):
+class Ensemble(PluginsUser, Attack):
     """Per-sample worst case over ``members`` x top-``references`` targets.
 
     A :class:`~harness.contracts.CompositeAttack`: :meth:`member_attacks` lists its members, so a
@@ -34,38 +35,48 @@ class Ensemble(Attack):
     requires = "gradients"
 
     def __init__(self, *, members: list[Member], references: int = 1, stop_below: float | None = None):
-        from harness.plugins import get_plugins  # the registry holds the members' factories
-
         if not members:
             raise ValueError("an ensemble needs at least one member attack")
         if references < 1:
             raise ValueError("references must be at least 1")
-        registry = get_plugins().attacks
+        if any(member.name == "ensemble" for member in members):
+            raise ValueError("an ensemble cannot contain another ensemble")
+        self.member_specs = [Member(name=m.name, params=dict(m.params)) for m in members]
         self.members: list[tuple[str, Attack]] = []
         self.member_params: list[dict[str, Any]] = []
         """Each member's parameters as the suite wrote them (same order as ``members``)."""
-        for member in members:
-            if member.name == "ensemble":
-                raise ValueError("an ensemble cannot contain another ensemble")
-            attack = registry.create(member.name, member.params)
+        self.references = references
+        self.stop_below = stop_below
+
+    def bind_plugins(self, plugins: Any) -> None:
+        """Create the members from the set this ensemble was created from (its registry holds
+        their factories)."""
+        super().bind_plugins(plugins)
+        self.members, self.member_params = [], []
+        for member in self.member_specs:
+            attack = plugins.attacks.create(member.name, member.params)
             if not attack.uses_threat:
                 raise ValueError(f"member '{member.name}' ignores the threat model; an ensemble keeps every member inside one ball")
             self.members.append((member.name, attack))
             self.member_params.append(dict(member.params))
-        self.references = references
-        self.stop_below = stop_below
+        self.requires = "gradients"
         if any(attack.requires == "queries" for _, attack in self.members):
             self.requires = "queries"
         if all(attack.requires == "transfer" for _, attack in self.members):
             self.requires = "transfer"
 
+    def _members(self) -> list[tuple[str, Attack]]:
+        if not self.members:  # constructed directly, outside a registry: the process-wide set
+            self.bind_plugins(self.plugins)
+        return self.members
+
     def member_attacks(self) -> list[tuple[str, Mapping[str, Any], Attack]]:
         """``(plugin name, params as written, instance)`` of each member, in order."""
-        return [(name, params, attack) for (name, attack), params in zip(self.members, self.member_params)]
+        return [(name, params, attack) for (name, attack), params in zip(self._members(), self.member_params)]
 
     def passes_per_sample(self) -> tuple[int, int]:
         forward = backward = 0
-        for _, attack in self.members:
+        for _, attack in self._members():
             f, b = attack.passes_per_sample()
             runs = 1 if attack.target_text else self.references
             forward, backward = forward + runs * f, backward + runs * b
@@ -90,7 +101,7 @@ class Ensemble(Attack):
         # like with like: each run's own first and last loss, weighted by the samples it attacked
         starts = ends = weight = 0.0
 
-        for _, attack in self.members:
+        for _, attack in self._members():
             # A targeted member aims at its own text: one run covers every reference.
             runs = 1 if attack.target_text else self.references
             for r in range(runs):

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from attacks.pgd import ascent_step, keep_best, project
+from harness.plugins import PluginsUser
 from harness.contracts import Attack, AttackBatch, AttackResult, AttackTarget, EmbeddingVictim, ThreatModel
 from harness.registry import FloatOrFraction
 
@@ -112,28 +113,27 @@ def _to_pixels(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
 # -- the surrogate ---------------------------------------------------------------------------------
 
 
-class _SurrogateMixin:
-    """Lazily creates (through the plugin registry) and caches the surrogate model."""
+class _SurrogateMixin(PluginsUser):
+    """Lazily creates (through the plugin set it was created from) and caches the surrogate model."""
 
     surrogate: str
     surrogate_params: dict[str, Any]
     _surrogate_model: Any = None
 
     def _init_surrogate(self, surrogate: str, surrogate_params: dict[str, Any] | None) -> None:
-        from harness.plugins import get_plugins
-
         self.surrogate = surrogate
         self.surrogate_params = dict(DEFAULT_SURROGATE_PARAMS if surrogate_params is None else surrogate_params)
-        # Cheap checks now (a suite validates its plugins by constructing them): the name is
-        # registered and the parameters fit its signature. Loading (perhaps training) waits.
-        get_plugins().victims.get(surrogate).validate(self.surrogate_params)
         self._surrogate_model = None
+
+    def bind_plugins(self, plugins: Any) -> None:
+        # Cheap checks now (a suite validates its plugins by creating them): the name is
+        # registered and the parameters fit its signature. Loading (perhaps training) waits.
+        plugins.victims.get(self.surrogate).validate(self.surrogate_params)
+        super().bind_plugins(plugins)
 
     def surrogate_model(self) -> Any:
         if self._surrogate_model is None:
-            from harness.plugins import get_plugins
-
-            model = get_plugins().victims.create(self.surrogate, self.surrogate_params)
+            model = self.plugins.victims.create(self.surrogate, self.surrogate_params)
             # Loading may mean training (a built-in surrogate not cached yet), and this can be
             # reached inside no_grad code: training needs autograd whatever the caller disabled.
             with torch.enable_grad():

@@ -28,6 +28,7 @@ except ImportError:  # pragma: no cover
 
 from attacks.pgd import PGD
 from harness.contracts import AttackBatch, ThreatModel
+from harness.plugins import load_plugins
 from harness.victims.shapes_vlm import ShapesVLM, ShapesVLMConfig, train_shapes_vlm
 from tasks.vqa_eval import vqa_accuracy
 from tasks.vqav2 import VQAv2Task
@@ -101,7 +102,7 @@ def main() -> None:
         config = dataclasses.replace(ShapesVLMConfig(), **CONFIGS[name])
         out_dir = Path(args.out) / name
         started = time.perf_counter()
-        record = train_shapes_vlm(config, out_dir, progress=False, device=args.device)
+        record = train_shapes_vlm(config, out_dir, load_plugins().tasks, progress=False, device=args.device)
         seconds = time.perf_counter() - started
         victim = ShapesVLM(checkpoint=str(out_dir), device=args.device)
         victim.load()

@@ -13,10 +13,11 @@ import torch
 
 from defenses.prompt import CoDefendPrompt
 from defenses.purifier import CoDefendPurifier
+from harness.plugins import PluginsUser
 from harness.contracts import Defense, Preparation, TrainingAttack, Victim
 
 
-class CoDefend(Defense):
+class CoDefend(PluginsUser, Defense):
     """Purifier + prompt (see the module docstring)."""
 
     stochastic = CoDefendPurifier.stochastic
@@ -46,6 +47,11 @@ class CoDefend(Defense):
         for step in [*self.purifier.preparations(), *self.prompt.preparations()]:
             out.setdefault(step.key, step)
         return list(out.values())
+
+    def bind_plugins(self, plugins: Any) -> None:
+        self.purifier.bind_plugins(plugins)
+        self.prompt.bind_plugins(plugins)
+        super().bind_plugins(plugins)
 
     def bind(self, victim: Victim, *, prepare: bool = True) -> None:
         self.purifier.bind(victim, prepare=prepare)

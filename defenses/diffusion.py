@@ -575,7 +575,7 @@ def check_backbone_params(backbone: str, params: dict[str, Any], model_id: str |
         _check_params(ShapesDDPM.__init__, params, "shapes-ddpm")
 
 
-def _prepare_shapes_ddpm(params: dict[str, Any]) -> None:
+def _prepare_shapes_ddpm(params: dict[str, Any], *, plugins: Any) -> None:
     ShapesDDPM(**params).load(progress=False)
 
 

@@ -32,7 +32,8 @@ from typing import Annotated, Any, Literal, Sequence
 import torch
 from pydantic import Field
 
-from defenses.training_pairs import PairSpec, PairTask, Pairs, make_pairs, parse_pair_attacks
+from defenses.training_pairs import PairSpec, PairTask, Pairs, check_pair_attack_names, make_pairs, parse_pair_attacks
+from harness.plugins import PluginsUser
 from harness.contracts import Defense, Preparation, Prepared, TrainingAttack, Victim
 from harness.store import digest_json
 from harness.paths import codefend_home, publish_checkpoint
@@ -71,7 +72,7 @@ def mutations(prefix: str, pool_words: Sequence[str], other: str, generator: tor
     return " ".join(words)
 
 
-class CoDefendPrompt(Defense):
+class CoDefendPrompt(PluginsUser, Defense):
     """Text-side defense: a searched defensive prefix, or a trained soft prompt (module docstring)."""
 
     stochastic = False
@@ -136,6 +137,12 @@ class CoDefendPrompt(Defense):
             cost=20.0 * pairs + (6.0 * self.soft_steps * 32 if self.mode == "soft" else 2.0 * pairs * self.rounds * self.population),
         )
         return [*before, learned]
+
+    def bind_plugins(self, plugins: Any) -> None:
+        check_pair_attack_names(self.train_attacks, plugins)  # the attacks that make its pairs
+        if isinstance(self._purifier, PluginsUser):
+            self._purifier.bind_plugins(plugins)
+        super().bind_plugins(plugins)
 
     def bind(self, victim: Victim, *, prepare: bool = True) -> None:
         """Serve ``victim``; with ``prepare``, optimise or load the prompt now."""
@@ -207,10 +214,9 @@ class CoDefendPrompt(Defense):
         return {k: v for k, v in self.learned(progress=progress).items() if k != "soft_prompt"}
 
     def _selection_set(self, victim: Victim, progress: bool) -> tuple[Pairs, list[Any], list[dict[str, Any]]]:
-        from harness.plugins import get_plugins
-
-        plugins = get_plugins()
-        pairs = make_pairs(victim, self._spec(victim, self.select_split, self.select_pairs_per_task), progress=progress)
+        plugins = self.plugins
+        pairs = make_pairs(victim, self._spec(victim, self.select_split, self.select_pairs_per_task), plugins=plugins,
+                           progress=progress)
         tasks = [plugins.tasks.create(t.name, t.params) for t in self.train_tasks]
         lookup = [{s.id: s for s in task.samples(t.split or self.select_split, self.select_pairs_per_task, self.seed)}
                   for t, task in zip(self.train_tasks, tasks)]
@@ -298,7 +304,8 @@ class CoDefendPrompt(Defense):
                 f"mode 'soft' needs a white-box victim that takes a soft_prompt (SoftPromptVictim); "
                 f"{getattr(victim, 'name', victim)!r} does not: use mode 'search'"
             )
-        pairs = make_pairs(victim, self._spec(victim, self.train_split, self.train_pairs_per_task), progress=progress)
+        pairs = make_pairs(victim, self._spec(victim, self.train_split, self.train_pairs_per_task), plugins=self.plugins,
+                           progress=progress)
         adversarial, clean = self._purified(pairs.adversarial, 3), self._purified(pairs.clean, 4)
         generator = torch.Generator().manual_seed(self.seed)
         soft = (0.02 * torch.randn(self.soft_tokens, victim.soft_prompt_dim, generator=generator)).to(victim.device)  # type: ignore[attr-defined]
@@ -360,5 +367,7 @@ def _prefixed(prefix: str, prompt: str) -> str:
     return f"{prefix} {prompt}".strip() if prefix else prompt
 
 
-def _prepare_prompt(params: dict[str, Any], victim: Victim) -> None:
-    CoDefendPrompt(**params).bind(victim)
+def _prepare_prompt(params: dict[str, Any], victim: Victim, *, plugins: Any) -> None:
+    prompt = CoDefendPrompt(**params)
+    prompt.bind_plugins(plugins)
+    prompt.bind(victim)

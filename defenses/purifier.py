@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from harness.plugins import PluginsUser
 from defenses.diffpure import PRECISIONS, DiffPure, Precision
 from defenses.diffusion import BACKBONES, Backbone, backbone_preparations, check_backbone_params, load_backbone
 from defenses.training_pairs import (
@@ -57,6 +58,7 @@ from defenses.training_pairs import (
     PairTask,
     Pairs,
     make_pairs,
+    check_pair_attack_names,
     parse_pair_attacks,
 )
 from harness.contracts import Defense, Preparation, TrainingAttack, Victim
@@ -265,7 +267,7 @@ def load_tuned_unet(backbone: Backbone, out_dir: Path, config: PurifierTraining)
     return unet
 
 
-class CoDefendPurifier(Defense):
+class CoDefendPurifier(PluginsUser, Defense):
     """CoDefend's supervised purifier (see the module docstring); ``objective: unsupervised`` is
     the fair control (same backbone, steps and images, the ordinary DDPM loss).
 
@@ -352,6 +354,10 @@ class CoDefendPurifier(Defense):
         )
         return [*base, tuned]
 
+    def bind_plugins(self, plugins: Any) -> None:
+        check_pair_attack_names(self.train_attacks, plugins)  # the attacks that make its pairs
+        super().bind_plugins(plugins)
+
     def bind(self, victim: Victim, *, prepare: bool = True) -> None:
         """Serve ``victim``; with ``prepare``, train or load the purifier now (not inside purify)."""
         self._victim = victim
@@ -406,7 +412,7 @@ class CoDefendPurifier(Defense):
         if not self.is_trained(victim):
             # first use may come from inside the runner's no_grad purification
             with torch.enable_grad():
-                pairs = make_pairs(victim, self.pair_spec(victim), progress=progress)
+                pairs = make_pairs(victim, self.pair_spec(victim), plugins=self.plugins, progress=progress)
                 base = self.base_backbone(progress=progress).to(victim.device)
                 train_purifier(base, pairs, self.training, out, victim=victim, progress=progress)
         return json.loads((out / "training.json").read_text())
@@ -433,5 +439,7 @@ class CoDefendPurifier(Defense):
         return DiffPure(t_star=self.t_star, sampler="ddim", steps=self.steps).passes_per_sample()
 
 
-def _prepare_purifier(params: dict[str, Any], victim: Victim) -> None:
-    CoDefendPurifier(**params).bind(victim)
+def _prepare_purifier(params: dict[str, Any], victim: Victim, *, plugins: Any) -> None:
+    purifier = CoDefendPurifier(**params)
+    purifier.bind_plugins(plugins)
+    purifier.bind(victim)

@@ -89,8 +89,6 @@ def parse_pair_attacks(specs: Sequence[Any] | None) -> tuple[PairAttack, ...]:
     """Suite/CLI values (dicts, :class:`PairAttack` or ``"pgd@linf-8/255"`` strings) to PairAttacks."""
     from pydantic import ValidationError
 
-    from harness.plugins import get_plugins
-
     if not specs:
         return DEFAULT_PAIR_ATTACKS
     out = []
@@ -111,13 +109,17 @@ def parse_pair_attacks(specs: Sequence[Any] | None) -> tuple[PairAttack, ...]:
             raise ValueError(f"train_attacks[{i}]: {problems}") from None
         except ValueError as exc:
             raise ValueError(f"train_attacks[{i}]: {exc}") from None
-    attacks = get_plugins().attacks
-    for i, attack in enumerate(out):
-        if attack.attack not in attacks.names():
-            from harness.registry import UnknownNameError
-
-            raise ValueError(f"train_attacks[{i}]: {UnknownNameError('attack', attack.attack, attacks.names())}")
     return tuple(out)
+
+
+def check_pair_attack_names(attacks: Sequence[PairAttack], plugins: Any) -> None:
+    """Each training attack names an attack of ``plugins`` (the set the defense was created from)."""
+    from harness.registry import UnknownNameError
+
+    names = plugins.attacks.names()
+    for i, attack in enumerate(attacks):
+        if attack.attack not in names:
+            raise ValueError(f"train_attacks[{i}]: {UnknownNameError('attack', attack.attack, names)}")
 
 
 def _parse_attack_text(text: str) -> PairAttack:
@@ -198,7 +200,7 @@ def _load_cached_pairs(path: Path) -> Pairs | None:
         return None
 
 
-def make_pairs(victim: Victim, spec: PairSpec, *, plugins: Any = None, progress: bool = True,
+def make_pairs(victim: Victim, spec: PairSpec, *, plugins: Any, progress: bool = True,
                batch_size: int = 64) -> Pairs:
     """Attack ``spec.per_task`` samples of each task's ``spec.split`` with each attack (cached).
 
@@ -208,9 +210,7 @@ def make_pairs(victim: Victim, spec: PairSpec, *, plugins: Any = None, progress:
     from tqdm.auto import tqdm
 
     from harness.contracts import ThreatModel
-    from harness.plugins import get_plugins
 
-    plugins = plugins or get_plugins()
     tasks = [plugins.tasks.create(t.name, t.params) for t in spec.tasks]
     task_samples = [task.samples(t.split or spec.split, spec.per_task, spec.seed) for t, task in zip(spec.tasks, tasks)]
     key = spec.fingerprint([_sample_digest(task, s) for task, samples in zip(tasks, task_samples) for s in samples])

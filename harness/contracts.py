@@ -172,6 +172,18 @@ class SurrogateProcessDefense(Protocol):
 
 
 @runtime_checkable
+class UsesPlugins(Protocol):
+    """A component that creates other components: an ensemble's member attacks, a transfer
+    attack's surrogate victim, the attacks that make a trained defense's pairs, the tasks a victim
+    trains on. A registry hands it the plugin set it was created from (the run's: the CLI's
+    ``--plugin`` modules included) right after creating it, before any other call, so it never
+    reaches for a process-wide set. ``bind_plugins`` may check names against it (an unknown member
+    is then a suite error). :class:`harness.plugins.PluginsUser` implements it."""
+
+    def bind_plugins(self, plugins: Any) -> None: ...
+
+
+@runtime_checkable
 class TrainableDefense(Protocol):
     """A defense trained against the victim it protects (CoDefend's purifier and prompt).
 
@@ -470,8 +482,10 @@ class Preparation:
       ``codefend-purifier`` with the same purifier parameters share their purifier's job).
     - ``run`` trains the artefact into its cache, or returns at once when it is cached. It runs in a
       worker process (maybe on another machine), so it must pickle: a module-level function or a
-      :func:`functools.partial` of one over plain values. It is called as ``run(victim)`` when
-      ``needs_victim`` (a loaded victim, for models trained against it) and ``run()`` otherwise.
+      :func:`functools.partial` of one over plain values. It is called as ``run(victim,
+      plugins=...)`` when ``needs_victim`` (a loaded victim, for models trained against it) and
+      ``run(plugins=...)`` otherwise; ``plugins`` is the run's plugin set, for components it
+      creates (hand it to them with ``bind_plugins``).
     - ``after`` lists the keys of preparations that must finish first (a purifier's backbone).
     - ``cost`` is a rough size in victim-equivalent passes (steps x batch x 2 for training), used
       only to order the work and to print the critical path.

@@ -16,6 +16,7 @@ import sys
 import time
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
 # loaded here, not in the child: as a preexec_fn this runs between fork and exec, where only
 # async-signal-safe work belongs (no library lookup, no import)
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
@@ -72,11 +73,15 @@ def guard_descendants(owner: int) -> None:
     """Watch ``owner``'s process tree and, once ``owner`` is gone, SIGKILL every process that was
     in it. The body of the process :func:`start_descendant_guard` starts."""
     seen: set[tuple[int, str]] = set()
+    ready = False
     while True:
         table = _process_table()
         if owner not in table or os.getppid() != owner:
             break
         seen |= _descendants(owner, table) - {(os.getpid(), table.get(os.getpid(), (0, ""))[1])}
+        if not ready:  # the owner waits for the first look before it starts what is guarded
+            print("ready", flush=True)
+            ready = True
         time.sleep(GUARD_INTERVAL_S)
     for _ in range(3):  # what the tree spawned while it was being killed goes too
         table = _process_table()
@@ -98,13 +103,21 @@ def guard_descendants(owner: int) -> None:
 def start_descendant_guard() -> subprocess.Popen[bytes] | None:
     """Start a guard process that kills this process's whole tree once this process dies, however
     it dies. For trees whose grandchildren do not die with their parents: a local Ray's agents
-    outlive a SIGKILLed driver by about a minute. Linux only (None elsewhere)."""
-    if not sys.platform.startswith("linux") or not os.path.isdir("/proc"):
+    outlive a SIGKILLed driver by about a minute. Linux only (None elsewhere).
+
+    This process becomes a child subreaper, so a descendant orphaned while it lives (its parent
+    exited) stays in its tree, where the guard sees it, instead of moving to init. Returns once
+    the guard has looked at the tree."""
+    if _LIBC is None or not os.path.isdir("/proc"):
         return None
-    return subprocess.Popen([sys.executable, "-c", f"from harness.lifetime import guard_descendants; "
-                             f"guard_descendants({os.getpid()})"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    _LIBC.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    guard = subprocess.Popen([sys.executable, "-c", f"from harness.lifetime import guard_descendants; "
+                              f"guard_descendants({os.getpid()})"],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    assert guard.stdout is not None
+    guard.stdout.readline()  # "ready" (or nothing, if the guard could not start)
+    return guard
 
 
 def ensure_descendant_guard() -> None:

@@ -267,8 +267,30 @@ def load_plugins(
                 stacklevel=2,
             )
     modules = tuple((name, getattr(module, "__name__", "")) for name, module in extra)
-    return Plugins(registries=registries, plugins=infos, extra_modules=modules, use_entry_points=use_entry_points,
-                   specs=specs)
+    loaded = Plugins(registries=registries, plugins=infos, extra_modules=modules, use_entry_points=use_entry_points,
+                     specs=specs)
+    for registry in registries.values():
+        registry.owner = loaded
+    return loaded
+
+
+class PluginsUser:
+    """For components that create other components (:class:`harness.contracts.UsesPlugins`):
+    keeps the plugin set the registry hands over. A component constructed directly, outside any
+    registry (in a plugin author's unit test, say), gets the process-wide set
+    (:func:`get_plugins`) the first time it needs one."""
+
+    _plugins: "Plugins | None" = None
+
+    def bind_plugins(self, plugins: "Plugins") -> None:
+        self._plugins = plugins
+
+    @property
+    def plugins(self) -> "Plugins":
+        if self._plugins is None:
+            self.bind_plugins(get_plugins())
+        assert self._plugins is not None
+        return self._plugins
 
 
 _loaded: Plugins | None = None

@@ -23,6 +23,8 @@ from typing import Annotated, Any, Callable, Generic, TypeVar
 import pydantic
 from pydantic import BeforeValidator
 
+from harness.contracts import UsesPlugins
+
 T = TypeVar("T")
 
 
@@ -170,6 +172,9 @@ class Registry(Generic[T]):
 
     kind: str
     entries: dict[str, Entry[T]] = field(default_factory=dict)
+    owner: Any = None
+    """The plugin set this registry belongs to: what :meth:`create` hands to a component that
+    declares :class:`harness.contracts.UsesPlugins`."""
 
     def add(self, entry: Entry[T]) -> None:
         if entry.name in self.entries:
@@ -187,7 +192,11 @@ class Registry(Generic[T]):
             raise UnknownNameError(self.kind, name, list(self.entries)) from None
 
     def create(self, name: str, params: dict[str, Any] | None = None) -> T:
-        return self.get(name).create(params)
+        """The component ``name`` with ``params`` validated, given its plugin set when it uses one."""
+        component = self.get(name).create(params)
+        if self.owner is not None and isinstance(component, UsesPlugins):
+            component.bind_plugins(self.owner)
+        return component
 
     def names(self) -> list[str]:
         return sorted(self.entries)

@@ -57,6 +57,10 @@ class Chunk:
     progress: bool = False
     keep_images: frozenset[str] = frozenset()
     """Sample ids whose clean and defended images are stored (the board's example grid)."""
+    seed_keys: list[str] = field(default_factory=list)
+    """Per sample, what its randomness is drawn from: its adversarial key (or, for clean rows,
+    its fingerprint) without the plugins' code versions, so that editing code does not redraw
+    the attack's start or the defense's noise (see :func:`seed_key`)."""
 
 
 class CellError(Exception):
@@ -234,6 +238,15 @@ def result_fingerprint(cell: Cell, victim_fp: str, sample: Sample, code: CodeVer
     )
 
 
+_NO_CODE: CodeVersions = {"victim": "", "task": "", "attack": "", "defense": ""}
+
+
+def seed_key(cell: Cell, victim_fp: str, sample: Sample) -> str:
+    """What a sample's random draws (attack start, defense noise) derive from: its identity in
+    the cell, without code versions (a code edit re-runs a row; it need not redraw its noise)."""
+    return adversarial_key(cell, victim_fp, sample, _NO_CODE) or result_fingerprint(cell, victim_fp, sample, _NO_CODE)
+
+
 def _attack_components(plugins: Plugins, cell: Cell) -> tuple[Victim, Task, Any]:
     """The loaded victim, the task and the attack of a cell (from this process's cache)."""
     victim: Victim = component(plugins, "victim", cell.victim.name, cell.victim.params)
@@ -268,7 +281,7 @@ def _attack_chunk(chunk: Chunk, victim: Victim, task: Task, attack: Any, attack_
         if key is not None and key in chunk.cached_adversarial:
             adversarial[i] = torch.from_numpy(chunk.cached_adversarial[key][0]).to(clean.device)
     if todo:
-        seeds = [_seed_for(cell.seed, chunk.adversarial_keys[i]) for i in todo]
+        seeds = [_seed_for(cell.seed, chunk.seed_keys[i]) for i in todo]
 
         def scorer(outputs: Sequence[str], indices: Sequence[int]) -> list[float]:
             # Per-sample scores over the attacked subset only (CIDEr's document frequencies then
@@ -327,7 +340,7 @@ def run_chunk(chunk: Chunk, plugins: Plugins | None = None) -> ChunkOutcome:
 def _defense_seed(chunk: Chunk, *draw: Any) -> int:
     """The seed of the defense's randomness for a chunk (and for its extra N-draw draws)."""
     identity = chunk.cell.defense.model_dump(exclude={"resources", "train_resources"})
-    return _seed_for(chunk.cell.seed, identity, chunk.fingerprints[0], *draw)
+    return _seed_for(chunk.cell.seed, identity, chunk.seed_keys[0], *draw)
 
 
 @dataclass
@@ -548,10 +561,10 @@ def execute_node(call: NodeCall, plugins: Plugins | None = None) -> NodeResult:
                 victim = component(plugins, "victim", victim_spec.name, victim_spec.params)
                 victim.load()
                 with torch.enable_grad():
-                    preparation.run(victim)
+                    preparation.run(victim, plugins=plugins)
             else:
                 with torch.enable_grad():
-                    preparation.run()
+                    preparation.run(plugins=plugins)
             value = None
         elif call.stage == "victim":
             victim = component(plugins, "victim", call.payload.name, call.payload.params)
@@ -860,6 +873,7 @@ class _Driver:
             fingerprints=[data["fingerprints"][i] for i in positions], adversarial_keys=keys,
             cached_adversarial=self.store.adversarial(k for k in keys if k is not None),
             progress=False, keep_images=frozenset(s.id for s in data["samples"][:IMAGE_EXAMPLES]),
+            seed_keys=[seed_key(cell, fp, s) for s in samples],
         )
 
     def _attack_chunk(self, node: Any) -> Chunk | None:

@@ -12,6 +12,7 @@ import torch
 
 from attacks.transfer import MFii, MFtt, parse_target_scene, render_target_scene
 from harness.contracts import AttackBatch, ThreatModel
+from harness.plugins import load_plugins
 from harness.registry import Entry, ParamError, UnknownNameError
 from tasks.shapes_world import COLOURS, SHAPES
 
@@ -208,10 +209,12 @@ def test_mfii_parameter_errors_are_clear() -> None:
         MFii(target_text="  ")
     with pytest.raises(ValueError, match="steps"):
         MFii(target_text="red", steps=0)
+    # the surrogate is checked against the plugin set the attack is created from
+    attacks = load_plugins().attacks
     with pytest.raises(UnknownNameError, match="shapes-vlm"):
-        MFii(target_text="red", surrogate="shapes-vln")
+        attacks.create("mf-ii", {"target_text": "red", "surrogate": "shapes-vln"})
     with pytest.raises(ParamError, match="'colour'"):
-        MFii(target_text="red", surrogate_params={"seed": 1, "colour": 3})
+        attacks.create("mf-ii", {"target_text": "red", "surrogate_params": {"seed": 1, "colour": 3}})
     entry = _entry(MFii, "mf-ii")
     with pytest.raises(ParamError, match="'target_text': is required"):
         entry.create({})

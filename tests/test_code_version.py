@@ -3,6 +3,7 @@ a plugin changes its code version; a normally installed distribution is keyed by
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.metadata
 import json
@@ -181,3 +182,29 @@ def test_normally_installed_distribution_uses_its_version(on_path: Path) -> None
     (info / "RECORD").write_text("cv_wheel_plugin/other.py,,\n")
     clear_code_version_cache()
     assert code_version(module.Thing, "cv-wheel-dist", "1.2.3").startswith("src:")
+
+
+def test_a_code_edit_changes_a_rows_keys_but_not_its_random_draws() -> None:
+    """Rows are keyed by code version (an edit recomputes them), but the attack's start and the
+    defense's noise derive from the sample's identity alone: a re-run after an unrelated edit
+    draws the same noise, so its numbers differ only where the code's behaviour did."""
+    import numpy as np
+
+    from harness.contracts import Sample, ThreatModel
+    from harness.runner import adversarial_key, result_fingerprint, seed_key
+    from harness.suite import AttackSpec, Cell, DefenseSpec, TaskSpec, VictimSpec
+
+    threat = ThreatModel(name="linf-8", norm="linf", eps=8 / 255)
+    cell = Cell(victim=VictimSpec(name="shapes-vlm"), task=TaskSpec(name="vqav2", data="shapes", split="test", n=4),
+                attack=AttackSpec(name="pgd", threats=["linf-8"]), threat=threat, defense=DefenseSpec(name="diffpure"),
+                seed=0)
+    sample = Sample(id="1", image=np.zeros((8, 8, 3), np.uint8), prompt="what?", references=["yes"])
+    old = {"victim": "src:a", "task": "src:a", "attack": "src:a", "defense": "src:a"}
+    new = {**old, "defense": "src:b"}
+    assert adversarial_key(cell, "fp", sample, old) == adversarial_key(cell, "fp", sample, new)  # oblivious
+    assert result_fingerprint(cell, "fp", sample, old) != result_fingerprint(cell, "fp", sample, new)
+    # seed_key takes no code versions: what the draws derive from is the same before and after
+    assert seed_key(cell, "fp", sample) == adversarial_key(cell, "fp", sample, dict.fromkeys(old, ""))
+    adaptive = dataclasses.replace(cell, attack=AttackSpec(name="pgd", threats=["linf-8"], adaptive=True))
+    assert adversarial_key(adaptive, "fp", sample, old) != adversarial_key(adaptive, "fp", sample, new)
+    assert seed_key(adaptive, "fp", sample) != seed_key(cell, "fp", sample)  # another attack: other draws

@@ -64,8 +64,11 @@ def test_ensemble_early_stop_skips_broken_samples(tiny_victim, vqa_task, samples
 
 
 def test_ensemble_rejects_unbounded_members() -> None:
+    """Checked when its registry hands it the plugin set, so a suite with one fails validation."""
+    from harness.plugins import load_plugins
+
     with pytest.raises(ValueError, match="ignores the threat model"):
-        Ensemble(members=[Member(name="none")])
+        load_plugins().attacks.create("ensemble", {"members": [{"name": "none"}]})
 
 
 class _Zeroing(Defense):

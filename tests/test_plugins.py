@@ -427,3 +427,27 @@ def test_plugins_params_lists_each_parameter_with_its_default(capsys, fresh_plug
     code, out = _main(["plugins", "--params", "--json"], capsys)
     pgd = next(p for p in json.loads(out) if p["plugin"] == "attacks")["params"]["attack"]["pgd"]
     assert {"name": "steps", "type": "int", "default": "20"} in pgd
+
+
+def test_components_that_create_components_use_the_set_they_were_created_from() -> None:
+    """An ensemble's members and a purifier's training attacks come from the run's plugin set (an
+    in-process or --plugin module included), not from a process-wide one."""
+    from attacks.pgd import PGD
+
+    module = types.ModuleType("pgd_copy_plugin")
+
+    @hookimpl
+    def register_attacks(register):
+        register("pgd-copy", PGD, description="PGD under another name")
+
+    module.register_attacks = register_attacks
+    plugins = load_plugins(extra=[("pgd-copy", module)])
+    ensemble = plugins.attacks.create("ensemble", {"members": [{"name": "pgd-copy", "params": {"steps": 2}}]})
+    assert [name for name, _, _ in ensemble.member_attacks()] == ["pgd-copy"]
+    purifier = plugins.defenses.create("codefend-purifier", {"train_attacks": [{"attack": "pgd-copy", "eps": "8/255"}]})
+    assert purifier.plugins is plugins
+    without = load_plugins()
+    with pytest.raises(UnknownNameError, match="pgd-copy"):
+        without.attacks.create("ensemble", {"members": [{"name": "pgd-copy"}]})
+    with pytest.raises(ValueError, match="train_attacks\\[0\\].*unknown attack 'pgd-copy'"):
+        without.defenses.create("codefend-purifier", {"train_attacks": [{"attack": "pgd-copy", "eps": "8/255"}]})

@@ -44,14 +44,14 @@ class SloppyNoise(Attack):
 
 
 class CoinFlip(Defense):
-    """Stochastic: blanks each image with probability 0.3 per draw (a sample is robust over N
+    """Stochastic: blanks each image with probability 0.5 per draw (a sample is robust over N
     draws only if no draw blanks it)."""
 
     stochastic = True
     eot_samples = 2
 
     def purify(self, pixels, generator):
-        blank = (torch.rand(pixels.shape[0], generator=generator) < 0.3).view(-1, 1, 1, 1)
+        blank = (torch.rand(pixels.shape[0], generator=generator) < 0.5).view(-1, 1, 1, 1)
         return torch.where(blank, torch.zeros_like(pixels), pixels)
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from harness.contracts import Preparation, Sample, TaskKind
+from harness.plugins import PluginsUser
 from harness.paths import CheckpointNotFound, codefend_home, publish_checkpoint
 
 PAD, BOS, SEP, EOS, UNK = "[PAD]", "[BOS]", "[SEP]", "[EOS]", "[UNK]"
@@ -118,7 +119,7 @@ def _build_model(config: ShapesVLMConfig, vocab_size: int, special_ids: dict[str
     return VisionEncoderDecoderModel._from_config(vcfg, attn_implementation=ATTENTION)
 
 
-class ShapesVLM:
+class ShapesVLM(PluginsUser):
     """The built-in victim. Parameters select (and if needed train) a cached checkpoint."""
 
     name = "shapes-vlm"
@@ -182,7 +183,8 @@ class ShapesVLM:
             if self.checkpoint is not None:
                 raise CheckpointNotFound(self._missing_checkpoint())
             with torch.enable_grad():  # load() may first be reached from generate(), under no_grad
-                train_shapes_vlm(self.config, self.cache_dir, progress=progress, device=self._device_name)
+                train_shapes_vlm(self.config, self.cache_dir, self.plugins.tasks, progress=progress,
+                                 device=self._device_name)
         from transformers import PreTrainedTokenizerFast, VisionEncoderDecoderModel
 
         self._tokenizer = PreTrainedTokenizerFast.from_pretrained(self.cache_dir)
@@ -373,29 +375,28 @@ def _per_sample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tor
 # -- training -----------------------------------------------------------------------------------
 
 
-def _prepare_shapes_vlm(config: ShapesVLMConfig, device: str) -> None:
+def _prepare_shapes_vlm(config: ShapesVLMConfig, device: str, *, plugins: Any) -> None:
     victim = ShapesVLM(device=device)
     victim.config = config
     if not victim.is_trained():
         with torch.enable_grad():
-            train_shapes_vlm(config, victim.cache_dir, progress=False, device=device)
+            train_shapes_vlm(config, victim.cache_dir, plugins.tasks, progress=False, device=device)
 
 
-def _training_samples(config: ShapesVLMConfig) -> tuple[list[Sample], list[Sample]]:
+def _training_samples(config: ShapesVLMConfig, tasks: Any) -> tuple[list[Sample], list[Sample]]:
     """The shapes world's train split, through the registered tasks' contract (the kernel
     imports no task package)."""
-    from harness.plugins import get_plugins
-
-    tasks = get_plugins().tasks
     vqa = tasks.create("vqav2", {"data": "shapes"})
     captions = tasks.create("coco_captions", {"data": "shapes"})
     return vqa.samples("train", None, seed=config.seed), captions.samples("train", None, seed=config.seed)
 
 
 def train_shapes_vlm(
-    config: ShapesVLMConfig, out_dir: Path, *, progress: bool = True, device: str = "cpu"
+    config: ShapesVLMConfig, out_dir: Path, tasks: Any, *, progress: bool = True, device: str = "cpu"
 ) -> dict[str, Any]:
-    """Train shapes-vlm from ``config`` (deterministic for its seed) and save it to ``out_dir``.
+    """Train shapes-vlm from ``config`` (deterministic for its seed) and save it to ``out_dir``,
+    on the shapes world's train split read through ``tasks`` (a task registry: ``vqav2`` and
+    ``coco_captions``).
 
     A step takes ``batch_size`` images and every text of each (its questions and its first
     caption): the encoder runs once per image, which makes CPU training several times faster.
@@ -405,7 +406,7 @@ def train_shapes_vlm(
 
     started = time.perf_counter()
     torch.manual_seed(config.seed)
-    vqa_samples, caption_samples = _training_samples(config)
+    vqa_samples, caption_samples = _training_samples(config, tasks)
     texts_by_image: dict[Any, list[tuple[str, str]]] = {}
     images: dict[Any, np.ndarray] = {}
     for s in caption_samples:
