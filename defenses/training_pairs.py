@@ -29,7 +29,7 @@ from harness.contracts import AttackBatch, Victim
 from harness.paths import codefend_home
 from harness.registry import parse_fraction
 
-PAIRS_FORMAT_VERSION = 2
+PAIRS_FORMAT_VERSION = 3
 
 
 class PairAttack(BaseModel):
@@ -200,6 +200,49 @@ def _load_cached_pairs(path: Path) -> Pairs | None:
         return None
 
 
+def training_samples(spec: PairSpec, tasks: Sequence[Any]) -> tuple[list[list[Any]], dict[str, Any]]:
+    """Each pair task's ``spec.per_task`` training samples, none of whose images is in an
+    evaluation split of any pair task's data (:class:`harness.contracts.ImageIndexedTask`): the
+    first ``per_task`` of the seeded order that pass. Also the record of what was left out:
+    ``excluded_evaluation_images`` (task -> training samples dropped), ``evaluation_splits``, and
+    ``unchecked_tasks`` (tasks that cannot name their images)."""
+    from harness.contracts import ImageIndexedTask
+
+    evaluation: dict[str, list[str]] = {}
+    excluded_names: set[str] = set()
+    unchecked = []
+    for t, task in zip(spec.tasks, tasks):
+        if not isinstance(task, ImageIndexedTask):
+            unchecked.append(t.name)
+            continue
+        splits = list(task.evaluation_splits())
+        evaluation[t.name] = splits
+        if (t.split or spec.split) in splits:
+            raise ValueError(f"train split {t.split or spec.split!r} of task '{t.name}' is one of its evaluation "
+                             f"splits ({', '.join(splits)}): train the defense on another split")
+        for split in splits:
+            excluded_names |= task.image_names(split)
+    out, dropped = [], {}
+    for t, task in zip(spec.tasks, tasks):
+        split, want = t.split or spec.split, spec.per_task
+        while True:
+            drawn = task.samples(split, want, spec.seed)  # the first `want` of one seeded order
+            kept, left_out = [], 0
+            for sample in drawn:
+                if len(kept) == spec.per_task:
+                    break
+                if sample.meta.get("file_name") in excluded_names:
+                    left_out += 1
+                else:
+                    kept.append(sample)
+            if len(kept) == spec.per_task or len(drawn) < want:
+                break
+            want *= 2
+        out.append(kept)
+        dropped[t.name] = left_out
+    return out, {"excluded_evaluation_images": dropped, "evaluation_splits": evaluation, "unchecked_tasks": unchecked}
+
+
 def make_pairs(victim: Victim, spec: PairSpec, *, plugins: Any, progress: bool = True,
                batch_size: int = 64) -> Pairs:
     """Attack ``spec.per_task`` samples of each task's ``spec.split`` with each attack (cached).
@@ -212,7 +255,7 @@ def make_pairs(victim: Victim, spec: PairSpec, *, plugins: Any, progress: bool =
     from harness.contracts import ThreatModel
 
     tasks = [plugins.tasks.create(t.name, t.params) for t in spec.tasks]
-    task_samples = [task.samples(t.split or spec.split, spec.per_task, spec.seed) for t, task in zip(spec.tasks, tasks)]
+    task_samples, leakage = training_samples(spec, tasks)
     key = spec.fingerprint([_sample_digest(task, s) for task, samples in zip(tasks, task_samples) for s in samples])
     path = codefend_home() / "pairs" / f"pairs-{key}.pt"
     if path.exists():
@@ -278,6 +321,7 @@ def make_pairs(victim: Victim, spec: PairSpec, *, plugins: Any, progress: bool =
             "tasks": [t.name for t in spec.tasks],
             "split": spec.split,
             "pairs": total,
+            **leakage,
             "seconds": round(time.perf_counter() - started, 1),
         },
     )

@@ -296,6 +296,23 @@ class CorpusScoredTask(Protocol):
         ...
 
 
+@runtime_checkable
+class ImageIndexedTask(Protocol):
+    """A task that names the images of a split without reading them, so that a model trained on
+    one split (CoDefend's purifier, on its pairs) can leave out every image that some split it
+    is evaluated on also holds: COCO's Karpathy train holds 30,504 restval images, which are
+    val2014 images, the ones VQAv2 val asks about. Its samples carry ``meta["file_name"]``."""
+
+    def evaluation_splits(self) -> tuple[str, ...]:
+        """The splits of this task's data that results are reported on (those present)."""
+        ...
+
+    def image_names(self, split: str) -> frozenset[str]:
+        """The file names of ``split``'s images (the same image has the same name in every
+        data set built on it: COCO's ``COCO_val2014_000000000042.jpg``)."""
+        ...
+
+
 class AttackTarget(Protocol):
     """What an attack optimises against: a victim, or (adaptive attacks) defense then victim."""
 

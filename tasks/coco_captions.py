@@ -145,6 +145,20 @@ class CocoCaptionsTask:
         return {"data": self.data, "root": str(self.root), "images": self.images, "meteor": self.meteor,
                 "on_bad_sample": self.on_bad_sample}
 
+    def evaluation_splits(self) -> tuple[str, ...]:
+        """Karpathy's val and test, and the raw val/test annotations, where present."""
+        present = []
+        for split in ("karpathy_val", "karpathy_test", "val", "test"):
+            try:
+                self._split(split)
+            except FileNotFoundError:
+                continue
+            present.append(split)
+        return tuple(present)
+
+    def image_names(self, split: str) -> frozenset[str]:
+        return frozenset(item.file_name for item in self._split(split).values())
+
     def _split(self, split: str) -> dict[int, _Image]:
         if split not in self._splits:
             loader = _load_karpathy if split in KARPATHY_SPLITS else _load_coco

@@ -110,6 +110,7 @@ class VQAv2Task:
                     references=tuple(answer["answer"] for answer in annotation["answers"]),
                     meta={
                         "image_id": image_id,
+                        "file_name": index.image_file.format(split=index.split, image_id=image_id),
                         "question_type": annotation.get("question_type"),
                         "answer_type": annotation.get("answer_type"),
                         "multiple_choice_answer": annotation.get("multiple_choice_answer"),
@@ -133,6 +134,15 @@ class VQAv2Task:
 
     def describe(self) -> dict[str, Any]:
         return {"data": self.data, "root": str(self.root), "images": self.images, "on_bad_sample": self.on_bad_sample}
+
+    def evaluation_splits(self) -> tuple[str, ...]:
+        """val (VQAv2's reported split; val2014 on disk) and test, where present."""
+        return tuple(split for split in ("val", "test") if _split_present(self.root, split))
+
+    def image_names(self, split: str) -> frozenset[str]:
+        index = self._split(split)
+        return frozenset(index.image_file.format(split=index.split, image_id=int(q["image_id"]))
+                         for q in index.questions.values())
 
     def _split(self, split: str) -> _VQASplit:
         if split not in self._splits:
@@ -171,6 +181,14 @@ class VQAv2Task:
             image_file=_image_file_pattern(self.root),
             bad=bad,
         )
+
+
+def _split_present(root: Path, split: str) -> bool:
+    try:
+        _find_files(root, split)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _by_question_id(records: list[Any], path: Path, keys: Sequence[str], bad: BadSamples) -> dict[int, dict[str, Any]]:

@@ -264,3 +264,63 @@ def test_plugin_registers_both_tasks_with_validated_params() -> None:
     assert isinstance(loaded.tasks.create("coco_captions", {}), CocoCaptionsTask)
     with pytest.raises(registry_module.ParamError, match="data"):
         loaded.tasks.create("coco_captions", {"dataset": "shapes"})
+
+
+# ------------------------------------------------------------------ splits that do not leak
+
+
+def test_restval_training_images_are_named_as_vqav2_val_names_them(world: Path, tmp_path: Path) -> None:
+    """Karpathy's train split holds restval (val2014) images; both readers name them alike, so a
+    pair set can leave out the ones VQAv2 val evaluates on."""
+    image_ids = [i["id"] for i in _json(world / "annotations" / "captions_val.json")["images"][:3]]
+    vqa_root = tmp_path / "vqav2"
+    _fake_real_vqav2(world, vqa_root, image_ids)
+    vqa = VQAv2Task(data=str(vqa_root), images=str(vqa_root / "coco_images"))
+    assert vqa.evaluation_splits() == ("val",)
+    coco_root = tmp_path / "coco"
+    coco_root.mkdir()
+    shutil.copytree(vqa_root / "coco_images", coco_root / "val2014")
+    entries = [{"filepath": "val2014", "filename": f"COCO_val2014_{i:012d}.jpg", "split": split, "cocoid": i,
+                "sentences": [{"raw": "a caption"}] * 5} for i, split in zip(image_ids, ["restval", "val", "test"])]
+    (coco_root / "dataset_coco.json").write_text(json.dumps({"images": entries}))
+    coco = CocoCaptionsTask(data=str(coco_root))
+    assert coco.evaluation_splits() == ("karpathy_val", "karpathy_test")
+    (restval,) = coco.samples("karpathy_train", None, seed=0)
+    assert restval.meta["file_name"] in vqa.image_names("val")
+
+
+class _NamedImages:
+    """A task whose train split shares some images with its own or another task's test split."""
+
+    kind, metric = "vqa", "vqa_accuracy"
+
+    def __init__(self, name: str, train: list[str], test: list[str]) -> None:
+        self.name, self.split_names = name, {"train": train, "test": test}
+
+    def samples(self, split: str, n: int | None, seed: int) -> list[Sample]:
+        names = self.split_names[split][: n]
+        return [Sample(id=f"{self.name}-{i}", image=np.zeros((4, 4, 3), np.uint8), prompt="?", references=("a",),
+                       meta={"file_name": name}) for i, name in enumerate(names)]
+
+    def evaluation_splits(self) -> tuple[str, ...]:
+        return ("test",)
+
+    def image_names(self, split: str) -> frozenset[str]:
+        return frozenset(self.split_names[split])
+
+
+def test_no_training_image_of_a_pair_set_is_an_evaluation_image() -> None:
+    from defenses.training_pairs import PairSpec, PairTask, training_samples
+
+    vqa = _NamedImages("vqa", train=["t1", "shared", "t2", "t3"], test=["e1", "e2"])
+    captions = _NamedImages("captions", train=["c1", "e1", "c2", "c3"], test=["shared"])
+    spec = PairSpec(victim_fingerprint="v", attacks=(), tasks=(PairTask(name="vqa"), PairTask(name="captions")),
+                    split="train", per_task=3, seed=0)
+    samples, record = training_samples(spec, [vqa, captions])
+    names = [[s.meta["file_name"] for s in task_samples] for task_samples in samples]
+    assert names == [["t1", "t2", "t3"], ["c1", "c2", "c3"]]  # refilled from the seeded order
+    assert not {n for task in names for n in task} & (vqa.image_names("test") | captions.image_names("test"))
+    assert record["excluded_evaluation_images"] == {"vqa": 1, "captions": 1}
+    with pytest.raises(ValueError, match="train split 'test' of task 'vqa' is one of its evaluation splits"):
+        training_samples(PairSpec(victim_fingerprint="v", attacks=(), tasks=(PairTask(name="vqa", split="test"),),
+                                  split="train", per_task=1, seed=0), [vqa])
