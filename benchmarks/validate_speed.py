@@ -1,5 +1,6 @@
-"""``codefend validate`` wall time: on a malformed suite (goal <= 1 s, before any plugin loads) and
-on valid suites of 1k, 10k and 100k defense entries (goal: linear in the suite's size).
+"""``codefend validate`` wall time: on a malformed suite and on one that names an unknown plugin
+(goal <= 1 s each), ``codefend plugins`` (goal <= 1 s), and on valid suites of 1k, 10k and 100k
+defense entries (goal: linear in the suite's size).
 
     python benchmarks/validate_speed.py [--sizes 1000,10000,100000]
 
@@ -8,9 +9,11 @@ one task and the clean condition, so its matrix grows linearly too; the standard
 protocol is off (it would multiply the cells). Runs the real console script, a fresh process
 per suite, and prints seconds per 1k entries: flat means linear.
 
-On the 2-core CPU (2026-12-02): malformed suite 0.61-0.89 s; 1k entries 6.3-7.8 s, 10k 13.6-16.7 s,
-100k (5.2 MB) 73.6 s: ~0.7 ms an entry above the ~6 s of loading the plugins (torch and the model
-libraries). Before: 2k entries 21 s in-process, 32k 76 s, a 5 MB suite past 300 s.
+On the 2-core CPU (2026-12-02, since components register by import path): malformed suite
+0.59 s, unknown plugin name 0.55 s, `codefend plugins` 0.61 s (none of them imports torch); 1k
+entries 4.2 s, 10k 8.2 s, 100k (5.2 MB) 58.2 s: ~0.5 ms an entry above ~3.7 s of importing what a
+valid suite's plugins need. Before: 1k 6.3-7.8 s, 100k 73.6 s, a name error 5.6 s; earlier still,
+2k entries 21 s in-process, 32k 76 s, a 5 MB suite past 300 s.
 """
 
 from __future__ import annotations
