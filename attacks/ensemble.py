@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from attacks.pgd import project_pixels
 from harness.contracts import Attack, AttackBatch, AttackResult, AttackTarget, ThreatModel
 from harness.plugins import PluginsUser
+from harness.registry import RegistryError
 
 
 class Member(BaseModel):
@@ -53,8 +54,11 @@ class Ensemble(PluginsUser, Attack):
         their factories)."""
         super().bind_plugins(plugins)
         self.members, self.member_params = [], []
-        for member in self.member_specs:
-            attack = plugins.attacks.create(member.name, member.params)
+        for j, member in enumerate(self.member_specs):
+            try:
+                attack = plugins.attacks.create(member.name, member.params)
+            except RegistryError as exc:  # a suite error about the member, not the ensemble's own name
+                raise ValueError(f"members[{j}]: {exc}") from None
             if not attack.uses_threat:
                 raise ValueError(f"member '{member.name}' ignores the threat model; an ensemble keeps every member inside one ball")
             self.members.append((member.name, attack))

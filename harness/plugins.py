@@ -239,6 +239,11 @@ def load_plugins(
                 _kind: str = kind,
                 _info: PluginInfo = info,
             ) -> None:
+                if isinstance(factory, str) and ":" not in factory:
+                    warnings.warn(f"plugin '{_info.name}' registered {_kind} '{name}' with {factory!r}: a factory is a "
+                                  "callable or its import path 'module:attribute'; it is skipped",
+                                  PluginLoadWarning, stacklevel=2)
+                    return
                 entry = Entry(_kind, name, factory, description, _info.name, _info.distribution, _info.version)
                 try:
                     registries[_kind].add(entry)

@@ -172,7 +172,7 @@ class Registry(Generic[T]):
 
     kind: str
     entries: dict[str, Entry[T]] = field(default_factory=dict)
-    owner: Any = None
+    owner: Any = field(default=None, repr=False, compare=False)
     """The plugin set this registry belongs to: what :meth:`create` hands to a component that
     declares :class:`harness.contracts.UsesPlugins`."""
 

@@ -447,7 +447,7 @@ def test_components_that_create_components_use_the_set_they_were_created_from() 
     purifier = plugins.defenses.create("codefend-purifier", {"train_attacks": [{"attack": "pgd-copy", "eps": "8/255"}]})
     assert purifier.plugins is plugins
     without = load_plugins()
-    with pytest.raises(UnknownNameError, match="pgd-copy"):
+    with pytest.raises(ValueError, match="members\\[0\\]: unknown attack 'pgd-copy'"):
         without.attacks.create("ensemble", {"members": [{"name": "pgd-copy"}]})
     with pytest.raises(ValueError, match="train_attacks\\[0\\].*unknown attack 'pgd-copy'"):
         without.defenses.create("codefend-purifier", {"train_attacks": [{"attack": "pgd-copy", "eps": "8/255"}]})
