@@ -146,9 +146,11 @@ class CocoCaptionsTask:
                 "on_bad_sample": self.on_bad_sample}
 
     def evaluation_splits(self) -> tuple[str, ...]:
-        """Karpathy's val and test, and the raw val/test annotations, where present."""
+        """The splits results are reported on, where present: Karpathy's test and the raw val and
+        test annotations (val2014 holds restval, and VQAv2 val asks about the same images); the
+        shapes world's test (its val is a held-out selection split)."""
         present = []
-        for split in ("karpathy_val", "karpathy_test", "val", "test"):
+        for split in (("test",) if self.data == SHAPES_DATA else ("karpathy_test", "val", "test")):
             try:
                 self._split(split)
             except FileNotFoundError:

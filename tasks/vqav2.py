@@ -136,8 +136,10 @@ class VQAv2Task:
         return {"data": self.data, "root": str(self.root), "images": self.images, "on_bad_sample": self.on_bad_sample}
 
     def evaluation_splits(self) -> tuple[str, ...]:
-        """val (VQAv2's reported split; val2014 on disk) and test, where present."""
-        return tuple(split for split in ("val", "test") if _split_present(self.root, split))
+        """The splits results are reported on, where present: VQAv2's val (val2014 on disk) and
+        test; the shapes world's test (its val is a held-out selection split)."""
+        candidates = ("test",) if self.data == SHAPES_DATA else ("val", "test")
+        return tuple(split for split in candidates if _split_present(self.root, split))
 
     def image_names(self, split: str) -> frozenset[str]:
         index = self._split(split)
