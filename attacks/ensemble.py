@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from attacks.pgd import project_pixels
 from harness.contracts import Attack, AttackBatch, AttackResult, AttackTarget, ThreatModel
-from harness.plugins import PluginsUser
+from harness.plugins import PluginsUser, get_plugins
 from harness.registry import RegistryError
 
 
@@ -71,7 +71,7 @@ class Ensemble(PluginsUser, Attack):
 
     def _members(self) -> list[tuple[str, Attack]]:
         if not self.members:  # constructed directly, outside a registry: the process-wide set
-            self.bind_plugins(self.plugins)
+            self.bind_plugins(self._plugins or get_plugins())
         return self.members
 
     def member_attacks(self) -> list[tuple[str, Mapping[str, Any], Attack]]:

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Iterable
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -56,12 +57,13 @@ def _process_table() -> dict[int, tuple[int, str]]:
     return table
 
 
-def _descendants(root: int, table: dict[int, tuple[int, str]]) -> set[tuple[int, str]]:
+def _descendants(roots: Iterable[int], table: dict[int, tuple[int, str]]) -> set[tuple[int, str]]:
+    """(pid, start time) of every descendant of ``roots`` in ``table``, in one walk."""
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in table.items():
         children.setdefault(ppid, []).append(pid)
     found: set[tuple[int, str]] = set()
-    stack = [root]
+    stack = list(roots)
     while stack:
         for child in children.get(stack.pop(), []):
             found.add((child, table[child][1]))
@@ -72,13 +74,14 @@ def _descendants(root: int, table: dict[int, tuple[int, str]]) -> set[tuple[int,
 def guard_descendants(owner: int) -> None:
     """Watch ``owner``'s process tree and, once ``owner`` is gone, SIGKILL every process that was
     in it. The body of the process :func:`start_descendant_guard` starts."""
+    me = os.getpid()
     seen: set[tuple[int, str]] = set()
     ready = False
     while True:
         table = _process_table()
         if owner not in table or os.getppid() != owner:
             break
-        seen |= _descendants(owner, table) - {(os.getpid(), table.get(os.getpid(), (0, ""))[1])}
+        seen |= {d for d in _descendants([owner], table) if d[0] != me}
         if not ready:  # the owner waits for the first look before it starts what is guarded
             print("ready", flush=True)
             ready = True
@@ -86,9 +89,7 @@ def guard_descendants(owner: int) -> None:
     for _ in range(3):  # what the tree spawned while it was being killed goes too
         table = _process_table()
         alive = {(pid, start) for pid, start in seen if table.get(pid, (0, None))[1] == start}
-        for pid, start in list(alive):
-            alive |= _descendants(pid, table)
-        alive.discard((os.getpid(), table.get(os.getpid(), (0, ""))[1]))
+        alive = {d for d in alive | _descendants([pid for pid, _ in alive], table) if d[0] != me}
         if not alive:
             return
         for pid, _ in alive:
