@@ -1,7 +1,9 @@
 """``codefend``: the full CoDefend defense, the supervised purifier then the optimised prompt.
 
-The prompt is optimised on *purified* images (adversarial and clean), so it is tuned to what the
-victim actually sees behind the purifier. Parameters are the two parts' own: ``purifier`` goes to
+The prompt is optimised with the purifier in place: it is selected on purified images, and a soft
+prompt or prefix generator also trains on them (what the victim actually sees behind the
+purifier). An adaptive attack goes through both: the purifier, then the prompt made from the
+purified pixels. Parameters are the two parts' own: ``purifier`` goes to
 :class:`~defenses.purifier.CoDefendPurifier`, ``prompt`` to :class:`~defenses.prompt.CoDefendPrompt`.
 """
 
@@ -61,8 +63,8 @@ class CoDefend(PluginsUser, Defense):
         """Train the purifier, then optimise the prompt behind it (each cached on its own)."""
         purifier = self.purifier.train(progress=progress)
         prompt = self.prompt.train(progress=progress)
-        return {"purifier_seconds": purifier["seconds"], "prefix": prompt.get("prefix", ""),
-                "soft_prompt_used": prompt.get("use_soft", False), "prompt_seconds": prompt["seconds"]}
+        return {"purifier_seconds": purifier["seconds"], "prompt_mode": prompt["mode"], "prefix": prompt.get("prefix", ""),
+                "prompt_chosen": prompt.get("chosen"), "prompt_seconds": prompt["seconds"]}
 
     def purify(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return self.purifier.purify(pixels, generator)
@@ -72,6 +74,10 @@ class CoDefend(PluginsUser, Defense):
 
     def soft_prompt(self) -> torch.Tensor | None:
         return self.prompt.soft_prompt()
+
+    def soft_prompts(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor | None:
+        """The prefix generator's prompts, made from the purified pixels (``mode: generator``)."""
+        return self.prompt.soft_prompts(pixels, prompts)
 
     def passes_per_sample(self) -> int:
         return self.purifier.passes_per_sample()

@@ -12,12 +12,31 @@ Two modes:
   selection set.
 - ``soft`` (white-box victims with a ``soft_prompt`` argument, see
   :class:`~harness.contracts.SoftPromptVictim`): ``soft_tokens`` continuous embeddings inserted
-  after the victim's start token, trained by gradient descent on the teacher-forced loss of the
-  reference answers over adversarial and clean *training* pairs (through the purifier when one is
-  given). Selected against the empty prompt on the same held-out split as the search.
+  after the victim's start token, the same for every query.
+- ``generator`` (white-box victims that lend their text model,
+  :class:`~harness.contracts.QueryEncoderVictim`): CoDefend's LoRA-based prefix generator
+  (:mod:`defenses.prefix_generator`), which makes each query's ``soft_tokens`` from the query and,
+  with ``condition_on_image``, from the image the victim sees. A black-box victim has no soft
+  input: the mode is then an error that says to use ``search``.
 
-The result (the prefix, or the soft embeddings) is cached under
-``$CODEFEND_HOME/models/codefend-prompt-<fingerprint>`` with every candidate's score.
+``soft`` and ``generator`` train by gradient descent (Adam, ``soft_steps`` steps of ``lr``) on a
+joint objective over the *training* pairs: ``clean_weight`` × the teacher-forced loss of the
+reference answers on clean images + (1 − ``clean_weight``) × the same on adversarial images; with a
+``purifier`` (inside ``codefend``) each half also has the purified images, which are what the
+victim sees behind it. Every ``select_every`` steps the prompt is scored on the held-out split.
+
+**Selection** (every mode, on ``select_split``): a candidate (a prefix, or a training checkpoint)
+is *admissible* when, on every task, its clean score is at least (1 − ``clean_tolerance``) × the
+clean score of no prompt; among admissible candidates the one with the highest adversarial score
+(each task's, over its no-prompt clean score, averaged over tasks so VQA accuracy and CIDEr weigh
+alike) wins. No prompt is always admissible, so a prompt that buys robustness with clean accuracy
+is never chosen. Both scores are recorded for every candidate. ``always_use`` (an ablation) serves
+the last trained soft prompt or generator whatever the rule chose; the record still says what it
+chose.
+
+The result (the prefix, the soft embeddings or the generator's trained weights) is cached under
+``$CODEFEND_HOME/models/codefend-prompt-<fingerprint>`` with every candidate's scores and the
+training curves.
 """
 
 from __future__ import annotations
@@ -27,18 +46,19 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal, Sequence
+from typing import Annotated, Any, Callable, Literal, Sequence
 
 import torch
 from pydantic import Field
 
 from defenses.training_pairs import PairSpec, PairTask, Pairs, check_pair_attack_names, make_pairs, parse_pair_attacks
 from harness.plugins import PluginsUser
-from harness.contracts import Defense, Preparation, Prepared, TrainingAttack, Victim
+from harness.contracts import Defense, ImageFeatureVictim, Preparation, Prepared, QueryEncoderVictim, TrainingAttack, Victim
 from harness.store import digest_json
 from harness.paths import codefend_home, publish_checkpoint
 
-PROMPT_FORMAT_VERSION = 2
+# 3: the clean-constrained selection rule, the joint objective, mode 'generator'
+PROMPT_FORMAT_VERSION = 3
 
 #: Defensive prefixes in the spirit of CoDefend's optimised prompt; the search mutates them.
 DEFAULT_CANDIDATES = (
@@ -72,8 +92,45 @@ def mutations(prefix: str, pool_words: Sequence[str], other: str, generator: tor
     return " ".join(words)
 
 
+def selection_key(scores: dict[str, float], baseline: dict[str, float], clean_tolerance: float) -> tuple[bool, float]:
+    """(admissible, adversarial score) of a candidate under the selection rule (module docstring).
+    ``scores`` and ``baseline`` map ``task/condition`` to that task's headline score."""
+    tasks = sorted({key.split("/")[0] for key in baseline})
+    admissible = all(scores[f"{t}/clean"] >= (1.0 - clean_tolerance) * baseline[f"{t}/clean"] - 1e-12 for t in tasks)
+    adversarial = sum(scores[f"{t}/adversarial"] / max(1e-9, baseline[f"{t}/clean"]) for t in tasks) / len(tasks)
+    return admissible, adversarial
+
+
+def select(candidates: dict[str, dict[str, float]], baseline_name: str, clean_tolerance: float) -> str:
+    """The candidate the selection rule keeps; ``baseline_name`` (no prompt) wins ties."""
+    baseline = candidates[baseline_name]
+    ranked = sorted(candidates, key=lambda c: (c != baseline_name, c))
+    admissible = [c for c in ranked if selection_key(candidates[c], baseline, clean_tolerance)[0]]
+    return max(admissible, key=lambda c: selection_key(candidates[c], baseline, clean_tolerance)[1])
+
+
+class SoftPrefix(torch.nn.Module):
+    """``mode: soft``: one learned prefix for every query."""
+
+    def __init__(self, tokens: int, dim: int, seed: int):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.soft_prompt = torch.nn.Parameter(0.02 * torch.randn(tokens, dim, generator=generator))
+
+    def forward(self, prompts: Sequence[str], image_features: torch.Tensor | None) -> torch.Tensor:
+        return self.soft_prompt
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {"soft_prompt": self.soft_prompt.detach().clone()}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.soft_prompt.copy_(state["soft_prompt"])
+
+
 class CoDefendPrompt(PluginsUser, Defense):
-    """Text-side defense: a searched defensive prefix, or a trained soft prompt (module docstring)."""
+    """Text-side defense: a searched defensive prefix, a trained soft prompt, or CoDefend's prefix
+    generator (module docstring)."""
 
     stochastic = False
     differentiable = True  # images pass through untouched
@@ -82,13 +139,21 @@ class CoDefendPrompt(PluginsUser, Defense):
     def __init__(
         self,
         *,
-        mode: Literal["search", "soft"] = "search",
+        mode: Literal["search", "soft", "generator"] = "search",
         candidates: list[str] | None = None,
         rounds: Annotated[int, Field(ge=0)] = 3,
         population: Annotated[int, Field(ge=1)] = 6,
         soft_tokens: Annotated[int, Field(ge=1)] = 4,
         soft_steps: Annotated[int, Field(ge=1)] = 300,
         soft_lr: Annotated[float, Field(gt=0.0)] = 0.003,
+        lora_rank: Annotated[int, Field(ge=1)] = 4,
+        lora_alpha: Annotated[float, Field(gt=0.0)] = 8.0,
+        condition_on_image: bool = True,
+        clean_weight: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5,
+        clean_tolerance: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01,
+        select_every: Annotated[int, Field(ge=1)] = 100,
+        batch_size: Annotated[int, Field(ge=1)] = 32,
+        always_use: bool = False,
         train_attacks: list[Any] | None = None,
         train_tasks: list[dict[str, Any]] | None = None,
         train_split: str = "train",
@@ -105,6 +170,10 @@ class CoDefendPrompt(PluginsUser, Defense):
             self.candidates = ("",) + self.candidates
         self.rounds, self.population = rounds, population
         self.soft_tokens, self.soft_steps, self.soft_lr = soft_tokens, soft_steps, soft_lr
+        self.lora_rank, self.lora_alpha, self.condition_on_image = lora_rank, lora_alpha, condition_on_image
+        self.clean_weight, self.clean_tolerance = clean_weight, clean_tolerance
+        self.select_every, self.batch_size = select_every, batch_size
+        self.always_use = always_use
         self.train_attacks = parse_pair_attacks(train_attacks)
         self.train_tasks = tuple(PairTask(**t) for t in train_tasks) if train_tasks else DEFAULT_PROMPT_TASKS
         self.train_split, self.train_pairs_per_task = train_split, train_pairs_per_task
@@ -134,7 +203,8 @@ class CoDefendPrompt(PluginsUser, Defense):
             key=f"codefend-prompt:{digest_json(self.params)[:16]}", label=f"optimise codefend-prompt ({self.mode})",
             run=functools.partial(_prepare_prompt, dict(self.params)), needs_victim=True,
             after=tuple(p.key for p in before if p.needs_victim),
-            cost=20.0 * pairs + (6.0 * self.soft_steps * 32 if self.mode == "soft" else 2.0 * pairs * self.rounds * self.population),
+            cost=20.0 * pairs + (2.0 * pairs * self.rounds * self.population if self.mode == "search"
+                                 else 12.0 * self.soft_steps * self.batch_size),
         )
         return [*before, learned]
 
@@ -169,8 +239,11 @@ class CoDefendPrompt(PluginsUser, Defense):
                 "mode": self.mode,
                 "candidates": self.candidates if self.mode == "search" else None,
                 "search": [self.rounds, self.population] if self.mode == "search" else None,
-                "soft": [self.soft_tokens, self.soft_steps, self.soft_lr, self.train_split, self.train_pairs_per_task]
-                if self.mode == "soft" else None,
+                "soft": [self.soft_tokens, self.soft_steps, self.soft_lr, self.train_split, self.train_pairs_per_task,
+                         self.clean_weight, self.select_every, self.batch_size]
+                if self.mode != "search" else None,
+                "generator": [self.lora_rank, self.lora_alpha, self.condition_on_image] if self.mode == "generator" else None,
+                "clean_tolerance": self.clean_tolerance, "always_use": self.always_use,
                 "attacks": [a.model_dump() for a in self.train_attacks],
                 "tasks": [t.model_dump() for t in self.train_tasks],
                 "select": [self.select_split, self.select_pairs_per_task],
@@ -202,73 +275,169 @@ class CoDefendPrompt(PluginsUser, Defense):
                 with torch.enable_grad():  # first use may come from inside a no_grad block
                     self._optimise(victim, out, progress=progress)
             record = json.loads((out / "prompt.json").read_text())
-            if (out / "soft_prompt.safetensors").exists() and record.get("use_soft", False):
+            weights = out / "prompt.safetensors"
+            if record.get("use_prompt", False) and weights.exists():
                 from safetensors.torch import load_file
 
-                record["soft_prompt"] = load_file(str(out / "soft_prompt.safetensors"))["soft_prompt"].to(victim.device)
+                maker = self._new_maker(victim)
+                maker.load_trainable_state(load_file(str(weights)))
+                maker.eval().requires_grad_(False)  # an attack differentiates the pixels, not the prompt
+                record["maker"] = maker
             self._learned[key] = record
         return self._learned[key]
 
     def train(self, *, progress: bool = True) -> dict[str, Any]:
         """Optimise (or load) the prompt for the bound victim; returns its record."""
-        return {k: v for k, v in self.learned(progress=progress).items() if k != "soft_prompt"}
+        return {k: v for k, v in self.learned(progress=progress).items() if k != "maker"}
 
-    def _selection_set(self, victim: Victim, progress: bool) -> tuple[Pairs, list[Any], list[dict[str, Any]]]:
+    # -- the continuous prompts (soft, generator) ------------------------------------------------
+    def _new_maker(self, victim: Victim) -> torch.nn.Module:
+        """A fresh soft prefix or prefix generator for ``victim`` (untrained), on its device."""
+        name = getattr(victim, "name", type(victim).__name__)
+        if self.mode == "soft":
+            if not hasattr(victim, "soft_prompt_dim"):
+                raise ValueError(
+                    f"mode 'soft' needs a white-box victim that takes a soft_prompt (SoftPromptVictim); "
+                    f"{name!r} does not: use mode 'search'"
+                )
+            return SoftPrefix(self.soft_tokens, victim.soft_prompt_dim, self.seed).to(victim.device)  # type: ignore[attr-defined]
+        if not isinstance(victim, QueryEncoderVictim):
+            raise ValueError(
+                f"mode 'generator' emits soft prefix tokens from a LoRA-tuned copy of the victim's text model, so it "
+                f"needs a white-box victim that lends one (QueryEncoderVictim); {name!r} does not. A discrete-text "
+                f"generator for black-box victims is not built: use mode 'search'"
+            )
+        if self.condition_on_image and not isinstance(victim, ImageFeatureVictim):
+            raise ValueError(f"condition_on_image needs a victim that exposes image_features; {name!r} does not: "
+                             f"set condition_on_image: false")
+        from defenses.prefix_generator import PrefixGenerator
+
+        return PrefixGenerator(victim.query_encoder(), tokens=self.soft_tokens, dim=victim.soft_prompt_dim,
+                               rank=self.lora_rank, alpha=self.lora_alpha, seed=self.seed).to(victim.device)
+
+    def _prompt_of(self, maker: torch.nn.Module, victim: Victim) -> Callable[[torch.Tensor, Sequence[str]], torch.Tensor]:
+        """(pixels the victim reads, their prompts) -> the soft prompt ``maker`` makes for them."""
+        def prompt(pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+            features = victim.image_features(pixels) if self.mode == "generator" and self.condition_on_image else None  # type: ignore[attr-defined]
+            return maker(prompts, features)
+
+        return prompt
+
+    def _train_continuous(self, victim: Victim, selection: tuple[dict[str, torch.Tensor], Pairs, list[Any], list[dict[str, Any]]],
+                          baseline: dict[str, float], progress: bool) -> tuple[torch.nn.Module, dict[str, Any]]:
+        """Adam on the joint clean/adversarial objective (module docstring); every ``select_every``
+        steps the checkpoint is scored on the held-out split, and the selection rule picks among
+        the checkpoints and no prompt."""
+        from tqdm.auto import tqdm
+
+        maker = self._new_maker(victim)
+        prompt_of = self._prompt_of(maker, victim)
+        pairs = make_pairs(victim, self._spec(victim, self.train_split, self.train_pairs_per_task), plugins=self.plugins,
+                           progress=progress)
+        halves = {"clean": [pairs.clean], "adversarial": [pairs.adversarial]}
+        if self._purifier is not None:  # behind the purifier the victim reads purified images
+            halves["clean"].append(self._purified(pairs.clean, 4))
+            halves["adversarial"].append(self._purified(pairs.adversarial, 3))
+        trainable = [p for p in maker.parameters() if p.requires_grad]
+        frozen_before = _digest_tensors(p for p in maker.parameters() if not p.requires_grad)
+        optimiser = torch.optim.Adam(trainable, lr=self.soft_lr)
+        generator = torch.Generator().manual_seed(self.seed)
+        images, select_pairs, tasks, lookup = selection
+        history: dict[str, list[float]] = {"clean": [], "adversarial": [], "objective": []}
+        checkpoints: dict[str, dict[str, torch.Tensor]] = {}
+        candidates: dict[str, dict[str, float]] = {"": baseline}
+        for step in tqdm(range(1, self.soft_steps + 1), desc=f"codefend-prompt {self.mode}", unit="step",
+                         disable=not progress, mininterval=1.0):
+            index = torch.randint(0, len(pairs), (self.batch_size,), generator=generator).tolist()
+            terms = {}
+            for half, sources in halves.items():
+                losses = []
+                for source in sources:
+                    for kind in sorted({pairs.kinds[i] for i in index}):
+                        rows = [i for i in index if pairs.kinds[i] == kind]
+                        pixels, prompts = source[rows].to(victim.device), [pairs.prompts[i] for i in rows]
+                        losses.append(victim.loss(  # type: ignore[call-arg]
+                            pixels, prompts, [pairs.targets[i] for i in rows], kind, soft_prompt=prompt_of(pixels, prompts),
+                        ).mean())
+                terms[half] = torch.stack(losses).mean()
+            loss = self.clean_weight * terms["clean"] + (1.0 - self.clean_weight) * terms["adversarial"]
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            for key, value in (("clean", terms["clean"]), ("adversarial", terms["adversarial"]), ("objective", loss)):
+                history[key].append(round(value.item(), 5))
+            if step % self.select_every == 0 or step == self.soft_steps:
+                name = f"step {step}"
+                checkpoints[name] = {k: v.cpu() for k, v in maker.trainable_state().items()}  # type: ignore[operator]
+                with torch.no_grad():
+                    candidates[name] = self._fitness(victim, images, select_pairs, tasks, lookup, prompt_of=prompt_of)
+        if _digest_tensors(p for p in maker.parameters() if not p.requires_grad) != frozen_before:
+            raise AssertionError("codefend-prompt: the generator's frozen base changed in training")
+        chosen = select(candidates, "", self.clean_tolerance)
+        kept = chosen or f"step {self.soft_steps}"
+        maker.load_trainable_state(checkpoints[kept])  # type: ignore[operator]
+        record: dict[str, Any] = {
+            "history": history, "candidates": _with_selection_keys(candidates, baseline, self.clean_tolerance),
+            "chosen": chosen or "no prompt", "use_prompt": bool(chosen) or self.always_use, "saved_checkpoint": kept,
+            "trainable_parameters": sum(p.numel() for p in trainable),
+            "frozen_parameters": sum(p.numel() for p in maker.parameters() if not p.requires_grad),
+        }
+        if self.mode == "generator":
+            with torch.no_grad():
+                record["generated_prefix"] = _prefix_spread(prompt_of, images["clean"], select_pairs, victim)
+        return maker, record
+
+    # -- selection --------------------------------------------------------------------------------
+    def _selection_set(self, victim: Victim, progress: bool) -> tuple[dict[str, torch.Tensor], Pairs, list[Any], list[dict[str, Any]]]:
         plugins = self.plugins
         pairs = make_pairs(victim, self._spec(victim, self.select_split, self.select_pairs_per_task), plugins=plugins,
                            progress=progress)
         tasks = [plugins.tasks.create(t.name, t.params) for t in self.train_tasks]
         lookup = [{s.id: s for s in task.samples(t.split or self.select_split, self.select_pairs_per_task, self.seed)}
                   for t, task in zip(self.train_tasks, tasks)]
-        return pairs, tasks, lookup
+        images = {"adversarial": self._purified(pairs.adversarial, 1), "clean": self._purified(pairs.clean, 2)}
+        return images, pairs, tasks, lookup
 
     def _fitness(self, victim: Victim, images: dict[str, torch.Tensor], pairs: Pairs, tasks: list[Any],
-                 lookup: list[dict[str, Any]], baseline: dict[str, float] | None, *, prefix: str = "",
-                 soft_prompt: torch.Tensor | None = None) -> dict[str, float]:
-        """Mean headline score per (task, condition) with this prompt; ``relative`` averages each
-        over the baseline's clean score."""
+                 lookup: list[dict[str, Any]], *, prefix: str = "",
+                 prompt_of: Callable[[torch.Tensor, Sequence[str]], torch.Tensor] | None = None) -> dict[str, float]:
+        """Mean headline score per ``task/condition`` with this prompt (a text prefix, or the soft
+        prompt ``prompt_of`` makes for each batch)."""
         scores: dict[str, float] = {}
         for t_index, task in enumerate(tasks):
             rows = [i for i, t in enumerate(pairs.task_index) if t == t_index]
             samples = [lookup[t_index][pairs.sample_ids[i]] for i in rows]
             prompts = [_prefixed(prefix, s.prompt) for s in samples]
-            kw = {"soft_prompt": soft_prompt} if soft_prompt is not None else {}
             for condition, pixels in images.items():
                 outputs = []
                 for start in range(0, len(rows), 128):
-                    batch = rows[start : start + 128]
-                    outputs += victim.generate(pixels[batch].to(victim.device), prompts[start : start + 128], task.kind, **kw)
+                    batch, batch_prompts = pixels[rows[start : start + 128]].to(victim.device), prompts[start : start + 128]
+                    kw = {"soft_prompt": prompt_of(batch, batch_prompts)} if prompt_of is not None else {}
+                    outputs += victim.generate(batch, batch_prompts, task.kind, **kw)
                 per_sample = task.score(outputs, samples)
                 scores[f"{task.name}/{condition}"] = sum(float(s[task.metric]) for s in per_sample) / max(1, len(samples))
-        reference = baseline or scores
-        relative = [
-            scores[key] / max(1e-9, reference[key.split("/")[0] + "/clean"]) for key in scores
-        ]
-        scores["relative"] = sum(relative) / len(relative)
         return scores
 
     def _optimise(self, victim: Victim, out: Path, *, progress: bool) -> None:
         started = time.perf_counter()
-        pairs, tasks, lookup = self._selection_set(victim, progress)
-        images = {"adversarial": self._purified(pairs.adversarial, 1), "clean": self._purified(pairs.clean, 2)}
-        baseline = self._fitness(victim, images, pairs, tasks, lookup, None)
-        record: dict[str, Any] = {"mode": self.mode, "baseline": baseline, "selection": pairs.record}
+        selection = self._selection_set(victim, progress)
+        images, pairs, tasks, lookup = selection
+        baseline = self._fitness(victim, images, pairs, tasks, lookup)
+        record: dict[str, Any] = {"mode": self.mode, "baseline": baseline, "selection": pairs.record,
+                                  "clean_tolerance": self.clean_tolerance, "always_use": self.always_use, "prefix": ""}
+        maker = None
         if self.mode == "search":
             record.update(self._search(victim, images, pairs, tasks, lookup, baseline, progress))
         else:
-            soft, soft_record = self._train_soft(victim, progress)
-            scored = self._fitness(victim, images, pairs, tasks, lookup, baseline, soft_prompt=soft)
-            record.update(soft_record)
-            record["soft_scores"] = scored
-            # selection: keep the soft prompt only if it beats no prompt on the held-out split
-            record["use_soft"] = scored["relative"] > baseline["relative"]
-            record["prefix"] = ""
+            maker, trained = self._train_continuous(victim, selection, baseline, progress)
+            record.update(trained)
         record["seconds"] = round(time.perf_counter() - started, 1)
         with publish_checkpoint(out) as scratch:
-            if self.mode == "soft":
+            if maker is not None:
                 from safetensors.torch import save_file
 
-                save_file({"soft_prompt": soft.detach().cpu().contiguous()}, str(scratch / "soft_prompt.safetensors"))
+                state = {k: v.detach().cpu().contiguous() for k, v in maker.trainable_state().items()}  # type: ignore[operator]
+                save_file(state, str(scratch / "prompt.safetensors"))
             (scratch / "prompt.json").write_text(json.dumps(record, indent=1))
 
     def _search(self, victim, images, pairs, tasks, lookup, baseline, progress) -> dict[str, Any]:
@@ -279,77 +448,27 @@ class CoDefendPrompt(PluginsUser, Defense):
         scored: dict[str, dict[str, float]] = {"": baseline}
         todo = [c for c in self.candidates if c not in scored]
         total = len(todo) + self.rounds * self.population
+
+        def rank(candidate: str) -> tuple[bool, float]:
+            return selection_key(scored[candidate], baseline, self.clean_tolerance)
+
         with tqdm(total=total, desc="codefend-prompt search", unit="prompt", disable=not progress) as bar:
             for candidate in todo:
-                scored[candidate] = self._fitness(victim, images, pairs, tasks, lookup, baseline, prefix=candidate)
+                scored[candidate] = self._fitness(victim, images, pairs, tasks, lookup, prefix=candidate)
                 bar.update(1)
             for _ in range(self.rounds):
-                ranked = sorted(scored, key=lambda c: (-scored[c]["relative"], c))
+                ranked = sorted(scored, key=lambda c: (not rank(c)[0], -rank(c)[1], c))
                 parents = ranked[: max(2, self.population // 2)]
                 for _ in range(self.population):
                     parent = parents[int(torch.randint(0, len(parents), (1,), generator=generator))]
                     other = parents[int(torch.randint(0, len(parents), (1,), generator=generator))]
                     child = mutations(parent, pool_words, other, generator)
                     if child not in scored:
-                        scored[child] = self._fitness(victim, images, pairs, tasks, lookup, baseline, prefix=child)
+                        scored[child] = self._fitness(victim, images, pairs, tasks, lookup, prefix=child)
                     bar.update(1)
-        best = max(sorted(scored), key=lambda c: scored[c]["relative"])
-        return {"prefix": best, "candidates": scored}
-
-    def _train_soft(self, victim: Victim, progress: bool) -> tuple[torch.Tensor, dict[str, Any]]:
-        from tqdm.auto import tqdm
-
-        if not hasattr(victim, "soft_prompt_dim"):
-            raise ValueError(
-                f"mode 'soft' needs a white-box victim that takes a soft_prompt (SoftPromptVictim); "
-                f"{getattr(victim, 'name', victim)!r} does not: use mode 'search'"
-            )
-        pairs = make_pairs(victim, self._spec(victim, self.train_split, self.train_pairs_per_task), plugins=self.plugins,
-                           progress=progress)
-        adversarial, clean = self._purified(pairs.adversarial, 3), self._purified(pairs.clean, 4)
-        generator = torch.Generator().manual_seed(self.seed)
-        soft = (0.02 * torch.randn(self.soft_tokens, victim.soft_prompt_dim, generator=generator)).to(victim.device)  # type: ignore[attr-defined]
-        initial = soft.clone()
-
-        def pairs_loss(prompt: torch.Tensor) -> float:
-            """Mean teacher-forced loss over every training pair, adversarial and clean."""
-            with torch.no_grad():
-                total = 0.0
-                for source in (adversarial, clean):
-                    for kind in sorted(set(pairs.kinds)):
-                        rows = [i for i, k in enumerate(pairs.kinds) if k == kind]
-                        for start in range(0, len(rows), 128):
-                            batch = rows[start : start + 128]
-                            total += victim.loss(  # type: ignore[call-arg]
-                                source[batch].to(victim.device), [pairs.prompts[i] for i in batch],
-                                [pairs.targets[i] for i in batch], kind, soft_prompt=prompt,
-                            ).sum().item()
-                return total / (2 * len(pairs))
-
-        soft.requires_grad_(True)
-        optimiser = torch.optim.Adam([soft], lr=self.soft_lr)
-        history = []
-        for _ in tqdm(range(self.soft_steps), desc="codefend-prompt soft", unit="step", disable=not progress, mininterval=1.0):
-            index = torch.randint(0, len(pairs), (32,), generator=generator).tolist()
-            losses = []
-            for source in (adversarial, clean):
-                for kind in sorted({pairs.kinds[i] for i in index}):
-                    rows = [i for i in index if pairs.kinds[i] == kind]
-                    losses.append(victim.loss(  # type: ignore[call-arg]
-                        source[rows].to(victim.device), [pairs.prompts[i] for i in rows], [pairs.targets[i] for i in rows],
-                        kind, soft_prompt=soft,
-                    ).mean())
-            loss = torch.stack(losses).mean()
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            history.append(round(loss.item(), 5))
-        return soft.detach(), {
-            "soft_history": history,
-            "soft_tokens": self.soft_tokens,
-            "soft_loss_before": pairs_loss(initial),
-            "soft_loss_after": pairs_loss(soft.detach()),
-        }
+        best = select(scored, "", self.clean_tolerance)
+        return {"prefix": best, "chosen": best or "no prompt", "use_prompt": bool(best),
+                "candidates": _with_selection_keys(scored, baseline, self.clean_tolerance)}
 
     # -- the defense contract -----------------------------------------------------------------
     def purify(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -360,8 +479,48 @@ class CoDefendPrompt(PluginsUser, Defense):
         return [_prefixed(prefix, p) for p in prompts]
 
     def soft_prompt(self) -> torch.Tensor | None:
-        return self.learned().get("soft_prompt") if self.mode == "soft" else None
+        maker = self.learned().get("maker")
+        return maker.soft_prompt if isinstance(maker, SoftPrefix) else None
 
+    def soft_prompts(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor | None:
+        """The generator's prefix for each (image, query), differentiable w.r.t. ``pixels``
+        (:class:`~harness.contracts.ConditionalPromptDefense`); None in the other modes."""
+        maker = self.learned().get("maker")
+        if self.mode != "generator" or maker is None:
+            return None
+        return self._prompt_of(maker, self._require_victim())(pixels, prompts)
+
+
+def _digest_tensors(tensors: Any) -> str:
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _with_selection_keys(candidates: dict[str, dict[str, float]], baseline: dict[str, float],
+                         clean_tolerance: float) -> dict[str, dict[str, Any]]:
+    """Each candidate's scores with what the selection rule read: admissible, and the adversarial
+    and clean scores relative to no prompt's clean score."""
+    out: dict[str, dict[str, Any]] = {}
+    tasks = sorted({key.split("/")[0] for key in baseline})
+    for name, scores in candidates.items():
+        admissible, adversarial = selection_key(scores, baseline, clean_tolerance)
+        clean = sum(scores[f"{t}/clean"] / max(1e-9, baseline[f"{t}/clean"]) for t in tasks) / len(tasks)
+        out[name] = {**scores, "admissible": admissible, "adversarial_relative": round(adversarial, 6),
+                     "clean_relative": round(clean, 6)}
+    return out
+
+
+def _prefix_spread(prompt_of: Callable[[torch.Tensor, Sequence[str]], torch.Tensor], clean: torch.Tensor,
+                   pairs: Pairs, victim: Victim) -> dict[str, float]:
+    """What the generator learned: how far its prefixes differ between held-out samples (mean
+    distance to their mean, over the mean's norm), and how far from its query-independent part."""
+    count = min(64, len(pairs))
+    made = prompt_of(clean[:count].to(victim.device), pairs.prompts[:count])
+    centre = made.mean(dim=0, keepdim=True)
+    return {"prefix_norm": round(float(centre.norm()), 6),
+            "spread_over_norm": round(float((made - centre).flatten(1).norm(dim=1).mean() / centre.norm().clamp(min=1e-9)), 6)}
 
 def _prefixed(prefix: str, prompt: str) -> str:
     return f"{prefix} {prompt}".strip() if prefix else prompt

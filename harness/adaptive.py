@@ -7,6 +7,10 @@ How the gradient gets through the defense is the defense's own declaration:
   pass runs the real defense, the backward pass treats it as the identity.
 - ``bpda = "approximate"``: BPDA through the defense's ``approximate(pixels)``, a differentiable
   stand-in with the same forward behaviour.
+- a prompt made per sample (:class:`~harness.contracts.ConditionalPromptDefense`: CoDefend's prefix
+  generator) is made from each draw's purified pixels inside the graph: the attacker knows the
+  generator, and the gradient reaches the pixels through the purifier, the victim's image encoder
+  and the prompt alike.
 - ``stochastic = True``: EOT — the loss is averaged over ``eot`` independent draws of the defense.
   The draws run as one batch (the images tiled ``eot`` times): one purification and one victim
   pass per step instead of ``eot``, with independent noise per copy, so the average is exact.
@@ -22,7 +26,7 @@ from typing import Any, Sequence
 
 import torch
 
-from harness.contracts import BPDAApproximation, Defense, SurrogateProcessDefense, TaskKind, Victim, check_defense_declarations
+from harness.contracts import BPDAApproximation, ConditionalPromptDefense, Defense, SurrogateProcessDefense, TaskKind, Victim, check_defense_declarations
 
 
 @dataclass
@@ -59,9 +63,16 @@ def gradient_route(defense: Defense, eot: int | None, surrogate_steps: int | Non
     return GradientRoute(method=method, eot=max(1, draws), surrogate=surrogate)
 
 
-def soft_prompt_kwargs(defense: Defense) -> dict[str, Any]:
+def soft_prompt_kwargs(defense: Defense, pixels: torch.Tensor, prompts: Sequence[str]) -> dict[str, Any]:
     """``{"soft_prompt": ...}`` for a defense with a soft prompt, else nothing (victims without
-    soft-prompt support never see the keyword)."""
+    soft-prompt support never see the keyword). ``pixels`` are what the victim reads with
+    ``prompts`` (the purified images, the rewritten prompts): a
+    :class:`~harness.contracts.ConditionalPromptDefense` makes one prompt per sample from them,
+    differentiably, so an adaptive attack's gradient also flows through the prompt."""
+    if isinstance(defense, ConditionalPromptDefense):
+        per_sample = defense.soft_prompts(pixels, prompts)
+        if per_sample is not None:
+            return {"soft_prompt": per_sample}
     soft = defense.soft_prompt()
     return {} if soft is None else {"soft_prompt": soft}
 
@@ -93,7 +104,6 @@ class DefendedTarget:
 
     def loss(self, pixels: torch.Tensor, prompts: Sequence[str], targets: Sequence[str], kind: TaskKind) -> torch.Tensor:
         prompts = self.defense.rewrite(prompts)
-        extra = soft_prompt_kwargs(self.defense)
         n, draws = pixels.shape[0], self.route.eot
         per_call = min(draws, self.eot_batch or draws)
         total = pixels.new_zeros(n)
@@ -102,7 +112,9 @@ class DefendedTarget:
             k = min(per_call, draws - done)
             # k copies of every image, each purified with its own noise: k EOT draws in one batch
             tiled = pixels.repeat(k, 1, 1, 1) if k > 1 else pixels
-            losses = self.victim.loss(self._purify(tiled), list(prompts) * k, list(targets) * k, kind, **extra)
+            purified = self._purify(tiled)
+            extra = soft_prompt_kwargs(self.defense, purified, list(prompts) * k)
+            losses = self.victim.loss(purified, list(prompts) * k, list(targets) * k, kind, **extra)
             total = total + losses.view(k, n).sum(dim=0)
             done += k
         return total / draws
@@ -110,4 +122,5 @@ class DefendedTarget:
     def generate(self, pixels: torch.Tensor, prompts: Sequence[str], kind: TaskKind) -> list[str]:
         with torch.no_grad():
             purified = self.defense.purify(pixels, self.generator)
-        return self.victim.generate(purified, self.defense.rewrite(prompts), kind, **soft_prompt_kwargs(self.defense))
+            prompts = self.defense.rewrite(prompts)
+            return self.victim.generate(purified, prompts, kind, **soft_prompt_kwargs(self.defense, purified, prompts))

@@ -155,9 +155,52 @@ class ImageFeatureVictim(Protocol):
 class SoftPromptVictim(Protocol):
     """A white-box victim whose ``generate`` and ``loss`` also take ``soft_prompt``: a
     [tokens, soft_prompt_dim] tensor of embeddings the victim inserts into its text input (where
-    is the victim's choice, the same in both), differentiable in ``loss``."""
+    is the victim's choice, the same in both), or [B, tokens, soft_prompt_dim], one prompt per
+    sample; differentiable in ``loss``."""
 
     soft_prompt_dim: int
+
+
+@runtime_checkable
+class QueryEncoder(Protocol):
+    """A frozen copy of a victim's text model that reads each query and ``slots`` after it, and
+    returns its hidden states at the slots: the base a prefix generator puts LoRA adapters on.
+    It is a ``torch.nn.Module`` whose parameters start frozen; ``lora_targets`` names its
+    submodules an adapter may wrap (peft ``target_modules``)."""
+
+    lora_targets: tuple[str, ...]
+
+    def __call__(self, prompts: Sequence[str], slots: torch.Tensor,
+                 image_features: torch.Tensor | None) -> torch.Tensor:
+        """``prompts`` (B texts, read with the victim's own template), ``slots`` [T, D] and the
+        victim's ``image_features`` of the images or None -> [B, T, D], differentiable w.r.t.
+        ``slots``, ``image_features`` and any adapter."""
+        ...
+
+
+@runtime_checkable
+class QueryEncoderVictim(Protocol):
+    """A :class:`SoftPromptVictim` that lends its text model as a prefix generator's base."""
+
+    soft_prompt_dim: int
+
+    def query_encoder(self) -> QueryEncoder:
+        """A new, frozen copy (the victim's own weights are never trained through it)."""
+        ...
+
+
+@runtime_checkable
+class ConditionalPromptDefense(Protocol):
+    """A defense whose soft prompt depends on each sample: its query, and the image the victim
+    sees (CoDefend's prefix generator). Everything that sends a defense's prompt to a victim
+    (evaluation, every N-draw draw, the adaptive attack's loss) calls ``soft_prompts`` with the
+    purified pixels of that very call, so an adaptive attack differentiates through it."""
+
+    def soft_prompts(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor | None:
+        """[B,3,H,W] pixels the victim will read and their B (rewritten) prompts ->
+        [B, tokens, dim] soft prompts, differentiable w.r.t. ``pixels``; None: no soft prompt
+        (then :meth:`Defense.soft_prompt` applies)."""
+        ...
 
 
 @runtime_checkable

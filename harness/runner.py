@@ -362,7 +362,11 @@ def _defend(chunk: Chunk, victim: Victim, task: Task, defense: Any, adversarial:
             generator: torch.Generator) -> _Defended:
     cell = chunk.cell
     defended_prompts = defense.rewrite([s.prompt for s in chunk.samples])
-    soft_prompt = soft_prompt_kwargs(defense)
+
+    def generated(purified: torch.Tensor) -> list[str]:
+        with torch.no_grad():  # a per-sample prompt is made from the very pixels the victim reads
+            return victim.generate(purified, defended_prompts, task.kind,
+                                   **soft_prompt_kwargs(defense, purified, defended_prompts))
 
     def purified_by(generator: torch.Generator) -> torch.Tensor:
         with torch.no_grad():
@@ -374,14 +378,13 @@ def _defend(chunk: Chunk, victim: Victim, task: Task, defense: Any, adversarial:
     _synchronise(adversarial.device)
     seconds_per_image = (time.perf_counter() - started) / len(chunk.samples)
     started = time.perf_counter()
-    outputs = victim.generate(purified, defended_prompts, task.kind, **soft_prompt)
+    outputs = generated(purified)
     _synchronise(purified.device)
     generate_seconds = (time.perf_counter() - started) / len(chunk.samples)
     # N-draw evaluation (DiffHammer's resubmission): independent purifications of the same images
     draws = cell.attack.draws if defense.stochastic else 1
     draw_outputs = [outputs] + [
-        victim.generate(purified_by(torch.Generator().manual_seed(_defense_seed(chunk, "draw", j))),
-                        defended_prompts, task.kind, **soft_prompt)
+        generated(purified_by(torch.Generator().manual_seed(_defense_seed(chunk, "draw", j))))
         for j in range(1, draws)
     ]
     sent = ([victim.prompt_text(p, task.kind) for p in defended_prompts] if isinstance(victim, TemplatedVictim)

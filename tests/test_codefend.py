@@ -15,7 +15,7 @@ import torch
 from defenses import purifier as purifier_module
 from defenses.codefend import CoDefend
 from defenses.diffusion import PixelDiffusion
-from defenses.prompt import CoDefendPrompt
+from defenses.prompt import CoDefendPrompt, select, selection_key
 from defenses.purifier import (
     CoDefendPurifier,
     PurifierTraining,
@@ -251,13 +251,30 @@ def _prompt_params(**overrides) -> dict:
             "train_pairs_per_task": 48, "rounds": 1, "population": 2, "soft_steps": 20, **overrides}
 
 
+def test_selection_never_trades_clean_accuracy_for_robustness() -> None:
+    baseline = {"vqav2/clean": 0.90, "vqav2/adversarial": 0.40}
+    candidates = {
+        "": baseline,
+        "robust but costly": {"vqav2/clean": 0.85, "vqav2/adversarial": 0.80},  # -5.6% clean: inadmissible
+        "a little better": {"vqav2/clean": 0.895, "vqav2/adversarial": 0.50},  # -0.6% clean: within 1%
+        "worse": {"vqav2/clean": 0.95, "vqav2/adversarial": 0.30},
+    }
+    assert select(candidates, "", 0.01) == "a little better"
+    assert select(candidates, "", 0.10) == "robust but costly"
+    assert select({"": baseline, "worse": candidates["worse"]}, "", 0.01) == ""
+    assert selection_key(candidates["robust but costly"], baseline, 0.01) == (False, pytest.approx(0.80 / 0.90))
+
+
 def test_prompt_search_never_picks_a_prefix_worse_than_none(tiny_victim) -> None:
     defense = CoDefendPrompt(**_prompt_params(candidates=["look at the image", "zzz qqq"]))
     defense.bind(tiny_victim)
     record = defense.train(progress=False)
-    scores = {c: s["relative"] for c, s in record["candidates"].items()}
-    assert "" in scores and len(scores) >= 3
-    assert scores[record["prefix"]] == max(scores.values()) >= scores[""]
+    candidates = record["candidates"]
+    assert "" in candidates and len(candidates) >= 3
+    chosen = candidates[record["prefix"]]
+    assert chosen["admissible"]
+    assert chosen["adversarial_relative"] == max(c["adversarial_relative"] for c in candidates.values() if c["admissible"])
+    assert chosen["adversarial_relative"] >= candidates[""]["adversarial_relative"]
     rewritten = defense.rewrite(["what colour is the shape?"])
     assert rewritten == [f"{record['prefix']} what colour is the shape?".strip()]
     assert defense.soft_prompt() is None
@@ -275,14 +292,130 @@ def test_soft_prompt_is_trained_and_threaded_through_loss_and_generate(tiny_vict
     (grad,) = torch.autograd.grad(tiny_victim.loss(pixels, prompts, targets, "vqa", soft_prompt=soft).sum(), soft)
     assert grad.abs().sum() > 0
 
-    defense = CoDefendPrompt(**_prompt_params(mode="soft", soft_steps=60, soft_lr=0.03))
+    defense = CoDefendPrompt(**_prompt_params(mode="soft", soft_steps=60, soft_lr=0.03, select_every=30))
     defense.bind(tiny_victim)
     record = defense.train(progress=False)
-    assert len(record["soft_history"]) == 60
-    assert record["soft_loss_after"] < record["soft_loss_before"], record  # over all training pairs
-    # kept only if it beat no prompt on the held-out selection split
-    assert record["use_soft"] == (record["soft_scores"]["relative"] > record["baseline"]["relative"])
-    assert (defense.soft_prompt() is not None) == record["use_soft"]
+    assert len(record["history"]["objective"]) == 60
+    assert sum(record["history"]["objective"][-10:]) < sum(record["history"]["objective"][:10]), record["history"]
+    # the selection rule chose among no prompt and the two checkpoints, on the held-out split
+    assert set(record["candidates"]) == {"", "step 30", "step 60"}
+    chosen = record["candidates"][record["chosen"] if record["use_prompt"] else ""]
+    assert chosen["admissible"]
+    assert (defense.soft_prompt() is not None) == record["use_prompt"]
+
+
+# -- the prefix generator (mode: generator) -----------------------------------------------------------
+
+
+def _generator_params(**overrides) -> dict:
+    # served whatever the selection rule says, so that the tiny victim's generator is exercised
+    return _prompt_params(mode="generator", soft_steps=40, soft_lr=0.01, select_every=40, always_use=True, **overrides)
+
+
+@pytest.fixture(scope="module")
+def generator_defense(tiny_victim) -> CoDefendPrompt:
+    defense = CoDefendPrompt(**_generator_params())
+    defense.bind(tiny_victim)
+    return defense
+
+
+def test_generator_trains_only_its_lora_weights(tiny_victim) -> None:
+    from defenses.prefix_generator import PrefixGenerator
+
+    victim_before = {k: v.clone() for k, v in tiny_victim.model.state_dict().items()}
+    defense = CoDefendPrompt(**_generator_params(seed=1))
+    untrained = PrefixGenerator(tiny_victim.query_encoder(), tokens=4, dim=tiny_victim.soft_prompt_dim, rank=4,
+                                alpha=8.0, seed=1)
+    base_before = {k: v.clone() for k, v in untrained.frozen_state().items()}
+    defense.bind(tiny_victim)
+    record = defense.train(progress=False)
+    trained = defense.learned()["maker"]
+    assert record["use_prompt"] and record["mode"] == "generator"
+    assert all(torch.equal(victim_before[k], v) for k, v in tiny_victim.model.state_dict().items())  # victim frozen
+    after = dict(trained.named_parameters())
+    assert base_before and all(torch.equal(v, after[k]) for k, v in base_before.items())  # base frozen
+    lora = [k for k in after if "lora_" in k]
+    assert lora and all(k in trained.trainable_state() for k in lora)
+    changed = [k for k in lora if not torch.equal(after[k], dict(untrained.named_parameters())[k])]
+    assert len(changed) == len(lora), set(lora) - set(changed)  # every adapter trained
+    assert 0 < record["trainable_parameters"] < record["frozen_parameters"]
+
+
+def test_generator_prefix_changes_with_the_query_and_the_image(generator_defense, tiny_victim) -> None:
+    pixels = torch.rand(1, 3, 32, 32, generator=_gen(0)).repeat(2, 1, 1, 1)
+    made = generator_defense.soft_prompts(pixels, ["what colour is the shape?", "how many shapes are there?"])
+    assert made.shape == (2, 4, tiny_victim.soft_prompt_dim)
+    assert (made[0] - made[1]).abs().max() > 1e-4  # same image, other query: another prefix
+    other_image = generator_defense.soft_prompts(torch.rand(1, 3, 32, 32, generator=_gen(1)), ["what colour is the shape?"])
+    assert (made[0] - other_image[0]).abs().max() > 1e-5  # same query, other image
+    assert generator_defense.soft_prompt() is None  # not one shared prompt
+
+
+def test_a_cached_generator_is_reused(generator_defense, tiny_victim, monkeypatch) -> None:
+    pixels = torch.rand(2, 3, 32, 32, generator=_gen(2))
+    prompts = ["what colour is the shape?", "what shape is it?"]
+    before = generator_defense.soft_prompts(pixels, prompts)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached generator was trained again")
+
+    monkeypatch.setattr(CoDefendPrompt, "_train_continuous", no_training)
+    again = CoDefendPrompt(**_generator_params())
+    again.bind(tiny_victim)
+    assert torch.equal(again.soft_prompts(pixels, prompts), before)
+
+
+def test_generator_mode_on_a_victim_without_a_text_model_says_what_to_do() -> None:
+    class BlackBox:
+        name = "api-model"
+        device = torch.device("cpu")
+        fingerprint = "api"
+
+    with pytest.raises(ValueError, match="QueryEncoderVictim.*use mode 'search'"):
+        CoDefendPrompt(**_generator_params())._new_maker(BlackBox())  # type: ignore[arg-type]
+
+
+def test_adaptive_gradient_reaches_the_pixels_through_purifier_and_prompt(trained, tiny_victim, tiny_ddpm_params,
+                                                                          generator_defense, vqa_task) -> None:
+    defense = CoDefend(purifier=_params(tiny_ddpm_params), prompt=_generator_params())
+    defense.bind(tiny_victim)
+    assert defense.prompt.learned()["use_prompt"]
+    samples = vqa_task.samples("val", 3, 0)
+    prompts, targets = [s.prompt for s in samples], [vqa_task.attack_targets(s)[0] for s in samples]
+    pixels = tiny_victim.prepare([s.image for s in samples])
+    purified_seen: list[torch.Tensor] = []
+    prompt_inputs: list[torch.Tensor] = []
+    real_purify, real_soft_prompts = defense.purifier.purify, defense.prompt.soft_prompts
+
+    def purify(x, generator):
+        out = real_purify(x, generator)
+        purified_seen.append(out)
+        return out
+
+    def soft_prompts(x, p):
+        prompt_inputs.append(x)
+        return real_soft_prompts(x, p)
+
+    defense.purifier.purify = purify  # type: ignore[method-assign]
+    defense.prompt.soft_prompts = soft_prompts  # type: ignore[method-assign]
+    route = gradient_route(defense, 2)
+    target = DefendedTarget(tiny_victim, defense, route, _gen(0))
+
+    def gradient(through_prompt: bool) -> torch.Tensor:
+        x = pixels.clone().requires_grad_(True)
+        if not through_prompt:  # the same loss with the prompt's input cut from the graph
+            defense.prompt.soft_prompts = lambda y, p: real_soft_prompts(y.detach(), p)  # type: ignore[method-assign]
+        loss = target.loss(x, prompts, targets, "vqa")
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        return grad
+
+    full = gradient(through_prompt=True)
+    # the prompt was made from the purified pixels, inside the graph
+    assert prompt_inputs and prompt_inputs[0] is purified_seen[0] and prompt_inputs[0].requires_grad
+    cut = gradient(through_prompt=False)
+    assert torch.isfinite(full).all() and full.abs().sum() > 0 and cut.abs().sum() > 0
+    # the prompt's path carries part of the gradient: cutting it changes what reaches the pixels
+    assert (full - cut).abs().sum() > 1e-3 * full.abs().sum()
 
 
 def test_codefend_combines_purifier_and_prompt(trained, tiny_victim, tiny_ddpm_params) -> None:

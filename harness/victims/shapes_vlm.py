@@ -257,11 +257,12 @@ class ShapesVLM(PluginsUser):
         return int(self.model.decoder.get_input_embeddings().embedding_dim)
 
     def _decoder_embeds(self, input_ids: torch.Tensor, soft_prompt: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Decoder inputs with ``soft_prompt`` inserted right after [BOS]. The soft tokens share
-        [BOS]'s position, so every real token keeps the position it had in training."""
+        """Decoder inputs with ``soft_prompt`` ([T, D] shared, or [B, T, D] per sample) inserted
+        right after [BOS]. The soft tokens share [BOS]'s position, so every real token keeps the
+        position it had in training."""
         embeds = self.model.decoder.get_input_embeddings()(input_ids)
-        soft = soft_prompt.to(embeds.dtype).unsqueeze(0).expand(input_ids.shape[0], -1, -1)
-        m, width = soft_prompt.shape[0], input_ids.shape[1]
+        soft = _per_sample_soft_prompt(soft_prompt, input_ids.shape[0]).to(embeds.dtype)
+        m, width = soft.shape[1], input_ids.shape[1]
         positions = torch.cat([torch.zeros(m + 1, dtype=torch.long), torch.arange(1, width)]).to(input_ids.device)
         return {
             "decoder_inputs_embeds": torch.cat([embeds[:, :1], soft, embeds[:, 1:]], dim=1),
@@ -280,7 +281,7 @@ class ShapesVLM(PluginsUser):
                 pixel_values=self._normalise(pixels), decoder_input_ids=input_ids, decoder_attention_mask=attention
             ).logits
             return _per_sample_cross_entropy(logits, labels)
-        m = soft_prompt.shape[0]
+        m = soft_prompt.shape[-2]
         logits = self.model(
             pixel_values=self._normalise(pixels),
             **self._decoder_embeds(input_ids, soft_prompt),
@@ -316,7 +317,8 @@ class ShapesVLM(PluginsUser):
                     pad_token_id=self.tokenizer.pad_token_id,
                 )
             else:
-                generated = self._greedy_with_soft_prompt(normalised[indices], prefix, soft_prompt)
+                own = _per_sample_soft_prompt(soft_prompt, len(prompts))[indices]
+                generated = self._greedy_with_soft_prompt(normalised[indices], prefix, own)
             texts = self.tokenizer.batch_decode(generated[:, prefix.shape[1] :], skip_special_tokens=True)
             for i, text in zip(indices, texts):
                 outputs[i] = text.strip()
@@ -340,6 +342,11 @@ class ShapesVLM(PluginsUser):
                 break
         return ids
 
+    def query_encoder(self) -> "ShapesQueryEncoder":
+        """A frozen copy of the decoder (GPT-2 with cross-attention to the image tokens): the base
+        of CoDefend's prefix generator (:class:`~harness.contracts.QueryEncoderVictim`)."""
+        return ShapesQueryEncoder(self)
+
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Every encoder token the decoder cross-attends to, [B, tokens, D] (differentiable)."""
         return self.model.encoder(pixel_values=self._normalise(pixels)).last_hidden_state
@@ -347,6 +354,49 @@ class ShapesVLM(PluginsUser):
     def embed_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """Mean-pooled encoder features, for feature-space attacks and alignment losses."""
         return self.image_features(pixels).mean(dim=1)
+
+
+def _per_sample_soft_prompt(soft_prompt: torch.Tensor, batch: int) -> torch.Tensor:
+    """[T, D] -> [batch, T, D] (one prompt for all); [batch, T, D] as it is."""
+    if soft_prompt.dim() == 2:
+        return soft_prompt.unsqueeze(0).expand(batch, -1, -1)
+    if soft_prompt.dim() != 3 or soft_prompt.shape[0] != batch:
+        raise ValueError(f"soft_prompt must be [tokens, dim] or [{batch}, tokens, dim] for {batch} prompts, "
+                         f"got {tuple(soft_prompt.shape)}")
+    return soft_prompt
+
+
+class ShapesQueryEncoder(torch.nn.Module):
+    """shapes-vlm's decoder transformer, copied and frozen, reading ``[BOS] query [SEP]`` then the
+    slots (left-padded, so every sample's slots end the sequence) and cross-attending to the image
+    tokens when given; returns the final hidden states at the slots, [B, T, D]."""
+
+    lora_targets = ("c_attn", "q_attn", "c_proj", "c_fc")
+
+    def __init__(self, victim: "ShapesVLM"):
+        import copy
+
+        super().__init__()
+        self.transformer = copy.deepcopy(victim.model.decoder.transformer)
+        for p in self.transformer.parameters():
+            p.requires_grad_(False)
+        self._prompt_ids = victim._prompt_ids
+        self._pad = int(victim.tokenizer.pad_token_id)
+
+    def forward(self, prompts: Sequence[str], slots: torch.Tensor,
+                image_features: torch.Tensor | None) -> torch.Tensor:
+        ids = [self._prompt_ids(p) for p in prompts]
+        width, device = max(len(i) for i in ids), slots.device
+        input_ids = torch.full((len(ids), width), self._pad, dtype=torch.long, device=device)
+        mask = torch.zeros((len(ids), width + slots.shape[0]), dtype=torch.long, device=device)
+        for row, seq in enumerate(ids):
+            input_ids[row, width - len(seq):] = torch.tensor(seq, device=device)
+            mask[row, width - len(seq):] = 1
+        embeds = torch.cat([self.transformer.wte(input_ids), slots.unsqueeze(0).expand(len(ids), -1, -1)], dim=1)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        hidden = self.transformer(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                  encoder_hidden_states=image_features).last_hidden_state
+        return hidden[:, width:]
 
 
 def _teacher_forcing_batch(
