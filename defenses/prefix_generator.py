@@ -48,7 +48,7 @@ class PrefixGenerator(torch.nn.Module):
                 self.base = inject_adapter_in_model(config, base)  # type: ignore[arg-type]
         generator = torch.Generator().manual_seed(seed)
         self.slots = torch.nn.Parameter(0.02 * torch.randn(tokens, dim, generator=generator))
-        self.prefix = torch.nn.Parameter(0.02 * torch.randn(tokens, dim, generator=generator))
+        self.prefix = torch.nn.Parameter(base.neutral_prefix(tokens).clone())
         self.head = torch.nn.Linear(dim, dim)
         torch.nn.init.zeros_(self.head.weight)
         torch.nn.init.zeros_(self.head.bias)

@@ -19,11 +19,16 @@ Two modes:
   with ``condition_on_image``, from the image the victim sees. A black-box victim has no soft
   input: the mode is then an error that says to use ``search``.
 
-``soft`` and ``generator`` train by gradient descent (Adam, ``soft_steps`` steps of ``lr``) on a
-joint objective over the *training* pairs: ``clean_weight`` × the teacher-forced loss of the
-reference answers on clean images + (1 − ``clean_weight``) × the same on adversarial images; with a
-``purifier`` (inside ``codefend``) each half also has the purified images, which are what the
-victim sees behind it. Every ``select_every`` steps the prompt is scored on the held-out split.
+``soft`` and ``generator`` train by gradient descent (Adam, ``soft_steps`` steps of ``soft_lr``)
+on a joint objective over the *training* pairs: ``clean_weight`` × the teacher-forced loss of the
+reference answers on clean images + (1 − ``clean_weight``) × the same on adversarial images. With a
+``purifier`` (inside ``codefend``) both halves are the *purified* images, which are all the victim
+ever reads behind it, and the adversarial half also has ``adaptive_pairs_per_task`` pairs per task
+made by the train attacks *through* the purifier (EOT ``adaptive_pairs_eot``): the purifier repairs
+nearly every oblivious pair (their purified loss is within 0.01 nats of clean on shapes-vlm), so
+those carry almost no signal, while adaptive ones are what the standard adaptive attack sends. The
+raw adversarial images are left out there: as a training term they cost the held-out clean score
+3-10 points on shapes-vlm. Every ``select_every`` steps the prompt is scored on the held-out split.
 
 **Selection** (every mode, on ``select_split``): a candidate (a prefix, or a training checkpoint)
 is *admissible* when, on every task, its clean score is at least (1 − ``clean_tolerance``) × the
@@ -143,9 +148,9 @@ class CoDefendPrompt(PluginsUser, Defense):
         candidates: list[str] | None = None,
         rounds: Annotated[int, Field(ge=0)] = 3,
         population: Annotated[int, Field(ge=1)] = 6,
-        soft_tokens: Annotated[int, Field(ge=1)] = 4,
+        soft_tokens: Annotated[int, Field(ge=1)] | None = None,
         soft_steps: Annotated[int, Field(ge=1)] = 300,
-        soft_lr: Annotated[float, Field(gt=0.0)] = 0.003,
+        soft_lr: Annotated[float, Field(gt=0.0)] | None = None,
         lora_rank: Annotated[int, Field(ge=1)] = 4,
         lora_alpha: Annotated[float, Field(gt=0.0)] = 8.0,
         condition_on_image: bool = True,
@@ -154,6 +159,8 @@ class CoDefendPrompt(PluginsUser, Defense):
         select_every: Annotated[int, Field(ge=1)] = 100,
         batch_size: Annotated[int, Field(ge=1)] = 32,
         always_use: bool = False,
+        adaptive_pairs_per_task: Annotated[int, Field(ge=0)] = 300,
+        adaptive_pairs_eot: Annotated[int, Field(ge=1)] = 2,
         train_attacks: list[Any] | None = None,
         train_tasks: list[dict[str, Any]] | None = None,
         train_split: str = "train",
@@ -169,7 +176,13 @@ class CoDefendPrompt(PluginsUser, Defense):
         if "" not in self.candidates:
             self.candidates = ("",) + self.candidates
         self.rounds, self.population = rounds, population
-        self.soft_tokens, self.soft_steps, self.soft_lr = soft_tokens, soft_steps, soft_lr
+        # soft: 4 tokens at 3e-3 (as before); generator: 1 token (a neutral [BOS]-like token costs
+        # shapes-vlm nothing, four cost it 0.6 points) at 3e-4 (at 1e-3 its prefix left the
+        # embeddings' scale, norm 6-16 against 0.74, and cost 4-10 points held-out)
+        self.soft_tokens = soft_tokens if soft_tokens is not None else (1 if mode == "generator" else 4)
+        self.soft_steps = soft_steps
+        self.soft_lr = soft_lr if soft_lr is not None else (3e-4 if mode == "generator" else 3e-3)
+        self.adaptive_pairs_per_task, self.adaptive_pairs_eot = adaptive_pairs_per_task, adaptive_pairs_eot
         self.lora_rank, self.lora_alpha, self.condition_on_image = lora_rank, lora_alpha, condition_on_image
         self.clean_weight, self.clean_tolerance = clean_weight, clean_tolerance
         self.select_every, self.batch_size = select_every, batch_size
@@ -204,7 +217,9 @@ class CoDefendPrompt(PluginsUser, Defense):
             run=functools.partial(_prepare_prompt, dict(self.params)), needs_victim=True,
             after=tuple(p.key for p in before if p.needs_victim),
             cost=20.0 * pairs + (2.0 * pairs * self.rounds * self.population if self.mode == "search"
-                                 else 12.0 * self.soft_steps * self.batch_size),
+                                 else 12.0 * self.soft_steps * self.batch_size)
+            + (60.0 * self.adaptive_pairs_eot * self.adaptive_pairs_per_task * len(self.train_tasks)
+               if self.mode != "search" and self._purifier is not None else 0.0),
         )
         return [*before, learned]
 
@@ -243,6 +258,8 @@ class CoDefendPrompt(PluginsUser, Defense):
                          self.clean_weight, self.select_every, self.batch_size]
                 if self.mode != "search" else None,
                 "generator": [self.lora_rank, self.lora_alpha, self.condition_on_image] if self.mode == "generator" else None,
+                "adaptive_pairs": [self.adaptive_pairs_per_task, self.adaptive_pairs_eot]
+                if self.mode != "search" and self._purifier is not None else None,
                 "clean_tolerance": self.clean_tolerance, "always_use": self.always_use,
                 "attacks": [a.model_dump() for a in self.train_attacks],
                 "tasks": [t.model_dump() for t in self.train_tasks],
@@ -334,10 +351,34 @@ class CoDefendPrompt(PluginsUser, Defense):
         prompt_of = self._prompt_of(maker, victim)
         pairs = make_pairs(victim, self._spec(victim, self.train_split, self.train_pairs_per_task), plugins=self.plugins,
                            progress=progress)
-        halves = {"clean": [pairs.clean], "adversarial": [pairs.adversarial]}
-        if self._purifier is not None:  # behind the purifier the victim reads purified images
-            halves["clean"].append(self._purified(pairs.clean, 4))
-            halves["adversarial"].append(self._purified(pairs.adversarial, 3))
+        halves: dict[str, list[tuple[torch.Tensor, Pairs]]] = {"clean": [(pairs.clean, pairs)],
+                                                                 "adversarial": [(pairs.adversarial, pairs)]}
+        if self._purifier is not None:  # behind the purifier the victim reads only purified images
+            halves = {"clean": [(self._purified(pairs.clean, 4), pairs)],
+                      "adversarial": [(self._purified(pairs.adversarial, 3), pairs)]}
+            if self.adaptive_pairs_per_task:
+                adaptive = self._adaptive_pairs(victim, progress)
+                halves["adversarial"].append((self._purified(adaptive.adversarial, 5), adaptive))
+        def objective() -> float:
+            """The joint objective over every training pair (the training curve samples batches)."""
+            means = {}
+            with torch.no_grad():
+                for half, sources in halves.items():
+                    total, count = 0.0, 0
+                    for source, source_pairs in sources:
+                        for kind in sorted(set(source_pairs.kinds)):
+                            rows = [i for i, k in enumerate(source_pairs.kinds) if k == kind]
+                            for start in range(0, len(rows), 128):
+                                batch = rows[start : start + 128]
+                                pixels, prompts = source[batch].to(victim.device), [source_pairs.prompts[i] for i in batch]
+                                total += victim.loss(  # type: ignore[call-arg]
+                                    pixels, prompts, [source_pairs.targets[i] for i in batch], kind,
+                                    soft_prompt=prompt_of(pixels, prompts)).sum().item()
+                                count += len(batch)
+                    means[half] = total / max(1, count)
+            return round(self.clean_weight * means["clean"] + (1.0 - self.clean_weight) * means["adversarial"], 6)
+
+        objective_before = objective()
         trainable = [p for p in maker.parameters() if p.requires_grad]
         frozen_before = _digest_tensors(p for p in maker.parameters() if not p.requires_grad)
         optimiser = torch.optim.Adam(trainable, lr=self.soft_lr)
@@ -346,18 +387,24 @@ class CoDefendPrompt(PluginsUser, Defense):
         history: dict[str, list[float]] = {"clean": [], "adversarial": [], "objective": []}
         checkpoints: dict[str, dict[str, torch.Tensor]] = {}
         candidates: dict[str, dict[str, float]] = {"": baseline}
+        # the untrained prompt is a checkpoint too (the generator's starts query-independent, at
+        # the victim's neutral prefix): the record says whether training improved on it
+        checkpoints["step 0"] = {k: v.cpu() for k, v in maker.trainable_state().items()}  # type: ignore[operator]
+        with torch.no_grad():
+            candidates["step 0"] = self._fitness(victim, images, select_pairs, tasks, lookup, prompt_of=prompt_of)
         for step in tqdm(range(1, self.soft_steps + 1), desc=f"codefend-prompt {self.mode}", unit="step",
                          disable=not progress, mininterval=1.0):
-            index = torch.randint(0, len(pairs), (self.batch_size,), generator=generator).tolist()
             terms = {}
             for half, sources in halves.items():
                 losses = []
-                for source in sources:
-                    for kind in sorted({pairs.kinds[i] for i in index}):
-                        rows = [i for i in index if pairs.kinds[i] == kind]
-                        pixels, prompts = source[rows].to(victim.device), [pairs.prompts[i] for i in rows]
+                for source, source_pairs in sources:
+                    index = torch.randint(0, len(source_pairs), (self.batch_size,), generator=generator).tolist()
+                    for kind in sorted({source_pairs.kinds[i] for i in index}):
+                        rows = [i for i in index if source_pairs.kinds[i] == kind]
+                        pixels, prompts = source[rows].to(victim.device), [source_pairs.prompts[i] for i in rows]
                         losses.append(victim.loss(  # type: ignore[call-arg]
-                            pixels, prompts, [pairs.targets[i] for i in rows], kind, soft_prompt=prompt_of(pixels, prompts),
+                            pixels, prompts, [source_pairs.targets[i] for i in rows], kind,
+                            soft_prompt=prompt_of(pixels, prompts),
                         ).mean())
                 terms[half] = torch.stack(losses).mean()
             loss = self.clean_weight * terms["clean"] + (1.0 - self.clean_weight) * terms["adversarial"]
@@ -373,11 +420,13 @@ class CoDefendPrompt(PluginsUser, Defense):
                     candidates[name] = self._fitness(victim, images, select_pairs, tasks, lookup, prompt_of=prompt_of)
         if _digest_tensors(p for p in maker.parameters() if not p.requires_grad) != frozen_before:
             raise AssertionError("codefend-prompt: the generator's frozen base changed in training")
+        objective_after = objective()
         chosen = select(candidates, "", self.clean_tolerance)
         kept = chosen or f"step {self.soft_steps}"
         maker.load_trainable_state(checkpoints[kept])  # type: ignore[operator]
         record: dict[str, Any] = {
-            "history": history, "candidates": _with_selection_keys(candidates, baseline, self.clean_tolerance),
+            "history": history, "objective_before": objective_before, "objective_after": objective_after,
+            "candidates": _with_selection_keys(candidates, baseline, self.clean_tolerance),
             "chosen": chosen or "no prompt", "use_prompt": bool(chosen) or self.always_use, "saved_checkpoint": kept,
             "trainable_parameters": sum(p.numel() for p in trainable),
             "frozen_parameters": sum(p.numel() for p in maker.parameters() if not p.requires_grad),
@@ -386,6 +435,17 @@ class CoDefendPrompt(PluginsUser, Defense):
             with torch.no_grad():
                 record["generated_prefix"] = _prefix_spread(prompt_of, images["clean"], select_pairs, victim)
         return maker, record
+
+    def _adaptive_pairs(self, victim: Victim, progress: bool) -> Pairs:
+        """The train attacks run through the purifier (EOT ``adaptive_pairs_eot``) on the first
+        ``adaptive_pairs_per_task`` training samples: the images an adaptive attacker sends, which
+        are what the purifier leaves unrepaired (oblivious pairs are nearly all repaired by it)."""
+        assert self._purifier is not None
+        through = f"{self._purifier.checkpoint_dir(victim).name}, eot {self.adaptive_pairs_eot}"  # type: ignore[attr-defined]
+        spec = PairSpec(victim_fingerprint=victim.fingerprint, attacks=self.train_attacks, tasks=self.train_tasks,
+                        split=self.train_split, per_task=self.adaptive_pairs_per_task, seed=self.seed, through=through)
+        return make_pairs(victim, spec, plugins=self.plugins, progress=progress, through=self._purifier,
+                          eot=self.adaptive_pairs_eot)
 
     # -- selection --------------------------------------------------------------------------------
     def _selection_set(self, victim: Victim, progress: bool) -> tuple[dict[str, torch.Tensor], Pairs, list[Any], list[dict[str, Any]]]:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from harness.contracts import AttackBatch, Victim
+from harness.contracts import AttackBatch, Defense, Victim
 from harness.paths import codefend_home
 from harness.registry import parse_fraction
 
@@ -162,6 +162,9 @@ class PairSpec:
     split: str
     per_task: int
     seed: int
+    through: str | None = None
+    """Set when the attacks go through a defense (``defense ∘ victim``, :func:`make_pairs`'s
+    ``through``): that defense's identity (its trained weights) and the EOT draws."""
 
     def fingerprint(self, sample_digests: Sequence[str]) -> str:
         """Keyed by what the pairs are made of: the samples' content (not the task parameters,
@@ -175,6 +178,7 @@ class PairSpec:
                 "split": self.split,
                 "seed": self.seed,
                 "samples": list(sample_digests),
+                **({"through": self.through} if self.through is not None else {}),
             },
             sort_keys=True,
             default=str,
@@ -244,12 +248,17 @@ def training_samples(spec: PairSpec, tasks: Sequence[Any]) -> tuple[list[list[An
 
 
 def make_pairs(victim: Victim, spec: PairSpec, *, plugins: Any, progress: bool = True,
-               batch_size: int = 64) -> Pairs:
+               batch_size: int = 64, through: Defense | None = None, eot: int = 1) -> Pairs:
     """Attack ``spec.per_task`` samples of each task's ``spec.split`` with each attack (cached).
 
     The attacks cycle over the samples (sample i gets attack i mod len(attacks)), so each pair is
-    one image attacked once and more attacks mean more variety, not more cost.
+    one image attacked once and more attacks mean more variety, not more cost. With ``through``
+    (a bound defense; ``spec.through`` must name it) the attacks are adaptive: they attack
+    ``through ∘ victim`` by its declared gradient route (:mod:`harness.adaptive`), with ``eot``
+    draws of a stochastic defense, as the standard adaptive attack will.
     """
+    if (through is None) != (spec.through is None):
+        raise ValueError("make_pairs: pass the defense the attacks go through and name it in spec.through, or neither")
     from tqdm.auto import tqdm
 
     from harness.contracts import ThreatModel
@@ -279,6 +288,11 @@ def make_pairs(victim: Victim, spec: PairSpec, *, plugins: Any, progress: bool =
     total = len(jobs)
     bar = tqdm(total=total, desc="make training pairs", unit="pair", disable=not progress, mininterval=1.0)
     generator = torch.Generator().manual_seed(spec.seed)
+    target: Any = victim
+    if through is not None:
+        from harness.adaptive import DefendedTarget, gradient_route
+
+        target = DefendedTarget(victim, through, gradient_route(through, eot), torch.Generator().manual_seed(spec.seed + 1))
     # group by (task, attack) so one attack call sees one task kind
     groups: dict[tuple[int, int], list[Any]] = {}
     for t_index, a_index, sample in jobs:
@@ -294,7 +308,7 @@ def make_pairs(victim: Victim, spec: PairSpec, *, plugins: Any, progress: bool =
             seeds = [int(hashlib.sha256(f"{key}:{s.id}".encode()).hexdigest()[:15], 16) for s in chunk]
             batch = AttackBatch(clean, chunk_prompts, chunk_targets, task.kind, seeds=seeds,
                                 references=[list(task.attack_targets(s)) for s in chunk])
-            result = attack.perturb(victim, batch, threat, generator)
+            result = attack.perturb(target, batch, threat, generator)
             clean_parts.append(clean.detach().cpu())
             adv_parts.append(result.pixels.detach().cpu().to(clean.dtype))
             prompts += chunk_prompts
@@ -320,6 +334,7 @@ def make_pairs(victim: Victim, spec: PairSpec, *, plugins: Any, progress: bool =
             "attacks": [a.label for a in spec.attacks],
             "tasks": [t.name for t in spec.tasks],
             "split": spec.split,
+            "through": spec.through,
             "pairs": total,
             **leakage,
             "seconds": round(time.perf_counter() - started, 1),

@@ -170,6 +170,12 @@ class QueryEncoder(Protocol):
 
     lora_targets: tuple[str, ...]
 
+    def neutral_prefix(self, tokens: int) -> torch.Tensor:
+        """[tokens, D] embeddings that, as a soft prompt, change the victim's outputs least (its
+        start token's, say): where a generator's prefix starts, so it costs no clean accuracy
+        before it has learned anything."""
+        ...
+
     def __call__(self, prompts: Sequence[str], slots: torch.Tensor,
                  image_features: torch.Tensor | None) -> torch.Tensor:
         """``prompts`` (B texts, read with the victim's own template), ``slots`` [T, D] and the
