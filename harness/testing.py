@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from harness.contracts import (
     AttackBatch,
+    ConditionalPromptDefense,
     Defense,
     Sample,
     TaskKind,
@@ -145,7 +146,9 @@ def check_defense(defense: Defense, *, victim: Any = None, batch: int = 2, seed:
       output whatever the global torch/numpy seeds;
     - ``stochastic`` is true: two generator seeds give different outputs, or false: they do not;
     - ``differentiable`` is true: gradients reach the pixels and are finite;
-    - ``rewrite`` returns one string per prompt.
+    - ``rewrite`` returns one string per prompt;
+    - a :class:`~harness.contracts.ConditionalPromptDefense` makes one finite prompt per sample,
+      [B, tokens, dim], with a gradient path to the pixels (an adaptive attack goes through it).
 
     ``victim`` (default a :class:`FakeVictim`) is bound first and sets the input size; a defense
     trained against its victim trains (or loads) then.
@@ -198,6 +201,18 @@ def check_defense(defense: Defense, *, victim: Any = None, batch: int = 2, seed:
     rewritten = defense.rewrite(prompts)
     if not isinstance(rewritten, list) or len(rewritten) != len(prompts) or not all(isinstance(p, str) for p in rewritten):
         raise ContractError(f"defense '{name}': rewrite must return a list of one string per prompt, got {rewritten!r}")
+    if isinstance(defense, ConditionalPromptDefense):
+        x = pixels.clone().requires_grad_(True)
+        with torch.enable_grad():
+            made = defense.soft_prompts(x, (rewritten * len(x))[: len(x)])
+        if made is not None:
+            if made.dim() != 3 or made.shape[0] != len(x) or not torch.isfinite(made).all():
+                raise ContractError(f"defense '{name}': soft_prompts must return finite [B, tokens, dim] prompts, one per "
+                                    f"sample, got shape {tuple(made.shape)} for {len(x)} samples")
+            if not made.requires_grad:
+                raise ContractError(f"defense '{name}': soft_prompts has no gradient path to the pixels it was given; an "
+                                    "adaptive attack would miss the prompt's dependence on the image (keep it in torch, "
+                                    "without no_grad or .detach())")
 
 
 def check_attack(attack: Any, *, victim: Any = None, threat: ThreatModel | None = None, batch: int = 2,

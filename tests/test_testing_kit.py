@@ -84,6 +84,18 @@ class BreaksTheGraph(Defense):
         return torch.from_numpy(np.clip(pixels.detach().numpy(), 0.1, 0.9))
 
 
+class DetachedPrompts(Defense):
+    """A per-sample prompt made from the pixels outside the graph: an adaptive attack would miss it."""
+
+    def soft_prompts(self, pixels, prompts):
+        return pixels.detach().mean(dim=(1, 2, 3)).view(-1, 1, 1).expand(-1, 2, 8).clone()
+
+
+class OnePromptForAll(Defense):
+    def soft_prompts(self, pixels, prompts):
+        return pixels.mean().view(1, 1, 1).expand(1, 2, 8)
+
+
 class LeavesItsBall(Attack):
     def perturb(self, target, batch, threat, generator, progress=None):
         return AttackResult(pixels=(batch.pixels + 2 * threat.eps).clamp(0, 1))
@@ -99,6 +111,9 @@ class IgnoresThePixels(FakeVictim):
     (WrongShape(), r"defense 'WrongShape': purify returned shape \(2, 3, 8, 8\) for input \(2, 3, 16, 16\)"),
     (GlobalNoise(), r"defense 'GlobalNoise': the same generator seed gave different outputs.*global randomness"),
     (BreaksTheGraph(), r"defense 'BreaksTheGraph' declares differentiable = True but purify's output has no gradient path"),
+    (DetachedPrompts(), r"defense 'DetachedPrompts': soft_prompts has no gradient path to the pixels"),
+    (OnePromptForAll(), r"defense 'OnePromptForAll': soft_prompts must return finite \[B, tokens, dim\] prompts, one per sample, "
+                        r"got shape \(1, 2, 8\) for 2 samples"),
 ])
 def test_check_defense_catches(defense: Defense, message: str) -> None:
     with pytest.raises(ContractError, match=message):
