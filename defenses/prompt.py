@@ -34,7 +34,8 @@ raw adversarial images are left out there: as a training term they cost the held
 is *admissible* when, on every task, its clean score is at least (1 − ``clean_tolerance``) × the
 clean score of no prompt; among admissible candidates the one with the highest adversarial score
 (each task's, over its no-prompt clean score, averaged over tasks so VQA accuracy and CIDEr weigh
-alike) wins. No prompt is always admissible, so a prompt that buys robustness with clean accuracy
+alike, and over the attacked conditions: the train attacks' images and, for a trained prompt
+behind a purifier, the same attacks made through the purifier) wins. No prompt is always admissible, so a prompt that buys robustness with clean accuracy
 is never chosen. Both scores are recorded for every candidate. ``always_use`` (an ablation) serves
 the last trained soft prompt or generator whatever the rule chose; the record still says what it
 chose.
@@ -63,7 +64,8 @@ from harness.store import digest_json
 from harness.paths import codefend_home, publish_checkpoint
 
 # 3: the clean-constrained selection rule, the joint objective, mode 'generator'
-PROMPT_FORMAT_VERSION = 3
+# 4: trained prompts behind a purifier are also selected on the held-out split attacked through it
+PROMPT_FORMAT_VERSION = 4
 
 #: Defensive prefixes in the spirit of CoDefend's optimised prompt; the search mutates them.
 DEFAULT_CANDIDATES = (
@@ -101,9 +103,10 @@ def selection_key(scores: dict[str, float], baseline: dict[str, float], clean_to
     """(admissible, adversarial score) of a candidate under the selection rule (module docstring).
     ``scores`` and ``baseline`` map ``task/condition`` to that task's headline score."""
     tasks = sorted({key.split("/")[0] for key in baseline})
+    attacked = sorted({key.split("/")[1] for key in baseline} - {"clean"})
     admissible = all(scores[f"{t}/clean"] >= (1.0 - clean_tolerance) * baseline[f"{t}/clean"] - 1e-12 for t in tasks)
-    adversarial = sum(scores[f"{t}/adversarial"] / max(1e-9, baseline[f"{t}/clean"]) for t in tasks) / len(tasks)
-    return admissible, adversarial
+    adversarial = sum(scores[f"{t}/{c}"] / max(1e-9, baseline[f"{t}/clean"]) for t in tasks for c in attacked)
+    return admissible, adversarial / (len(tasks) * len(attacked))
 
 
 def select(candidates: dict[str, dict[str, float]], baseline_name: str, clean_tolerance: float) -> str:
@@ -357,7 +360,7 @@ class CoDefendPrompt(PluginsUser, Defense):
             halves = {"clean": [(self._purified(pairs.clean, 4), pairs)],
                       "adversarial": [(self._purified(pairs.adversarial, 3), pairs)]}
             if self.adaptive_pairs_per_task:
-                adaptive = self._adaptive_pairs(victim, progress)
+                adaptive = self._adaptive_pairs(victim, progress, self.train_split, self.adaptive_pairs_per_task)
                 halves["adversarial"].append((self._purified(adaptive.adversarial, 5), adaptive))
         def objective() -> float:
             """The joint objective over every training pair (the training curve samples batches)."""
@@ -436,14 +439,14 @@ class CoDefendPrompt(PluginsUser, Defense):
                 record["generated_prefix"] = _prefix_spread(prompt_of, images["clean"], select_pairs, victim)
         return maker, record
 
-    def _adaptive_pairs(self, victim: Victim, progress: bool) -> Pairs:
+    def _adaptive_pairs(self, victim: Victim, progress: bool, split: str, per_task: int) -> Pairs:
         """The train attacks run through the purifier (EOT ``adaptive_pairs_eot``) on the first
-        ``adaptive_pairs_per_task`` training samples: the images an adaptive attacker sends, which
-        are what the purifier leaves unrepaired (oblivious pairs are nearly all repaired by it)."""
+        ``per_task`` samples of ``split``: the images an adaptive attacker sends, which are what
+        the purifier leaves unrepaired (oblivious pairs are nearly all repaired by it)."""
         assert self._purifier is not None
         through = f"{self._purifier.checkpoint_dir(victim).name}, eot {self.adaptive_pairs_eot}"  # type: ignore[attr-defined]
         spec = PairSpec(victim_fingerprint=victim.fingerprint, attacks=self.train_attacks, tasks=self.train_tasks,
-                        split=self.train_split, per_task=self.adaptive_pairs_per_task, seed=self.seed, through=through)
+                        split=split, per_task=per_task, seed=self.seed, through=through)
         return make_pairs(victim, spec, plugins=self.plugins, progress=progress, through=self._purifier,
                           eot=self.adaptive_pairs_eot)
 
@@ -456,6 +459,11 @@ class CoDefendPrompt(PluginsUser, Defense):
         lookup = [{s.id: s for s in task.samples(t.split or self.select_split, self.select_pairs_per_task, self.seed)}
                   for t, task in zip(self.train_tasks, tasks)]
         images = {"adversarial": self._purified(pairs.adversarial, 1), "clean": self._purified(pairs.clean, 2)}
+        if self.mode != "search" and self._purifier is not None and self.adaptive_pairs_per_task:
+            # selected on what it trains for: the held-out split attacked through the purifier too
+            adaptive = self._adaptive_pairs(victim, progress, self.select_split, self.select_pairs_per_task)
+            assert adaptive.sample_ids == pairs.sample_ids
+            images["adaptive"] = self._purified(adaptive.adversarial, 6)
         return images, pairs, tasks, lookup
 
     def _fitness(self, victim: Victim, images: dict[str, torch.Tensor], pairs: Pairs, tasks: list[Any],
