@@ -263,7 +263,8 @@ class CoDefendPrompt(PluginsUser, Defense):
                 "generator": [self.lora_rank, self.lora_alpha, self.condition_on_image] if self.mode == "generator" else None,
                 "adaptive_pairs": [self.adaptive_pairs_per_task, self.adaptive_pairs_eot]
                 if self.mode != "search" and self._purifier is not None else None,
-                "clean_tolerance": self.clean_tolerance, "always_use": self.always_use,
+                "clean_tolerance": self.clean_tolerance,
+                "always_use": self.always_use,
                 "attacks": [a.model_dump() for a in self.train_attacks],
                 "tasks": [t.model_dump() for t in self.train_tasks],
                 "select": [self.select_split, self.select_pairs_per_task],
@@ -425,12 +426,14 @@ class CoDefendPrompt(PluginsUser, Defense):
             raise AssertionError("codefend-prompt: the generator's frozen base changed in training")
         objective_after = objective()
         chosen = select(candidates, "", self.clean_tolerance)
-        kept = chosen or f"step {self.soft_steps}"
+        last = f"step {self.soft_steps}"
+        kept = last if self.always_use else (chosen or last)
         maker.load_trainable_state(checkpoints[kept])  # type: ignore[operator]
         record: dict[str, Any] = {
             "history": history, "objective_before": objective_before, "objective_after": objective_after,
             "candidates": _with_selection_keys(candidates, baseline, self.clean_tolerance),
-            "chosen": chosen or "no prompt", "use_prompt": bool(chosen) or self.always_use, "saved_checkpoint": kept,
+            "chosen": chosen or "no prompt", "use_prompt": bool(chosen) or self.always_use,
+            "served": kept if (chosen or self.always_use) else "no prompt",
             "trainable_parameters": sum(p.numel() for p in trainable),
             "frozen_parameters": sum(p.numel() for p in maker.parameters() if not p.requires_grad),
         }

@@ -263,6 +263,11 @@ def test_selection_never_trades_clean_accuracy_for_robustness() -> None:
     assert select(candidates, "", 0.10) == "robust but costly"
     assert select({"": baseline, "worse": candidates["worse"]}, "", 0.01) == ""
     assert selection_key(candidates["robust but costly"], baseline, 0.01) == (False, pytest.approx(0.80 / 0.90))
+    # with attacks through the purifier too, the adversarial score averages both attacked conditions
+    with_adaptive = {name: {**scores, "vqav2/adaptive": a} for (name, scores), a in
+                     zip(candidates.items(), (0.30, 0.50, 0.20, 0.60))}
+    assert selection_key(with_adaptive["worse"], with_adaptive[""], 0.01) == (True, pytest.approx((0.30 + 0.60) / 2 / 0.90))
+    assert select(with_adaptive, "", 0.01) == "worse"  # 0.50 beats "a little better" (0.35) and no prompt (0.35)
 
 
 def test_prompt_search_never_picks_a_prefix_worse_than_none(tiny_victim) -> None:
@@ -331,7 +336,7 @@ def test_generator_trains_only_its_lora_weights(tiny_victim) -> None:
     defense.bind(tiny_victim)
     record = defense.train(progress=False)
     trained = defense.learned()["maker"]
-    assert record["use_prompt"] and record["mode"] == "generator"
+    assert record["use_prompt"] and record["mode"] == "generator" and record["served"] == "step 40"  # always_use
     assert all(torch.equal(victim_before[k], v) for k, v in tiny_victim.model.state_dict().items())  # victim frozen
     after = dict(trained.named_parameters())
     assert base_before and all(torch.equal(v, after[k]) for k, v in base_before.items())  # base frozen
