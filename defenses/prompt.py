@@ -234,6 +234,7 @@ class CoDefendPrompt(PluginsUser, Defense):
 
     def bind(self, victim: Victim, *, prepare: bool = True) -> None:
         """Serve ``victim``; with ``prepare``, optimise or load the prompt now."""
+        self._check_victim(victim)
         self._victim = victim
         if self._purifier is not None:
             self._purifier.bind(victim, prepare=prepare)  # type: ignore[call-arg]
@@ -312,25 +313,29 @@ class CoDefendPrompt(PluginsUser, Defense):
         return {k: v for k, v in self.learned(progress=progress).items() if k != "maker"}
 
     # -- the continuous prompts (soft, generator) ------------------------------------------------
-    def _new_maker(self, victim: Victim) -> torch.nn.Module:
-        """A fresh soft prefix or prefix generator for ``victim`` (untrained), on its device."""
+    def _check_victim(self, victim: Victim) -> None:
+        """The mode's needs of the victim, checked before any pair is made or any step taken."""
         name = getattr(victim, "name", type(victim).__name__)
-        if self.mode == "soft":
-            if not hasattr(victim, "soft_prompt_dim"):
-                raise ValueError(
-                    f"mode 'soft' needs a white-box victim that takes a soft_prompt (SoftPromptVictim); "
-                    f"{name!r} does not: use mode 'search'"
-                )
-            return SoftPrefix(self.soft_tokens, victim.soft_prompt_dim, self.seed).to(victim.device)  # type: ignore[attr-defined]
-        if not isinstance(victim, QueryEncoderVictim):
+        if self.mode == "soft" and not hasattr(victim, "soft_prompt_dim"):
+            raise ValueError(
+                f"mode 'soft' needs a white-box victim that takes a soft_prompt (SoftPromptVictim); "
+                f"{name!r} does not: use mode 'search'"
+            )
+        if self.mode == "generator" and not isinstance(victim, QueryEncoderVictim):
             raise ValueError(
                 f"mode 'generator' emits soft prefix tokens from a LoRA-tuned copy of the victim's text model, so it "
                 f"needs a white-box victim that lends one (QueryEncoderVictim); {name!r} does not. A discrete-text "
                 f"generator for black-box victims is not built: use mode 'search'"
             )
-        if self.condition_on_image and not isinstance(victim, ImageFeatureVictim):
+        if self.mode == "generator" and self.condition_on_image and not isinstance(victim, ImageFeatureVictim):
             raise ValueError(f"condition_on_image needs a victim that exposes image_features; {name!r} does not: "
                              f"set condition_on_image: false")
+
+    def _new_maker(self, victim: Victim) -> torch.nn.Module:
+        """A fresh soft prefix or prefix generator for ``victim`` (untrained), on its device."""
+        self._check_victim(victim)
+        if self.mode == "soft":
+            return SoftPrefix(self.soft_tokens, victim.soft_prompt_dim, self.seed).to(victim.device)  # type: ignore[attr-defined]
         from defenses.prefix_generator import PrefixGenerator
 
         return PrefixGenerator(victim.query_encoder(), tokens=self.soft_tokens, dim=victim.soft_prompt_dim,

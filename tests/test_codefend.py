@@ -404,8 +404,9 @@ def test_generator_mode_on_a_victim_without_a_text_model_says_what_to_do() -> No
         device = torch.device("cpu")
         fingerprint = "api"
 
+    # at bind, before any training pair is made
     with pytest.raises(ValueError, match="QueryEncoderVictim.*use mode 'search'"):
-        CoDefendPrompt(**_generator_params())._new_maker(BlackBox())  # type: ignore[arg-type]
+        CoDefendPrompt(**_generator_params()).bind(BlackBox())  # type: ignore[arg-type]
 
 
 def test_adaptive_gradient_reaches_the_pixels_through_purifier_and_prompt(trained, tiny_victim, tiny_ddpm_params,
