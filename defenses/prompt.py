@@ -57,9 +57,11 @@ from typing import Annotated, Any, Callable, Literal, Sequence
 import torch
 from pydantic import Field
 
+from defenses.purifier import weights_digest
 from defenses.training_pairs import PairSpec, PairTask, Pairs, check_pair_attack_names, make_pairs, parse_pair_attacks
 from harness.plugins import PluginsUser
-from harness.contracts import Defense, ImageFeatureVictim, Preparation, Prepared, QueryEncoderVictim, TrainingAttack, Victim
+from harness.contracts import (Defense, ImageFeatureVictim, Preparation, Prepared, QueryEncoderVictim, SoftPromptVictim,
+                                TrainingAttack, Victim)
 from harness.store import digest_json
 from harness.paths import codefend_home, publish_checkpoint
 
@@ -134,6 +136,9 @@ class SoftPrefix(torch.nn.Module):
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             self.soft_prompt.copy_(state["soft_prompt"])
+
+    def frozen_state(self) -> dict[str, torch.Tensor]:
+        return {}  # every parameter trains
 
 
 class CoDefendPrompt(PluginsUser, Defense):
@@ -316,7 +321,7 @@ class CoDefendPrompt(PluginsUser, Defense):
     def _check_victim(self, victim: Victim) -> None:
         """The mode's needs of the victim, checked before any pair is made or any step taken."""
         name = getattr(victim, "name", type(victim).__name__)
-        if self.mode == "soft" and not hasattr(victim, "soft_prompt_dim"):
+        if self.mode == "soft" and not isinstance(victim, SoftPromptVictim):
             raise ValueError(
                 f"mode 'soft' needs a white-box victim that takes a soft_prompt (SoftPromptVictim); "
                 f"{name!r} does not: use mode 'search'"
@@ -379,17 +384,14 @@ class CoDefendPrompt(PluginsUser, Defense):
                             rows = [i for i, k in enumerate(source_pairs.kinds) if k == kind]
                             for start in range(0, len(rows), 128):
                                 batch = rows[start : start + 128]
-                                pixels, prompts = source[batch].to(victim.device), [source_pairs.prompts[i] for i in batch]
-                                total += victim.loss(  # type: ignore[call-arg]
-                                    pixels, prompts, [source_pairs.targets[i] for i in batch], kind,
-                                    soft_prompt=prompt_of(pixels, prompts)).sum().item()
+                                total += sum(l.sum().item() for l in _pair_losses(victim, source, source_pairs, batch, prompt_of))
                                 count += len(batch)
                     means[half] = total / max(1, count)
             return round(self.clean_weight * means["clean"] + (1.0 - self.clean_weight) * means["adversarial"], 6)
 
         objective_before = objective()
         trainable = [p for p in maker.parameters() if p.requires_grad]
-        frozen_before = _digest_tensors(p for p in maker.parameters() if not p.requires_grad)
+        frozen_before = weights_digest(maker.frozen_state())  # type: ignore[operator]
         optimiser = torch.optim.Adam(trainable, lr=self.soft_lr)
         generator = torch.Generator().manual_seed(self.seed)
         images, select_pairs, tasks, lookup = selection
@@ -408,13 +410,7 @@ class CoDefendPrompt(PluginsUser, Defense):
                 losses = []
                 for source, source_pairs in sources:
                     index = torch.randint(0, len(source_pairs), (self.batch_size,), generator=generator).tolist()
-                    for kind in sorted({source_pairs.kinds[i] for i in index}):
-                        rows = [i for i in index if source_pairs.kinds[i] == kind]
-                        pixels, prompts = source[rows].to(victim.device), [source_pairs.prompts[i] for i in rows]
-                        losses.append(victim.loss(  # type: ignore[call-arg]
-                            pixels, prompts, [source_pairs.targets[i] for i in rows], kind,
-                            soft_prompt=prompt_of(pixels, prompts),
-                        ).mean())
+                    losses += [l.mean() for l in _pair_losses(victim, source, source_pairs, index, prompt_of)]
                 terms[half] = torch.stack(losses).mean()
             loss = self.clean_weight * terms["clean"] + (1.0 - self.clean_weight) * terms["adversarial"]
             optimiser.zero_grad(set_to_none=True)
@@ -427,7 +423,7 @@ class CoDefendPrompt(PluginsUser, Defense):
                 checkpoints[name] = {k: v.cpu() for k, v in maker.trainable_state().items()}  # type: ignore[operator]
                 with torch.no_grad():
                     candidates[name] = self._fitness(victim, images, select_pairs, tasks, lookup, prompt_of=prompt_of)
-        if _digest_tensors(p for p in maker.parameters() if not p.requires_grad) != frozen_before:
+        if weights_digest(maker.frozen_state()) != frozen_before:  # type: ignore[operator]
             raise AssertionError("codefend-prompt: the generator's frozen base changed in training")
         objective_after = objective()
         chosen = select(candidates, "", self.clean_tolerance)
@@ -440,7 +436,7 @@ class CoDefendPrompt(PluginsUser, Defense):
             "chosen": chosen or "no prompt", "use_prompt": bool(chosen) or self.always_use,
             "served": kept if (chosen or self.always_use) else "no prompt",
             "trainable_parameters": sum(p.numel() for p in trainable),
-            "frozen_parameters": sum(p.numel() for p in maker.parameters() if not p.requires_grad),
+            "frozen_parameters": sum(p.numel() for p in maker.frozen_state().values()),  # type: ignore[operator]
         }
         if self.mode == "generator":
             with torch.no_grad():
@@ -567,11 +563,17 @@ class CoDefendPrompt(PluginsUser, Defense):
         return self._prompt_of(maker, self._require_victim())(pixels, prompts)
 
 
-def _digest_tensors(tensors: Any) -> str:
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+def _pair_losses(victim: Victim, source: torch.Tensor, pairs: Pairs, rows: Sequence[int],
+                 prompt_of: Callable[[torch.Tensor, Sequence[str]], torch.Tensor]) -> list[torch.Tensor]:
+    """Per-sample teacher-forced losses of the references of ``rows`` on ``source`` images, with
+    the prompt ``prompt_of`` makes for them: one victim call per task kind among the rows."""
+    out = []
+    for kind in sorted({pairs.kinds[i] for i in rows}):
+        batch = [i for i in rows if pairs.kinds[i] == kind]
+        pixels, prompts = source[batch].to(victim.device), [pairs.prompts[i] for i in batch]
+        out.append(victim.loss(  # type: ignore[call-arg]
+            pixels, prompts, [pairs.targets[i] for i in batch], kind, soft_prompt=prompt_of(pixels, prompts)))
+    return out
 
 
 def _with_selection_keys(candidates: dict[str, dict[str, float]], baseline: dict[str, float],

@@ -43,7 +43,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -103,9 +103,10 @@ def x0_prediction(x_t: torch.Tensor, epsilon: torch.Tensor, alpha_bar: torch.Ten
     return (x_t - (1 - alpha_bar).sqrt() * epsilon) / alpha_bar.sqrt()
 
 
-def _weights_digest(module: torch.nn.Module) -> str:
+def weights_digest(weights: Mapping[str, torch.Tensor]) -> str:
+    """A digest of named tensors (a ``state_dict``, or a subset of a module's parameters)."""
     h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, tensor in sorted(weights.items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -395,7 +396,7 @@ class CoDefendPurifier(PluginsUser, Defense):
             "seed": spec.seed,
         }
         parts = {
-            "backbone": _weights_digest(base.unet),
+            "backbone": weights_digest(base.unet.state_dict()),
             "victim": victim.fingerprint,
             # the control never sees adversarial images or the victim: only the clean images count
             "pairs": pairs if self.objective == "directional" else {**pairs, "attacks": "clean only"},
