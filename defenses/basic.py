@@ -7,6 +7,7 @@ from typing import Annotated
 
 import numpy as np
 import torch
+from kornia.enhance import jpeg_codec_differentiable
 from PIL import Image
 from pydantic import Field
 
@@ -20,12 +21,18 @@ class NoDefense(Defense):
 class JpegDefense(Defense):
     """Re-encode each image as JPEG at ``quality`` and decode it (Dziugaite et al. 2016).
 
-    Quantisation has no useful gradient, so an adaptive attack must use BPDA (identity).
+    Quantisation has no useful gradient, so an adaptive attack uses BPDA (Athalye et al. 2018): the
+    forward pass is the real codec (PIL), the backward pass goes through a differentiable JPEG at
+    the same quality (:meth:`approximate`: kornia's DiffJPEG, Reich et al. 2024 after Shin & Song
+    2017: the same colour transform, 4:2:0 chroma subsampling, 8x8 DCT and quality-scaled tables,
+    with a differentiable rounding). That is the strongest BPDA route, not the identity: on the
+    offline world, APGD-20 through the identity left jpeg at 0.353 VQA accuracy, through DiffJPEG
+    at 0.228 (the undefended victim: 0.188; docs/results/codefend-cpu.md).
     """
 
     stochastic = False
     differentiable = False
-    bpda = "identity"
+    bpda = "approximate"
 
     def __init__(self, *, quality: Annotated[int, Field(ge=1, le=95)] = 75):
         if not 1 <= quality <= 95:
@@ -41,3 +48,8 @@ class JpegDefense(Defense):
             decoded = np.asarray(Image.open(buffer).convert("RGB"), dtype=np.float32) / 255.0
             out.append(torch.from_numpy(decoded).permute(2, 0, 1))
         return torch.stack(out).to(device=pixels.device, dtype=pixels.dtype)
+
+    def approximate(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Differentiable JPEG at ``quality`` (the backward pass of BPDA)."""
+        quality = torch.tensor([float(self.quality)], device=pixels.device, dtype=pixels.dtype)
+        return jpeg_codec_differentiable(pixels, quality)

@@ -61,7 +61,7 @@ from defenses.training_pairs import (
     check_pair_attack_names,
     parse_pair_attacks,
 )
-from harness.contracts import Defense, Preparation, TrainingAttack, Victim
+from harness.contracts import Defense, EmbeddingVictim, ImageFeatureVictim, Preparation, TrainingAttack, Victim
 from harness.store import digest_json
 from harness.paths import codefend_home, publish_checkpoint
 
@@ -113,10 +113,10 @@ def weights_digest(weights: Mapping[str, torch.Tensor]) -> str:
 
 
 def _image_features(victim: Victim, pixels: torch.Tensor) -> torch.Tensor:
-    if hasattr(victim, "image_features"):
-        return victim.image_features(pixels)  # type: ignore[attr-defined]
-    if hasattr(victim, "embed_image"):
-        return victim.embed_image(pixels)  # type: ignore[attr-defined]
+    if isinstance(victim, ImageFeatureVictim):
+        return victim.image_features(pixels)
+    if isinstance(victim, EmbeddingVictim):
+        return victim.embed_image(pixels)
     raise ValueError(
         f"feature_weight > 0 needs a victim with image_features() or embed_image(); {getattr(victim, 'name', victim)!r} "
         "has neither: set feature_weight: 0"

@@ -71,6 +71,12 @@ def test_ensemble_rejects_unbounded_members() -> None:
         load_plugins().attacks.create("ensemble", {"members": [{"name": "none"}]})
 
 
+class _JpegThroughIdentity(JpegDefense):
+    """JPEG with the weaker BPDA route (the identity backward), to compare the two."""
+
+    bpda = "identity"
+
+
 class _Zeroing(Defense):
     """A gradient-masking toy: differentiable, but its output does not depend on the input."""
 
@@ -88,7 +94,8 @@ class _Noise(Defense):
 
 
 def test_gradient_routes_follow_the_defense_declarations() -> None:
-    assert (gradient_route(JpegDefense(), None).method, gradient_route(JpegDefense(), None).eot) == ("bpda-identity", 1)
+    assert (gradient_route(JpegDefense(), None).method, gradient_route(JpegDefense(), None).eot) == ("bpda-approximate", 1)
+    assert gradient_route(_JpegThroughIdentity(), None).method == "bpda-identity"
     assert (gradient_route(_Zeroing(), None).method, gradient_route(_Zeroing(), None).eot) == ("exact", 1)
     assert gradient_route(_Noise(), None).eot == 4
     assert gradient_route(_Noise(), 7).eot == 7
@@ -108,6 +115,30 @@ def test_exact_gradient_through_a_masking_defense_is_zero_and_bpda_is_not(tiny_v
     # the forward pass is the real JPEG
     jpeg_pixels = jpeg.purify(batch.pixels, torch.Generator())
     assert torch.allclose(loss, tiny_victim.loss(jpeg_pixels, batch.prompts, batch.targets, "vqa"), atol=1e-5)
+
+
+def test_jpeg_bpda_backward_goes_through_the_differentiable_codec(tiny_victim, vqa_task, samples) -> None:
+    batch = _batch(tiny_victim, vqa_task, samples[:4])
+    jpeg, identity = JpegDefense(quality=50), _JpegThroughIdentity(quality=50)
+    real = jpeg.purify(batch.pixels, torch.Generator())
+    # the stand-in follows the real codec: its error is a fraction of what the codec changes
+    assert (jpeg.approximate(batch.pixels) - real).abs().mean() < 0.5 * (real - batch.pixels).abs().mean()
+
+    def gradient(defense: JpegDefense) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = batch.pixels.clone().requires_grad_(True)
+        target = DefendedTarget(tiny_victim, defense, gradient_route(defense, None), torch.Generator())
+        loss = target.loss(pixels, batch.prompts, batch.targets, "vqa")
+        return loss.detach(), torch.autograd.grad(loss.sum(), pixels)[0]
+
+    loss_approximate, through_codec = gradient(jpeg)
+    loss_identity, through_identity = gradient(identity)
+    # same forward (the real codec), different backward: the identity's is the victim's gradient
+    # at the decoded image, the approximation's is that chained through DiffJPEG's Jacobian
+    assert torch.allclose(loss_approximate, loss_identity)
+    at_decoded = real.clone().requires_grad_(True)
+    (victim_gradient,) = torch.autograd.grad(tiny_victim.loss(at_decoded, batch.prompts, batch.targets, "vqa").sum(), at_decoded)
+    assert torch.allclose(through_identity, victim_gradient, atol=1e-6)
+    assert not torch.allclose(through_codec, through_identity, atol=1e-4)
 
 
 def test_adaptive_bpda_pgd_beats_oblivious_pgd_against_jpeg(tiny_victim, vqa_task, samples) -> None:

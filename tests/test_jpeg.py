@@ -64,7 +64,7 @@ def test_jpeg_declarations() -> None:
     jpeg = JpegDefense()
     assert isinstance(jpeg, Defense)
     assert jpeg.quality == 75
-    assert (JpegDefense.differentiable, JpegDefense.bpda, JpegDefense.stochastic) == (False, "identity", False)
+    assert (JpegDefense.differentiable, JpegDefense.bpda, JpegDefense.stochastic) == (False, "approximate", False)
     assert jpeg.rewrite(["what shape is it?"]) == ["what shape is it?"]
     assert (NoDefense.differentiable, NoDefense.stochastic) == (True, False)
 

@@ -313,7 +313,7 @@ def test_quickstart_validates_with_cells_and_pass_estimate(capsys, monkeypatch) 
             "3080 generation = 57340") in out
     assert "standard adaptive protocol: apgd {'steps': 20}, EOT 2 (stochastic defenses)" in out
     assert "work graph: 204 nodes (3 train, 1 victim, 16 attack, 128 rows, 56 score), executor local {'workers': 2}" in out
-    assert "gradient routes: none: exact; jpeg: bpda-identity; diffpure: exact, EOT 2; codefend-purifier: exact, EOT 2" in out
+    assert "gradient routes: none: exact; jpeg: bpda-approximate; diffpure: exact, EOT 2; codefend-purifier: exact, EOT 2" in out
     assert err.strip() == ""
 
 
