@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from harness.contracts import Preparation
 from harness.paths import codefend_home, publish_checkpoint
+from harness.reproducible import deterministic_training, training_environment
 
 MODEL_FORMAT_VERSION = 1
 
@@ -404,6 +405,7 @@ def _sample_timesteps(config: ShapesDDPMConfig, n: int, generator: torch.Generat
     return torch.where(pick_low, low, uniform)
 
 
+@deterministic_training
 def train_shapes_ddpm(
     config: ShapesDDPMConfig, out_dir: Path, *, progress: bool = True, device: str = "cpu"
 ) -> dict[str, Any]:
@@ -465,8 +467,7 @@ def train_shapes_ddpm(
         "final_loss": running,
         "losses": losses,
         "seconds": round(time.perf_counter() - started, 1),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        **training_environment(),
         "device": device,
     }
     with publish_checkpoint(out_dir) as scratch:

@@ -64,6 +64,7 @@ from harness.contracts import (Defense, ImageFeatureVictim, Preparation, Prepare
                                 TrainingAttack, Victim)
 from harness.store import digest_json
 from harness.paths import codefend_home, publish_checkpoint
+from harness.reproducible import deterministic_training, training_environment
 
 # 3: the clean-constrained selection rule, the joint objective, mode 'generator'
 # 4: trained prompts behind a purifier are also selected on the held-out split attacked through it
@@ -490,6 +491,7 @@ class CoDefendPrompt(PluginsUser, Defense):
                 scores[f"{task.name}/{condition}"] = sum(float(s[task.metric]) for s in per_sample) / max(1, len(samples))
         return scores
 
+    @deterministic_training
     def _optimise(self, victim: Victim, out: Path, *, progress: bool) -> None:
         started = time.perf_counter()
         selection = self._selection_set(victim, progress)
@@ -504,6 +506,7 @@ class CoDefendPrompt(PluginsUser, Defense):
             maker, trained = self._train_continuous(victim, selection, baseline, progress)
             record.update(trained)
         record["seconds"] = round(time.perf_counter() - started, 1)
+        record["environment"] = training_environment()
         with publish_checkpoint(out) as scratch:
             if maker is not None:
                 from safetensors.torch import save_file

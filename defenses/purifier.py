@@ -64,6 +64,7 @@ from defenses.training_pairs import (
 from harness.contracts import Defense, EmbeddingVictim, ImageFeatureVictim, Preparation, TrainingAttack, Victim
 from harness.store import digest_json
 from harness.paths import codefend_home, publish_checkpoint
+from harness.reproducible import deterministic_training, training_environment
 
 PURIFIER_FORMAT_VERSION = 1
 Objective = Literal["directional", "unsupervised"]
@@ -137,6 +138,7 @@ def add_lora(unet: torch.nn.Module, rank: int) -> torch.nn.Module:
     return unet
 
 
+@deterministic_training
 def train_purifier(
     backbone: Backbone,
     pairs: Pairs,
@@ -235,8 +237,7 @@ def train_purifier(
         "trainable_parameters": sum(p.numel() for p in trainable),
         "history": history,
         "seconds": round(time.perf_counter() - started, 1),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        **training_environment(),
         "device": str(device),
     }
     with publish_checkpoint(out_dir) as scratch:

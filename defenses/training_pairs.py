@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from harness.contracts import AttackBatch, Defense, Victim
 from harness.paths import codefend_home
 from harness.registry import parse_fraction
+from harness.reproducible import deterministic_training
 
 PAIRS_FORMAT_VERSION = 3
 
@@ -247,6 +248,7 @@ def training_samples(spec: PairSpec, tasks: Sequence[Any]) -> tuple[list[list[An
     return out, {"excluded_evaluation_images": dropped, "evaluation_splits": evaluation, "unchecked_tasks": unchecked}
 
 
+@deterministic_training
 def make_pairs(victim: Victim, spec: PairSpec, *, plugins: Any, progress: bool = True,
                batch_size: int = 64, through: Defense | None = None, eot: int = 1) -> Pairs:
     """Attack ``spec.per_task`` samples of each task's ``spec.split`` with each attack (cached).

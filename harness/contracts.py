@@ -552,6 +552,10 @@ class Preparation:
       plugins=...)`` when ``needs_victim`` (a loaded victim, for models trained against it) and
       ``run(plugins=...)`` otherwise; ``plugins`` is the run's plugin set, for components it
       creates (hand it to them with ``bind_plugins``).
+    - ``run`` is reproducible from ``key``: training the same key again, with the same threads on
+      the same machine, gives bit-identical weights (run it under
+      :func:`harness.reproducible.deterministic`; PyTorch's CPU defaults are not run-to-run
+      stable with several threads).
     - ``after`` lists the keys of preparations that must finish first (a purifier's backbone).
     - ``cost`` is a rough size in victim-equivalent passes (steps x batch x 2 for training), used
       only to order the work and to print the critical path.

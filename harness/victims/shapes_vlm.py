@@ -28,6 +28,7 @@ from PIL import Image
 from harness.contracts import Preparation, Sample, TaskKind
 from harness.plugins import PluginsUser
 from harness.paths import CheckpointNotFound, codefend_home, publish_checkpoint
+from harness.reproducible import deterministic_training, training_environment
 
 PAD, BOS, SEP, EOS, UNK = "[PAD]", "[BOS]", "[SEP]", "[EOS]", "[UNK]"
 SPECIAL_TOKENS = [PAD, BOS, SEP, EOS, UNK]
@@ -448,6 +449,7 @@ def _training_samples(config: ShapesVLMConfig, tasks: Any) -> tuple[list[Sample]
     return vqa.samples("train", None, seed=config.seed), captions.samples("train", None, seed=config.seed)
 
 
+@deterministic_training
 def train_shapes_vlm(
     config: ShapesVLMConfig, out_dir: Path, tasks: Any, *, progress: bool = True, device: str = "cpu"
 ) -> dict[str, Any]:
@@ -548,7 +550,7 @@ def train_shapes_vlm(
         "texts": len(sequences),
         "final_loss": running,
         "seconds": round(time.perf_counter() - started, 1),
-        "torch": torch.__version__,
+        **training_environment(),
         "device": device,
     }
     with publish_checkpoint(out_dir) as scratch:
