@@ -1,0 +1,164 @@
+"""Is the standard adaptive attack the strongest we have? Stronger variants against one defense.
+
+The board ranks defenses on the standard adaptive attack (harness/protocol.py). An attacker who
+knows the harness could try harder; this benchmark runs the standard attack and such variants
+through one defense, on the first ``--n`` VQA test questions of the offline world, and judges
+every variant's examples on the same ``--draws`` purification draws (the board's N-draw rule: a
+question counts only if every draw answers it). Variants:
+
+- ``standard``: the protocol's attack (APGD on the text loss, EOT averaged over draws);
+- ``softmax-draws``: the loss over EOT draws aggregated by log-mean-exp (temperature 0.1)
+  instead of the mean: it chases the draws where the attack already works, which is what the
+  N-draw rule rewards (DiffHammer's argument for selective attacks);
+- ``targeted``: APGD *towards* each question's most likely wrong answer (the task's other answers,
+  ranked by the victim's loss on the purified clean image), the attack of RobustVLM's targeted
+  runs and AutoAttack's APGD-T;
+- ``restart``: the standard attack from a random start in the ball (another seed).
+
+``union`` is the per-question worst over all of them (the board's robust column works the same
+way over its conditions). Flags change the budget (``--steps``, ``--eot``), attack through a
+surrogate process (``--surrogate-steps``), or weaken JPEG's BPDA route to the identity
+(``--bpda-identity``) to compare routes. Results: docs/results/attack-strength.md.
+
+    python benchmarks/attack_strength.py --defense codefend-purifier --params '{"t_star": 0.05, "steps": 2}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from typing import Sequence
+
+import torch
+
+from harness.adaptive import DefendedTarget, gradient_route, soft_prompt_kwargs
+from harness.contracts import AttackBatch, TaskKind, ThreatModel
+from harness.plugins import get_plugins
+
+VARIANTS = ("standard", "softmax-draws", "targeted", "restart")
+
+
+class SoftmaxOverDraws(DefendedTarget):
+    """EOT aggregated by log-mean-exp over draws (temperature ``tau``) instead of the mean."""
+
+    tau = 0.1
+
+    def loss(self, pixels: torch.Tensor, prompts: Sequence[str], targets: Sequence[str], kind: TaskKind) -> torch.Tensor:
+        prompts = self.defense.rewrite(prompts)
+        k, n = self.route.eot, pixels.shape[0]
+        purified = self.differentiated.purify(pixels.repeat(k, 1, 1, 1), self.generator)
+        tiled = list(prompts) * k
+        losses = self.victim.loss(purified, tiled, list(targets) * k, kind,
+                                  **soft_prompt_kwargs(self.defense, purified, tiled)).view(k, n)
+        return self.tau * (torch.logsumexp(losses / self.tau, dim=0) - math.log(k))
+
+
+class TowardWrongAnswers:
+    """An attack target whose loss is minus the loss of each question's chosen wrong answer: an
+    untargeted attack on it is a targeted attack towards those answers."""
+
+    def __init__(self, inner: DefendedTarget, wrong: list[str]):
+        self.inner, self.wrong = inner, wrong
+
+    def loss(self, pixels: torch.Tensor, prompts: Sequence[str], targets: Sequence[str], kind: TaskKind) -> torch.Tensor:
+        return -self.inner.loss(pixels, prompts, self.wrong, kind)
+
+    def generate(self, pixels: torch.Tensor, prompts: Sequence[str], kind: TaskKind) -> list[str]:
+        return self.inner.generate(pixels, prompts, kind)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--defense", default="codefend-purifier")
+    parser.add_argument("--params", default="{}", help="the defense's parameters (JSON)")
+    parser.add_argument("--n", type=int, default=40, help="VQA test questions (the first of the seeded subset of 100)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--eot", type=int, default=4)
+    parser.add_argument("--draws", type=int, default=10)
+    parser.add_argument("--eps", type=float, default=8 / 255)
+    parser.add_argument("--surrogate-steps", type=int, default=None)
+    parser.add_argument("--bpda-identity", action="store_true", help="BPDA through the identity (the weaker route)")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+
+    plugins = get_plugins()
+    victim = plugins.victims.create("shapes-vlm", {})
+    victim.load()
+    task = plugins.tasks.create("vqav2", {"data": "shapes"})
+    samples = task.samples("test", 100, 0)[: args.n]
+    defense = plugins.defenses.create(args.defense, json.loads(args.params))
+    defense.bind(victim)
+    if args.bpda_identity:
+        defense.bpda = "identity"
+    route = gradient_route(defense, args.eot, args.surrogate_steps)
+    pixels = victim.prepare([s.image for s in samples])
+    prompts = [s.prompt for s in samples]
+    references = [task.attack_targets(s) for s in samples]
+    threat = ThreatModel(name="linf", norm="linf", eps=args.eps)
+
+    def defended(cls: type[DefendedTarget] = DefendedTarget) -> DefendedTarget:
+        return cls(victim, defense, route, torch.Generator().manual_seed(0), surrogate_steps=args.surrogate_steps)
+
+    def judged(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first draw, worst over draws) per question, on draws shared by every variant."""
+        scores = []
+        for j in range(args.draws if defense.stochastic else 1):
+            with torch.no_grad():
+                purified = defense.purify(x, torch.Generator().manual_seed(10_000 + j))
+                asked = defense.rewrite(prompts)
+                outputs = victim.generate(purified, asked, "vqa", **soft_prompt_kwargs(defense, purified, asked))
+            scores.append([s["vqa_accuracy"] for s in task.score(outputs, samples)])
+        table = torch.tensor(scores)
+        return table[0], table.min(dim=0).values
+
+    def wrong_answers() -> list[str]:
+        vocabulary = sorted({r for refs in references for r in refs})
+        chosen = []
+        with torch.no_grad():
+            purified = defense.purify(pixels, torch.Generator().manual_seed(1))
+            for i, refs in enumerate(references):
+                candidates = [a for a in vocabulary if a not in refs]
+                image = purified[i : i + 1].expand(len(candidates), -1, -1, -1)
+                losses = victim.loss(image, [prompts[i]] * len(candidates), candidates, "vqa")
+                chosen.append(candidates[int(losses.argmin())])
+        return chosen
+
+    clean_first, clean_all = judged(pixels)
+    print(f"{args.defense} {args.params} route={route.method} eot={route.eot}"
+          f"{' ' + route.surrogate if route.surrogate else ''} | {args.n} questions, APGD-{args.steps}, {args.draws} draws")
+    print(f"{'clean':>14}: single {clean_first.mean():.4f}  N-draw {clean_all.mean():.4f}")
+    worst = None
+    for variant in variants:
+        started = time.perf_counter()
+        params: dict = {"steps": args.steps}
+        target: object = defended()
+        if variant == "softmax-draws":
+            target = defended(SoftmaxOverDraws)
+        elif variant == "targeted":
+            target = TowardWrongAnswers(defended(), wrong_answers())
+        elif variant == "restart":
+            params["random_start"] = True
+        attack = plugins.attacks.create("apgd", params)
+        seeds = list(range(len(samples))) if variant != "restart" else [1000 + i for i in range(len(samples))]
+        batch = AttackBatch(pixels, prompts, [r[0] for r in references], "vqa", seeds=seeds)
+        result = attack.perturb(target, batch, threat, torch.Generator().manual_seed(seeds[0]))
+        assert (result.pixels - pixels).abs().max() <= args.eps + 1e-6
+        first, every = judged(result.pixels)
+        worst = every if worst is None else torch.minimum(worst, every)
+        print(f"{variant:>14}: single {first.mean():.4f}  N-draw {every.mean():.4f}  "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)
+    assert worst is not None
+    print(f"{'union':>14}: N-draw {worst.mean():.4f} (per question, the worst over the variants)")
+
+
+if __name__ == "__main__":
+    main()
