@@ -7,7 +7,6 @@ from typing import Annotated
 
 import numpy as np
 import torch
-from kornia.enhance import jpeg_codec_differentiable
 from PIL import Image
 from pydantic import Field
 
@@ -26,8 +25,8 @@ class JpegDefense(Defense):
     the same quality (:meth:`approximate`: kornia's DiffJPEG, Reich et al. 2024 after Shin & Song
     2017: the same colour transform, 4:2:0 chroma subsampling, 8x8 DCT and quality-scaled tables,
     with a differentiable rounding). That is the strongest BPDA route, not the identity: on the
-    offline world, APGD-20 through the identity left jpeg at 0.353 VQA accuracy, through DiffJPEG
-    at 0.228 (the undefended victim: 0.188; docs/results/codefend-cpu.md).
+    offline world, APGD-20 through the identity left jpeg's adaptive VQA accuracy at 0.352, through
+    DiffJPEG at 0.227, where the undefended victim's is 0.202 (docs/results/codefend-cpu.md).
     """
 
     stochastic = False
@@ -51,5 +50,7 @@ class JpegDefense(Defense):
 
     def approximate(self, pixels: torch.Tensor) -> torch.Tensor:
         """Differentiable JPEG at ``quality`` (the backward pass of BPDA)."""
+        from kornia.enhance import jpeg_codec_differentiable  # ~0.2 s of import, for adaptive attacks only
+
         quality = torch.tensor([float(self.quality)], device=pixels.device, dtype=pixels.dtype)
         return jpeg_codec_differentiable(pixels, quality)
