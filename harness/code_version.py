@@ -18,7 +18,13 @@ hashing each relative path and its bytes); a top-level module is hashed alone. T
 rather than the single file because a plugin module usually imports its siblings (``plugin.py``
 registers classes from ``apgd.py``, both use ``_common.py``): a change there changes results too.
 This over-invalidates (editing an unrelated sibling re-runs the cells) but that is safe; a stale
-row is not. Code outside that directory (the harness kernel, other packages) is not covered.
+row is not. Other packages a plugin imports are not covered.
+
+The kernel makes rows too: the runner attacks, defends and generates, :mod:`harness.adaptive`
+routes an adaptive attack's gradient through the defense, and the records, labels and image
+quality go into every row. :func:`kernel_code_version` versions those modules
+(:data:`ROW_MAKING_MODULES`) the same way, and every row key holds it. Modules that only plan,
+store or render (the graph, the store, the board) are left out: editing them re-runs nothing.
 
 "Installed normally" is decided conservatively, because a wrong "yes" gives stale rows:
 
@@ -89,6 +95,27 @@ def code_version(factory: Any, distribution: str, version: str) -> str:
         key = source
         if key not in _source_hashes:
             _source_hashes[key] = _hash_files(Path(source).parent, [Path(source)])
+    return "src:" + _source_hashes[key]
+
+
+ROW_MAKING_MODULES = ("adaptive", "contracts", "image_quality", "labels", "records", "reproducible", "runner")
+"""The kernel modules (of :mod:`harness`) whose code makes a row's content."""
+
+KERNEL_DISTRIBUTION = "codefend-bench"
+
+
+def kernel_code_version(package_dir: Path | None = None) -> str:
+    """The code version of the kernel's :data:`ROW_MAKING_MODULES`: its distribution's version
+    when the kernel is installed normally, else ``"src:<16 hex>"`` of their source.
+    ``package_dir``: another copy of the ``harness`` package (tests)."""
+    here = (package_dir or Path(__file__)).resolve()
+    here = here if here.is_dir() else here.parent
+    files = [here / f"{name}.py" for name in ROW_MAKING_MODULES]
+    if _installed_normally(KERNEL_DISTRIBUTION, str(files[0])):
+        return f"{KERNEL_DISTRIBUTION}=={importlib.metadata.version(KERNEL_DISTRIBUTION)}"
+    key = "kernel:" + str(here)
+    if key not in _source_hashes:
+        _source_hashes[key] = _hash_files(here, files)
     return "src:" + _source_hashes[key]
 
 

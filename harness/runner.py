@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from harness.adaptive import DefendedTarget, gradient_route, soft_prompt_kwargs
+from harness.code_version import kernel_code_version
 from harness.graph import victim_key
 from harness.contracts import (AttackBatch, CheapFingerprintVictim, CorpusScoredTask, Sample, SkippingTask, Task,
                                TemplatedVictim, ThreatModel, TransferAttack, Victim)
@@ -177,12 +178,14 @@ _ACCESS = {"gradients": "white-box", "queries": "query", "transfer": "transfer",
 
 
 CodeVersions = dict[str, str]
-"""kind -> the code version of the plugin component a cell uses (``Entry.code_version``)."""
+"""kind -> the code version of the plugin component a cell uses (``Entry.code_version``), and
+``"kernel"``: the kernel modules that make rows (:func:`~harness.code_version.kernel_code_version`)."""
 
 
 def code_versions(plugins: Plugins, cell: Cell) -> CodeVersions:
     """The code behind a cell's components: a row never outlives the code that produced it."""
     return {
+        "kernel": kernel_code_version(),
         "victim": plugins.victims.get(cell.victim.name).code_version(),
         "task": plugins.tasks.get(cell.task.name).code_version(),
         "attack": plugins.attacks.get(cell.attack.name).code_version(),
@@ -200,7 +203,7 @@ def _attacked_input(cell: Cell, victim_fp: str, sample: Sample, code: CodeVersio
     )
     return {
         **adaptive,
-        "code": {k: code[k] for k in ("victim", "task", "attack")},
+        "code": {k: code[k] for k in ("kernel", "victim", "task", "attack")},
         "schema": SCHEMA_VERSION,
         "victim": victim_fp,
         # not n: an adversarial example depends on its sample, not on the subset around it
@@ -238,7 +241,7 @@ def result_fingerprint(cell: Cell, victim_fp: str, sample: Sample, code: CodeVer
     )
 
 
-_NO_CODE: CodeVersions = {"victim": "", "task": "", "attack": "", "defense": ""}
+_NO_CODE: CodeVersions = {"kernel": "", "victim": "", "task": "", "attack": "", "defense": ""}
 
 
 def seed_key(cell: Cell, victim_fp: str, sample: Sample) -> str:

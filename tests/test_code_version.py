@@ -199,12 +199,40 @@ def test_a_code_edit_changes_a_rows_keys_but_not_its_random_draws() -> None:
                 attack=AttackSpec(name="pgd", threats=["linf-8"]), threat=threat, defense=DefenseSpec(name="diffpure"),
                 seed=0)
     sample = Sample(id="1", image=np.zeros((8, 8, 3), np.uint8), prompt="what?", references=["yes"])
-    old = {"victim": "src:a", "task": "src:a", "attack": "src:a", "defense": "src:a"}
+    old = {"kernel": "src:a", "victim": "src:a", "task": "src:a", "attack": "src:a", "defense": "src:a"}
     new = {**old, "defense": "src:b"}
     assert adversarial_key(cell, "fp", sample, old) == adversarial_key(cell, "fp", sample, new)  # oblivious
     assert result_fingerprint(cell, "fp", sample, old) != result_fingerprint(cell, "fp", sample, new)
+    # the kernel makes every row (and every adversarial example): its edits re-run them all
+    kernel = {**old, "kernel": "src:b"}
+    assert adversarial_key(cell, "fp", sample, old) != adversarial_key(cell, "fp", sample, kernel)
+    assert result_fingerprint(cell, "fp", sample, old) != result_fingerprint(cell, "fp", sample, kernel)
     # seed_key takes no code versions: what the draws derive from is the same before and after
     assert seed_key(cell, "fp", sample) == adversarial_key(cell, "fp", sample, dict.fromkeys(old, ""))
     adaptive = dataclasses.replace(cell, attack=AttackSpec(name="pgd", threats=["linf-8"], adaptive=True))
     assert adversarial_key(adaptive, "fp", sample, old) != adversarial_key(adaptive, "fp", sample, new)
     assert seed_key(adaptive, "fp", sample) != seed_key(cell, "fp", sample)  # another attack: other draws
+
+
+def test_editing_a_row_making_kernel_module_changes_the_kernel_version(tmp_path: Path) -> None:
+    """The runner and the adaptive route make rows: an edit there must not return old rows. The
+    board only renders them: an edit there re-runs nothing."""
+    import shutil
+
+    import harness
+    from harness.code_version import ROW_MAKING_MODULES, kernel_code_version
+
+    copy = tmp_path / "harness"
+    shutil.copytree(Path(harness.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    clear_code_version_cache()
+    before = kernel_code_version(copy)
+    assert before.startswith("src:") and kernel_code_version(copy) == before
+    assert "adaptive" in ROW_MAKING_MODULES and "runner" in ROW_MAKING_MODULES
+    (copy / "board.py").write_text((copy / "board.py").read_text() + "\n# a rendering tweak\n")
+    clear_code_version_cache()
+    assert kernel_code_version(copy) == before
+    adaptive = copy / "adaptive.py"
+    adaptive.write_text(adaptive.read_text().replace("return total / draws", "return total / draws * 1.0"))
+    clear_code_version_cache()
+    assert kernel_code_version(copy) != before
+    clear_code_version_cache()
