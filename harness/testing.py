@@ -137,6 +137,31 @@ def _purify(defense: Defense, pixels: torch.Tensor, seed: int, torch_seed: int) 
         return check_defense_output(_named(defense), pixels, defense.purify(pixels.clone(), _generator(seed)))
 
 
+def _check_bpda_approximation(name: str, defense: Any, pixels: torch.Tensor, purified: torch.Tensor) -> None:
+    """``approximate`` is the backward pass of an adaptive attack: it must have a gradient path to
+    the pixels and follow the real defense more closely than the identity does (else declaring it
+    gives the attacker a worse gradient than ``bpda = 'identity'``)."""
+    x = pixels.clone().requires_grad_(True)
+    with torch.enable_grad():
+        stand_in = defense.approximate(x)
+        if stand_in.shape != pixels.shape or not torch.isfinite(stand_in).all():
+            raise ContractError(f"defense '{name}': approximate must return finite pixels of the input's shape "
+                                f"{tuple(pixels.shape)}, got {tuple(stand_in.shape)}")
+        if not stand_in.requires_grad:
+            raise ContractError(f"defense '{name}': approximate has no gradient path to its input; it is the backward "
+                                "pass of BPDA (keep it in torch, without no_grad or .detach())")
+        (grad,) = torch.autograd.grad(stand_in.float().sum(), x)
+    if not torch.isfinite(grad).all() or float(grad.abs().sum()) == 0.0:
+        raise ContractError(f"defense '{name}': the gradient of approximate is zero or not finite")
+    off = float((stand_in.detach() - purified).abs().mean())
+    identity_off = float((pixels - purified).abs().mean())
+    if off > identity_off:
+        raise ContractError(
+            f"defense '{name}': approximate(pixels) is further from purify(pixels) (mean |difference| {off:.4f}) than "
+            f"the pixels themselves are ({identity_off:.4f}): it is a worse stand-in than the identity. Make it follow "
+            "the defense's forward pass, or declare bpda = 'identity'")
+
+
 def check_defense(defense: Defense, *, victim: Any = None, batch: int = 2, seed: int = 0) -> None:
     """Assert ``defense`` keeps the :class:`~harness.contracts.Defense` contract.
 
@@ -146,6 +171,8 @@ def check_defense(defense: Defense, *, victim: Any = None, batch: int = 2, seed:
       output whatever the global torch/numpy seeds;
     - ``stochastic`` is true: two generator seeds give different outputs, or false: they do not;
     - ``differentiable`` is true: gradients reach the pixels and are finite;
+    - ``bpda = "approximate"``: ``approximate`` has a gradient path to the pixels and follows
+      ``purify`` more closely than the identity does;
     - ``rewrite`` returns one string per prompt;
     - a :class:`~harness.contracts.ConditionalPromptDefense` makes one finite prompt per sample,
       [B, tokens, dim], with a gradient path to the pixels (an adaptive attack goes through it).
@@ -197,6 +224,8 @@ def check_defense(defense: Defense, *, victim: Any = None, batch: int = 2, seed:
             raise ContractError(f"defense '{name}' declares differentiable = True but the gradient reaching the pixels is "
                                 f"{'missing' if grad is None else 'zero or not finite'}: fix the graph, or declare "
                                 "differentiable = False with a BPDA route")
+    if not defense.differentiable and defense.bpda == "approximate":
+        _check_bpda_approximation(name, defense, pixels, first)
     prompts = ["what color is the shape?", "Provide a short caption for this image."]
     rewritten = defense.rewrite(prompts)
     if not isinstance(rewritten, list) or len(rewritten) != len(prompts) or not all(isinstance(p, str) for p in rewritten):

@@ -96,6 +96,24 @@ class OnePromptForAll(Defense):
         return pixels.mean().view(1, 1, 1).expand(1, 2, 8)
 
 
+class PoorStandIn(Defense):
+    """Quantises to 4 levels, and declares a stand-in that is further from that than the identity."""
+
+    differentiable = False
+    bpda = "approximate"
+
+    def purify(self, pixels, generator):
+        return (pixels * 3).round() / 3
+
+    def approximate(self, pixels):
+        return 1 - pixels
+
+
+class DetachedStandIn(PoorStandIn):
+    def approximate(self, pixels):
+        return self.purify(pixels.detach(), None)
+
+
 class LeavesItsBall(Attack):
     def perturb(self, target, batch, threat, generator, progress=None):
         return AttackResult(pixels=(batch.pixels + 2 * threat.eps).clamp(0, 1))
@@ -114,6 +132,9 @@ class IgnoresThePixels(FakeVictim):
     (DetachedPrompts(), r"defense 'DetachedPrompts': soft_prompts has no gradient path to the pixels"),
     (OnePromptForAll(), r"defense 'OnePromptForAll': soft_prompts must return finite \[B, tokens, dim\] prompts, one per sample, "
                         r"got shape \(1, 2, 8\) for 2 samples"),
+    (PoorStandIn(), r"defense 'PoorStandIn': approximate\(pixels\) is further from purify\(pixels\).*than the pixels "
+                    r"themselves are.*declare bpda = 'identity'"),
+    (DetachedStandIn(), r"defense 'DetachedStandIn': approximate has no gradient path to its input"),
 ])
 def test_check_defense_catches(defense: Defense, message: str) -> None:
     with pytest.raises(ContractError, match=message):
