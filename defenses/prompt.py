@@ -252,9 +252,9 @@ class CoDefendPrompt(PluginsUser, Defense):
             raise RuntimeError("codefend-prompt is optimised for a victim: call bind(victim) first")
         return self._victim
 
-    def _spec(self, victim: Victim, split: str, per_task: int) -> PairSpec:
+    def _spec(self, victim: Victim, split: str, per_task: int, through: str | None = None) -> PairSpec:
         return PairSpec(victim_fingerprint=victim.fingerprint, attacks=self.train_attacks, tasks=self.train_tasks,
-                        split=split, per_task=per_task, seed=self.seed)
+                        split=split, per_task=per_task, seed=self.seed, through=through)
 
     def checkpoint_dir(self, victim: Victim) -> Path:
         blob = json.dumps(
@@ -380,13 +380,11 @@ class CoDefendPrompt(PluginsUser, Defense):
             with torch.no_grad():
                 for half, sources in halves.items():
                     total, count = 0.0, 0
-                    for source, source_pairs in sources:
-                        for kind in sorted(set(source_pairs.kinds)):
-                            rows = [i for i, k in enumerate(source_pairs.kinds) if k == kind]
-                            for start in range(0, len(rows), 128):
-                                batch = rows[start : start + 128]
-                                total += sum(l.sum().item() for l in _pair_losses(victim, source, source_pairs, batch, prompt_of))
-                                count += len(batch)
+                    for source, source_pairs in sources:  # _pair_losses makes one call per task kind
+                        for start in range(0, len(source_pairs), 128):
+                            batch = range(start, min(start + 128, len(source_pairs)))
+                            total += sum(l.sum().item() for l in _pair_losses(victim, source, source_pairs, batch, prompt_of))
+                            count += len(batch)
                     means[half] = total / max(1, count)
             return round(self.clean_weight * means["clean"] + (1.0 - self.clean_weight) * means["adversarial"], 6)
 
@@ -450,9 +448,7 @@ class CoDefendPrompt(PluginsUser, Defense):
         the purifier leaves unrepaired (oblivious pairs are nearly all repaired by it)."""
         assert self._purifier is not None
         through = f"{self._purifier.checkpoint_dir(victim).name}, eot {self.adaptive_pairs_eot}"  # type: ignore[attr-defined]
-        spec = PairSpec(victim_fingerprint=victim.fingerprint, attacks=self.train_attacks, tasks=self.train_tasks,
-                        split=split, per_task=per_task, seed=self.seed, through=through)
-        return make_pairs(victim, spec, plugins=self.plugins, progress=progress, through=self._purifier,
+        return make_pairs(victim, self._spec(victim, split, per_task, through), plugins=self.plugins, progress=progress, through=self._purifier,
                           eot=self.adaptive_pairs_eot)
 
     # -- selection --------------------------------------------------------------------------------

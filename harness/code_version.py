@@ -59,7 +59,7 @@ import os
 import sys
 import types
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Callable
 
 UNKNOWN = "unknown"
 HASH_CHARS = 16
@@ -88,21 +88,19 @@ def code_version(factory: Any, distribution: str, version: str) -> str:
         return f"{distribution}=={version}" if _is_distribution(distribution) else UNKNOWN
     if module is not None and module.__package__:
         root = os.path.dirname(source)
-        key = root + os.sep
-        if key not in _source_hashes:
-            _source_hashes[key] = _hash_directory(Path(root))
-    else:
-        key = source
-        if key not in _source_hashes:
-            _source_hashes[key] = _hash_files(Path(source).parent, [Path(source)])
+        return _source_version(root + os.sep, lambda: _hash_directory(Path(root)))
+    return _source_version(source, lambda: _hash_files(Path(source).parent, [Path(source)]))
+
+
+def _source_version(key: str, compute: Callable[[], str]) -> str:
+    """``"src:<hash>"``, the hash computed once per process per ``key`` (until the cache is cleared)."""
+    if key not in _source_hashes:
+        _source_hashes[key] = compute()
     return "src:" + _source_hashes[key]
 
 
 ROW_MAKING_MODULES = ("adaptive", "contracts", "image_quality", "labels", "records", "reproducible", "runner")
 """The kernel modules (of :mod:`harness`) whose code makes a row's content."""
-
-KERNEL_DISTRIBUTION = "codefend-bench"
-
 
 def kernel_code_version(package_dir: Path | None = None) -> str:
     """The code version of the kernel's :data:`ROW_MAKING_MODULES`: its distribution's version
@@ -110,13 +108,12 @@ def kernel_code_version(package_dir: Path | None = None) -> str:
     ``package_dir``: another copy of the ``harness`` package (tests)."""
     here = (package_dir or Path(__file__)).resolve()
     here = here if here.is_dir() else here.parent
+    from harness.plugins import BUILTIN_DISTRIBUTION  # the kernel ships in the built-ins' distribution
+
     files = [here / f"{name}.py" for name in ROW_MAKING_MODULES]
-    if _installed_normally(KERNEL_DISTRIBUTION, str(files[0])):
-        return f"{KERNEL_DISTRIBUTION}=={importlib.metadata.version(KERNEL_DISTRIBUTION)}"
-    key = "kernel:" + str(here)
-    if key not in _source_hashes:
-        _source_hashes[key] = _hash_files(here, files)
-    return "src:" + _source_hashes[key]
+    if _installed_normally(BUILTIN_DISTRIBUTION, str(files[0])):
+        return f"{BUILTIN_DISTRIBUTION}=={importlib.metadata.version(BUILTIN_DISTRIBUTION)}"
+    return _source_version("kernel:" + str(here), lambda: _hash_files(here, files))
 
 
 # -- which code -----------------------------------------------------------------------------------
