@@ -13,7 +13,13 @@ question counts only if every draw answers it). Variants:
 - ``targeted``: APGD *towards* each question's most likely wrong answer (the task's other answers,
   ranked by the victim's loss on the purified clean image), the attack of RobustVLM's targeted
   runs and AutoAttack's APGD-T;
-- ``restart``: the standard attack from a random start in the ball (another seed).
+- ``restart``: the standard attack from a random start in the ball (another seed);
+- ``all-references``: the untargeted loss summed over every distinct reference answer, weighted
+  by how many annotators gave it, so that the attack cannot settle on an answer that still earns
+  partial VQA credit;
+- ``bpda``: the forward pass through the real defense, the backward pass through the identity
+  (for a differentiable defense: does its exact gradient mask anything BPDA would find?);
+- ``step2``: APGD's first step at 2ε (AutoAttack's classifier default) instead of RobustVLM's ε.
 
 ``union`` is the per-question worst over all of them (the board's robust column works the same
 way over its conditions). Flags change the budget (``--steps``, ``--eot``), attack through a
@@ -29,6 +35,7 @@ import argparse
 import json
 import math
 import time
+from collections import Counter
 from typing import Sequence
 
 import torch
@@ -37,7 +44,7 @@ from harness.adaptive import DefendedTarget, gradient_route, soft_prompt_kwargs
 from harness.contracts import AttackBatch, TaskKind, ThreatModel
 from harness.plugins import get_plugins
 
-VARIANTS = ("standard", "softmax-draws", "targeted", "restart")
+VARIANTS = ("standard", "softmax-draws", "targeted", "restart", "all-references", "bpda", "step2")
 
 
 class SoftmaxOverDraws(DefendedTarget):
@@ -67,6 +74,35 @@ class TowardWrongAnswers:
 
     def generate(self, pixels: torch.Tensor, prompts: Sequence[str], kind: TaskKind) -> list[str]:
         return self.inner.generate(pixels, prompts, kind)
+
+
+class AllReferences:
+    """An attack target whose loss is the annotator-weighted mean of the losses of every distinct
+    reference answer (the untargeted attack then pushes away from all of them at once)."""
+
+    def __init__(self, inner: DefendedTarget, answers: list[list[str]], weights: list[list[float]]):
+        self.inner, self.answers, self.weights = inner, answers, weights
+
+    def loss(self, pixels: torch.Tensor, prompts: Sequence[str], targets: Sequence[str], kind: TaskKind) -> torch.Tensor:
+        width = max(len(a) for a in self.answers)
+        total = pixels.new_zeros(pixels.shape[0])
+        for r in range(width):
+            rows = [i for i, a in enumerate(self.answers) if r < len(a)]
+            losses = self.inner.loss(pixels[rows], [prompts[i] for i in rows], [self.answers[i][r] for i in rows], kind)
+            weight = torch.tensor([self.weights[i][r] for i in rows], dtype=losses.dtype)
+            total = total.index_add(0, torch.tensor(rows), weight * losses)
+        return total
+
+    def generate(self, pixels: torch.Tensor, prompts: Sequence[str], kind: TaskKind) -> list[str]:
+        return self.inner.generate(pixels, prompts, kind)
+
+
+class IdentityBackward(DefendedTarget):
+    """BPDA through the identity even for a differentiable defense."""
+
+    def _purify(self, pixels: torch.Tensor) -> torch.Tensor:
+        purified = self.defense.purify(pixels.detach(), self.generator)
+        return pixels + (purified - pixels).detach()
 
 
 def main() -> None:
@@ -147,6 +183,14 @@ def main() -> None:
             target = TowardWrongAnswers(defended(), wrong_answers())
         elif variant == "restart":
             params["random_start"] = True
+        elif variant == "all-references":
+            counts = [Counter(s.references) for s in samples]
+            target = AllReferences(defended(), references,
+                                   [[c[a] / sum(c.values()) for a in refs] for c, refs in zip(counts, references)])
+        elif variant == "bpda":
+            target = defended(IdentityBackward)
+        elif variant == "step2":
+            params["step_size_factor"] = 2.0
         attack = plugins.attacks.create("apgd", params)
         seeds = list(range(len(samples))) if variant != "restart" else [1000 + i for i in range(len(samples))]
         batch = AttackBatch(pixels, prompts, [r[0] for r in references], "vqa", seeds=seeds)

@@ -328,20 +328,25 @@ def run_chunk(chunk: Chunk, plugins: Plugins | None = None) -> ChunkOutcome:
     defense.bind(victim)
 
     clean = victim.prepare([s.image for s in chunk.samples]).to(victim.device)
-    defense_generator = torch.Generator().manual_seed(_defense_seed(chunk))
     route = gradient_route(defense, cell.attack.eot, cell.attack.surrogate_steps) if cell.attack.adaptive else None
+    # The defender's randomness is secret: an adaptive attack draws the defense's noise from its
+    # own generator, never from the one that purifies for evaluation (an attack that could read
+    # or advance that state would know the evaluation's noise in advance).
     attack_target = (
-        DefendedTarget(victim, defense, route, defense_generator, surrogate_steps=cell.attack.surrogate_steps)
+        DefendedTarget(victim, defense, route, torch.Generator().manual_seed(_defense_seed(chunk, "attack")),
+                       surrogate_steps=cell.attack.surrogate_steps)
         if route else victim
     )
     adversarial, new_adversarial = _attack_chunk(chunk, victim, task, attack, attack_target, clean)
-    defended = _defend(chunk, victim, task, defense, adversarial, clean, defense_generator)
+    defended = _defend(chunk, victim, task, defense, adversarial, clean,
+                       torch.Generator().manual_seed(_defense_seed(chunk)))
     rows, artifacts = _rows(chunk, victim, task, attack, defense, route, clean, adversarial, defended, new_adversarial)
     return ChunkOutcome(rows=rows, adversarial=new_adversarial, artifacts=artifacts)
 
 
 def _defense_seed(chunk: Chunk, *draw: Any) -> int:
-    """The seed of the defense's randomness for a chunk (and for its extra N-draw draws)."""
+    """The seed of the defense's randomness for a chunk (and, with ``draw``, for its extra N-draw
+    draws and for the adaptive attack's own draws)."""
     identity = chunk.cell.defense.model_dump(exclude={"resources", "train_resources"})
     return _seed_for(chunk.cell.seed, identity, chunk.seed_keys[0], *draw)
 
