@@ -18,8 +18,18 @@ which counts the first step as an increase for any positive loss and never for a
 
 Untargeted, APGD maximises the loss of ``batch.targets``; targeted (``target``), it minimises the
 loss of the target text for every sample: internally it maximises ``-loss``, with the same
-algorithm. :attr:`AttackResult.losses` holds the mean *victim loss* per step (``steps + 1``
-values: the start and every iterate), i.e. for a targeted attack the target's loss that falls.
+algorithm. :attr:`AttackResult.losses` holds the mean *victim loss* per step of the first run
+(``steps + 1`` values: the start and every iterate), i.e. for a targeted attack the target's loss
+that falls.
+
+Restarts (AutoAttack's ``n_restarts``; its "rand" version keeps, per sample, the worst case over
+several runs): after the first run, each of ``restarts`` further runs starts from a uniform random
+point of the ball and attacks only the samples not yet broken, i.e. those whose output on the best
+example so far still scores above zero by ``batch.scorer`` (every sample when the batch has no
+scorer). A sample keeps a restart's example when it scores lower, or scores the same with a higher
+objective. One run's optimum depends on its start; on the offline world a random restart breaks
+questions the zero-start run leaves standing, for JPEG and for the CoDefend pipeline
+(docs/results/attack-strength.md).
 """
 
 from __future__ import annotations
@@ -45,9 +55,11 @@ class APGD(Attack):
     ``steps`` iterations (RobustVLM: 100); the first step is ``step_size_factor``·ε (RobustVLM: 1;
     AutoAttack's classifier default is 2); ``alpha`` is the momentum weight of the gradient step;
     ``rho`` the share of steps that must increase the objective between checkpoints for the step
-    size to stay. ``random_start`` draws the start uniformly from the ball (per-sample seeds when
-    the batch has them). ``target``: make every sample say this text (minimise its loss).
-    Costs ``steps + 1`` forward and ``steps`` backward passes per sample.
+    size to stay. ``random_start`` draws the first run's start uniformly from the ball (per-sample
+    seeds when the batch has them). ``restarts``: further runs from random starts on the samples
+    not yet broken (module docstring). ``target``: make every sample say this text (minimise its
+    loss). Costs ``steps + 1`` forward and ``steps`` backward passes per sample and run, and one
+    generation per sample and run when it restarts.
     """
 
     requires = "gradients"
@@ -61,6 +73,7 @@ class APGD(Attack):
         alpha: float = 0.75,
         rho: float = 0.75,
         random_start: bool = False,
+        restarts: int = 0,
         target: str | None = None,
     ):
         if steps < 1:
@@ -71,6 +84,8 @@ class APGD(Attack):
             raise ValueError("alpha (momentum) must be in (0, 1]")
         if not 0 < rho <= 1:
             raise ValueError("rho must be in (0, 1]")
+        if restarts < 0:
+            raise ValueError("restarts must be 0 or more (further runs from random starts)")
         if target is not None and not target.strip():
             raise ValueError("target must be a non-empty text (or omitted for an untargeted attack)")
         self.steps = steps
@@ -78,11 +93,14 @@ class APGD(Attack):
         self.alpha = alpha
         self.rho = rho
         self.random_start = random_start
+        self.restarts = restarts
         self.target_text = target
 
     def passes_per_sample(self) -> tuple[int, int]:
-        # the last iterate's gradient is never used: one backward pass is saved
-        return (self.steps + 1, self.steps)
+        # the last iterate's gradient is never used: one backward pass is saved; restarts add a
+        # generation per run to judge which samples are broken (at most every sample restarts)
+        runs = 1 + self.restarts
+        return (runs * (self.steps + 1) + (runs if self.restarts else 0), runs * self.steps)
 
     def perturb(
         self,
@@ -92,6 +110,46 @@ class APGD(Attack):
         generator: torch.Generator,
         progress: Any = None,
     ) -> AttackResult:
+        best, best_objective, losses = self._run(target, batch, threat, generator, progress, self.random_start, batch.seeds)
+        result = AttackResult(pixels=best, forward_passes=self.steps + 1, backward_passes=self.steps, losses=losses)
+        if not self.restarts:
+            return result
+        n = best.shape[0]
+        scores = self._scores(target, batch, best, list(range(n)))
+        result.forward_passes += 1
+        result.queries += n
+        for restart in range(1, self.restarts + 1):
+            active = [i for i in range(n) if scores is None or scores[i] > 0]
+            if not active:
+                break
+            sub = _sub_batch(batch, active, restart)
+            pixels, objective, _ = self._run(target, sub, threat, generator, progress, True, sub.seeds)
+            new_scores = self._scores(target, batch, pixels, active)
+            for j, i in enumerate(active):
+                lower = new_scores is not None and scores is not None and new_scores[j] < scores[i]
+                tied = new_scores is None or scores is None or new_scores[j] == scores[i]
+                if lower or (tied and objective[j] > best_objective[i]):
+                    best[i], best_objective[i] = pixels[j], objective[j]
+                    if scores is not None and new_scores is not None:
+                        scores[i] = new_scores[j]
+            result.forward_passes += self.steps + 2
+            result.backward_passes += self.steps
+            result.queries += len(active)
+        result.pixels = best
+        return result
+
+    @staticmethod
+    def _scores(target: AttackTarget, batch: AttackBatch, pixels: torch.Tensor, indices: list[int]) -> list[float] | None:
+        """The task scores of the outputs on ``pixels`` (samples ``indices`` of ``batch``), or None
+        without a scorer."""
+        if batch.scorer is None:
+            return None
+        outputs = target.generate(pixels, [batch.prompts[i] for i in indices], batch.kind)
+        return list(batch.scorer(outputs, indices))
+
+    def _run(self, target: AttackTarget, batch: AttackBatch, threat: ThreatModel, generator: torch.Generator,
+             progress: Any, random: bool, seeds: list[int] | None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+        """One APGD run: each sample's best iterate, its objective, and the mean loss per step."""
         clean = batch.pixels.detach()
         # No shortcut at eps = 0: the step size (factor·eps) is 0 and every iterate is projected onto
         # the clean pixels, so the real algorithm runs and returns them exactly.
@@ -116,9 +174,7 @@ class APGD(Attack):
         decrement = max(int(CHECKPOINT_DECREMENT * steps), 1)
         step_size = torch.full((n, 1, 1, 1), self.step_size_factor * eps, dtype=clean.dtype, device=clean.device)
 
-        delta = (
-            random_start(clean, norm, eps, generator, batch.seeds) if self.random_start else torch.zeros_like(clean)
-        )
+        delta = random_start(clean, norm, eps, generator, seeds) if random else torch.zeros_like(clean)
         x_adv = project_pixels(clean + delta, clean, norm, eps)
         loss, grad = evaluate(x_adv, with_grad=True)
         assert grad is not None
@@ -171,6 +227,14 @@ class APGD(Attack):
             if progress is not None:
                 progress.update(1)
 
-        return AttackResult(
-            pixels=best.detach(), forward_passes=steps + 1, backward_passes=steps, losses=losses
-        )
+        return best.detach(), best_objective, losses
+
+
+def _sub_batch(batch: AttackBatch, active: list[int], restart: int) -> AttackBatch:
+    """The samples ``active`` of ``batch``, with seeds of their own for restart ``restart``."""
+    return AttackBatch(
+        batch.pixels[active], [batch.prompts[i] for i in active], [batch.targets[i] for i in active], batch.kind,
+        seeds=[batch.seeds[i] + restart for i in active] if batch.seeds else None,
+        references=[batch.references[i] for i in active] if batch.references else None,
+        scorer=None,
+    )

@@ -13,6 +13,13 @@ The protocol is declared here, once. Each default, and why:
   attack of RobustVLM (chs20/RobustVLM: APGD-100 on the text loss) and of AutoAttack's "rand"
   version (APGD with EOT); its step-size schedule needs no tuning per defense. 100 iterations is
   both protocols' budget; Lee & Kim (ICCV 2023) use 200 PGD iterations through purification.
+- ``restarts: 1``: one more APGD run, from a random start, on the samples the first run left
+  unbroken, keeping each sample's worst case (AutoAttack runs several attacks and keeps each
+  sample's worst; its APGD restarts). On the offline world a random restart breaks questions the
+  zero-start run leaves standing, for JPEG and for the CoDefend pipeline
+  (docs/results/attack-strength.md); it costs up to one more run on the samples that survive.
+  A suite that sets other ``params`` of the standard attack keeps these defaults for the keys it
+  does not set (``params: {steps: 20}`` still restarts once).
 - ``eot: 20``: AutoAttack "rand" and DiffPure's own adaptive evaluation average 20 draws per
   gradient; Lee & Kim recommend EOT 20 for diffusion purification. Deterministic defenses get 1.
 - ``draws: 10``: DiffHammer (NeurIPS 2024) evaluates by resubmission: a sample is robust only if
@@ -46,6 +53,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 STANDARD_ATTACK = "apgd"
 """Registry name of the standard adaptive attack (the kernel names it; it never imports it)."""
 
+STANDARD_PARAMS: dict[str, Any] = {"steps": 100, "restarts": 1}
+"""The standard attack's parameters (a suite's ``params`` override them key by key)."""
+
 STANDARD_LABEL = "adaptive"
 """The label of its column: conditions read ``adaptive@<threat>``."""
 
@@ -67,7 +77,9 @@ class AdaptiveProtocol(BaseModel):
     reason: str | None = None
     """Why the protocol is off (required with ``enabled: false``; shown on the board)."""
     attack: str = STANDARD_ATTACK
-    params: dict[str, Any] = Field(default_factory=lambda: {"steps": 100})
+    params: dict[str, Any] = Field(default_factory=lambda: dict(STANDARD_PARAMS))
+    """The attack's parameters; for the standard attack, :data:`STANDARD_PARAMS` fill the keys a
+    suite leaves out."""
     eot: int = Field(default=20, gt=0)
     draws: int = Field(default=10, gt=0)
     samples: int | None = Field(default=100, gt=0)
@@ -79,6 +91,12 @@ class AdaptiveProtocol(BaseModel):
     adaptive evaluation, and its board says so."""
     surrogate_steps: int | None = Field(default=None, gt=0)
     convergence: Convergence = Field(default_factory=Convergence)
+
+    @model_validator(mode="after")
+    def _standard_defaults(self) -> "AdaptiveProtocol":
+        if self.attack == STANDARD_ATTACK:
+            self.params = {**STANDARD_PARAMS, **self.params}
+        return self
 
     @model_validator(mode="after")
     def _reason_when_off(self) -> "AdaptiveProtocol":

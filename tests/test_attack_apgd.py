@@ -124,8 +124,45 @@ def test_random_start_comes_from_the_per_sample_seeds(tiny_victim, batch) -> Non
     assert torch.equal(unseeded[0], unseeded[1]) and not torch.equal(unseeded[0], unseeded[2])
 
 
+def test_restarts_re_attack_only_unbroken_samples_and_keep_each_samples_worst_case(tiny_victim, vqa_task, batch) -> None:
+    """A restart runs from a random start on the samples still answered, and a sample's example
+    changes only when the restart's scores lower (or the same, with a higher loss)."""
+    samples, n = batch.samples, 12
+    scored: list[list[int]] = []
+
+    def scorer(outputs, indices):
+        scored.append(list(indices))
+        return [s["vqa_accuracy"] for s in vqa_task.score(list(outputs), [samples[i] for i in indices])]
+
+    def attack_batch() -> AttackBatch:
+        b = batch.attack_batch(n, seeds=list(range(n)))
+        b.scorer = scorer
+        return b
+
+    def scores(pixels: torch.Tensor) -> list[float]:
+        outputs = tiny_victim.generate(pixels, batch.prompts[:n], "vqa")
+        return [s["vqa_accuracy"] for s in vqa_task.score(outputs, samples[:n])]
+
+    eps = ThreatModel("linf-2", "linf", 2 / 255)  # weak enough that the first run leaves survivors
+    single = _run(APGD(steps=4), tiny_victim, attack_batch(), eps)
+    scored.clear()
+    restarted = _run(APGD(steps=4, restarts=2), tiny_victim, attack_batch(), eps)
+    first, after = scores(single.pixels), scores(restarted.pixels)
+    survivors = [i for i in range(n) if first[i] > 0]
+    assert 0 < len(survivors) < n, first  # the test needs both kinds
+    assert scored[0] == list(range(n)) and scored[1] == survivors  # the first restart: survivors only
+    assert all(a <= f for a, f in zip(after, first)), (first, after)
+    for i in range(n):
+        if first[i] == 0:
+            assert torch.equal(restarted.pixels[i], single.pixels[i])  # broken: never re-attacked
+    assert restarted.losses == single.losses  # the first run's losses (the loss-rise check's like with like)
+    _check_in_ball(restarted.pixels, batch.pixels[:n], eps)
+    assert APGD(steps=4, restarts=2).passes_per_sample() == (3 * 5 + 3, 3 * 4)
+
+
 def test_parameters_are_checked() -> None:
-    for bad in ({"steps": 0}, {"step_size_factor": 0.0}, {"alpha": 0.0}, {"alpha": 1.5}, {"rho": 0.0}, {"target": " "}):
+    for bad in ({"steps": 0}, {"step_size_factor": 0.0}, {"alpha": 0.0}, {"alpha": 1.5}, {"rho": 0.0}, {"target": " "},
+                {"restarts": -1}):
         with pytest.raises(ValueError):
             APGD(**bad)
     assert APGD().steps == 100 and APGD().step_size_factor == 1.0 and APGD().alpha == 0.75
