@@ -44,6 +44,8 @@ import torch.nn.functional as F
 
 from harness.contracts import Preparation
 from harness.paths import codefend_home, publish_checkpoint
+from harness import reproducible
+from harness.code_version import files_code_version
 from harness.reproducible import deterministic_training, training_environment
 
 MODEL_FORMAT_VERSION = 1
@@ -343,7 +345,9 @@ class ShapesDDPMConfig:
     low_t_max: int = 250
 
     def fingerprint(self) -> str:
-        blob = json.dumps({"format": MODEL_FORMAT_VERSION, **asdict(self)}, sort_keys=True)
+        # the modules that define and train the backbone: a checkpoint never outlives their code
+        code = files_code_version([__file__, reproducible.__file__])
+        blob = json.dumps({"format": MODEL_FORMAT_VERSION, "code": code, **asdict(self)}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

@@ -64,6 +64,9 @@ from harness.contracts import (Defense, ImageFeatureVictim, Preparation, Prepare
                                 TrainingAttack, Victim)
 from harness.store import digest_json
 from harness.paths import codefend_home, publish_checkpoint
+from defenses import prefix_generator, training_pairs
+from harness import reproducible
+from harness.code_version import files_code_version
 from harness.reproducible import deterministic_training, training_environment
 
 # 3: the clean-constrained selection rule, the joint objective, mode 'generator'
@@ -260,6 +263,11 @@ class CoDefendPrompt(PluginsUser, Defense):
         blob = json.dumps(
             {
                 "format": PROMPT_FORMAT_VERSION,
+                # the modules that optimise the prompt, and the code that makes its pairs: a
+                # checkpoint never outlives them
+                "code": files_code_version([__file__, prefix_generator.__file__, training_pairs.__file__,
+                                            reproducible.__file__]),
+                "pairs_code": self._spec(victim, self.train_split, self.train_pairs_per_task).code_versions(self.plugins),
                 "victim": victim.fingerprint,
                 "mode": self.mode,
                 "candidates": self.candidates if self.mode == "search" else None,

@@ -64,9 +64,16 @@ from defenses.training_pairs import (
 from harness.contracts import Defense, EmbeddingVictim, ImageFeatureVictim, Preparation, TrainingAttack, Victim
 from harness.store import digest_json
 from harness.paths import codefend_home, publish_checkpoint
+from defenses import diffusion, training_pairs
+from harness import reproducible
+from harness.code_version import files_code_version
 from harness.reproducible import deterministic_training, training_environment
 
 PURIFIER_FORMAT_VERSION = 1
+"""Bumped when the checkpoint's layout changes; a change of training code changes the key by itself
+(:data:`TRAINING_CODE`)."""
+TRAINING_CODE = (__file__, diffusion.__file__, training_pairs.__file__, reproducible.__file__)
+"""The modules that fine-tune the purifier: their code version is part of its checkpoint key."""
 Objective = Literal["directional", "unsupervised"]
 Adapter = Literal["full", "lora"]
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
@@ -89,7 +96,8 @@ class PurifierTraining:
     seed: int = 0
 
     def fingerprint(self, *parts: Any) -> str:
-        blob = json.dumps({"format": PURIFIER_FORMAT_VERSION, **asdict(self), "parts": parts}, sort_keys=True, default=str)
+        blob = json.dumps({"format": PURIFIER_FORMAT_VERSION, "code": files_code_version(TRAINING_CODE), **asdict(self),
+                           "parts": parts}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -401,6 +409,7 @@ class CoDefendPurifier(PluginsUser, Defense):
             "victim": victim.fingerprint,
             # the control never sees adversarial images or the victim: only the clean images count
             "pairs": pairs if self.objective == "directional" else {**pairs, "attacks": "clean only"},
+            "pairs_code": spec.code_versions(self.plugins) if self.objective == "directional" else None,
         }
         return codefend_home() / "models" / f"codefend-purifier-{self.training.fingerprint(parts)}"
 

@@ -28,6 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from harness.contracts import AttackBatch, Defense, Victim
 from harness.paths import codefend_home
 from harness.registry import parse_fraction
+from harness import adaptive, reproducible
+from harness.code_version import files_code_version
 from harness.reproducible import deterministic_training
 
 PAIRS_FORMAT_VERSION = 3
@@ -167,13 +169,22 @@ class PairSpec:
     """Set when the attacks go through a defense (``defense ∘ victim``, :func:`make_pairs`'s
     ``through``): that defense's identity (its trained weights) and the EOT draws."""
 
-    def fingerprint(self, sample_digests: Sequence[str]) -> str:
+    def code_versions(self, plugins: Any) -> dict[str, Any]:
+        """The code that makes the pairs: this module's and the attack plugins' (so that cached
+        pairs, and the models trained on them, never outlive it)."""
+        return {
+            "pairs": files_code_version([__file__, adaptive.__file__, reproducible.__file__]),
+            "attacks": [plugins.attacks.get(a.attack).code_version() for a in self.attacks],
+        }
+
+    def fingerprint(self, sample_digests: Sequence[str], code: dict[str, Any]) -> str:
         """Keyed by what the pairs are made of: the samples' content (not the task parameters,
-        some of which, like METEOR on or off, change scoring but not samples), the attacks and
-        the victim's weights."""
+        some of which, like METEOR on or off, change scoring but not samples), the attacks, the
+        victim's weights and ``code`` (:meth:`code_versions`)."""
         blob = json.dumps(
             {
                 "format": PAIRS_FORMAT_VERSION,
+                "code": code,
                 "victim": self.victim_fingerprint,
                 "attacks": [a.model_dump() for a in self.attacks],
                 "split": self.split,
@@ -267,7 +278,8 @@ def make_pairs(victim: Victim, spec: PairSpec, *, plugins: Any, progress: bool =
 
     tasks = [plugins.tasks.create(t.name, t.params) for t in spec.tasks]
     task_samples, leakage = training_samples(spec, tasks)
-    key = spec.fingerprint([_sample_digest(task, s) for task, samples in zip(tasks, task_samples) for s in samples])
+    key = spec.fingerprint([_sample_digest(task, s) for task, samples in zip(tasks, task_samples) for s in samples],
+                           spec.code_versions(plugins))
     path = codefend_home() / "pairs" / f"pairs-{key}.pt"
     if path.exists():
         cached = _load_cached_pairs(path)

@@ -59,7 +59,7 @@ import os
 import sys
 import types
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 UNKNOWN = "unknown"
 HASH_CHARS = 16
@@ -108,12 +108,25 @@ def kernel_code_version(package_dir: Path | None = None) -> str:
     ``package_dir``: another copy of the ``harness`` package (tests)."""
     here = (package_dir or Path(__file__)).resolve()
     here = here if here.is_dir() else here.parent
+    return files_code_version([here / f"{name}.py" for name in ROW_MAKING_MODULES])
+
+
+def files_code_version(files: Sequence[str | Path]) -> str:
+    """The code version of some of the project's own source files (the kernel's row-making
+    modules; the modules that define and train a cached model, which trainers put in their
+    checkpoint keys so that a checkpoint never outlives its training code): the built-ins'
+    distribution version when it is installed normally, else ``"src:<16 hex>"`` of the files,
+    named relative to their common folder (so that a moved checkout keeps its versions)."""
     from harness.plugins import BUILTIN_DISTRIBUTION  # the kernel ships in the built-ins' distribution
 
-    files = [here / f"{name}.py" for name in ROW_MAKING_MODULES]
-    if _installed_normally(BUILTIN_DISTRIBUTION, str(files[0])):
+    paths = [Path(f).resolve() for f in files]
+    if not paths:
+        raise ValueError("files_code_version needs at least one file")
+    if _installed_normally(BUILTIN_DISTRIBUTION, str(paths[0])):
         return f"{BUILTIN_DISTRIBUTION}=={importlib.metadata.version(BUILTIN_DISTRIBUTION)}"
-    return _source_version("kernel:" + str(here), lambda: _hash_files(here, files))
+    root = Path(os.path.commonpath([p.parent for p in paths]))
+    key = "files:" + "\0".join(sorted(map(str, paths)))
+    return _source_version(key, lambda: _hash_files(root, paths))
 
 
 # -- which code -----------------------------------------------------------------------------------

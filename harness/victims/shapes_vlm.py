@@ -28,6 +28,8 @@ from PIL import Image
 from harness.contracts import Preparation, Sample, TaskKind
 from harness.plugins import PluginsUser
 from harness.paths import CheckpointNotFound, codefend_home, publish_checkpoint
+from harness import reproducible
+from harness.code_version import files_code_version
 from harness.reproducible import deterministic_training, training_environment
 
 PAD, BOS, SEP, EOS, UNK = "[PAD]", "[BOS]", "[SEP]", "[EOS]", "[UNK]"
@@ -61,7 +63,9 @@ class ShapesVLMConfig:
     max_target_tokens: int = 16
 
     def fingerprint(self) -> str:
-        blob = json.dumps({"format": MODEL_FORMAT_VERSION, **asdict(self)}, sort_keys=True)
+        # the modules that define and train the model: a checkpoint never outlives their code
+        code = files_code_version([__file__, reproducible.__file__])
+        blob = json.dumps({"format": MODEL_FORMAT_VERSION, "code": code, **asdict(self)}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
