@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from harness.contracts import Preparation
 from harness.paths import codefend_home, publish_checkpoint
 from harness import reproducible
-from harness.code_version import files_code_version
+from harness.code_version import builtin_code_version, files_code_version
 from harness.reproducible import deterministic_training, training_environment
 
 MODEL_FORMAT_VERSION = 1
@@ -345,8 +345,12 @@ class ShapesDDPMConfig:
     low_t_max: int = 250
 
     def fingerprint(self) -> str:
-        # the modules that define and train the backbone: a checkpoint never outlives their code
-        code = files_code_version([__file__, reproducible.__file__])
+        from tasks.coco_captions import CocoCaptionsTask  # the shapes world's images (its training data)
+
+        # the modules that define and train the backbone, and the code that makes its data: a
+        # checkpoint never outlives them
+        code = {"training": files_code_version([__file__, reproducible.__file__]),
+                "data": builtin_code_version(CocoCaptionsTask)}
         blob = json.dumps({"format": MODEL_FORMAT_VERSION, "code": code, **asdict(self)}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -111,6 +111,18 @@ def kernel_code_version(package_dir: Path | None = None) -> str:
     return files_code_version([here / f"{name}.py" for name in ROW_MAKING_MODULES])
 
 
+def builtin_code_version(factory: Any) -> str:
+    """:func:`code_version` of code that ships with the built-ins (a trainer that imports a task
+    module directly for its data, rather than through the registry)."""
+    from harness.plugins import BUILTIN_DISTRIBUTION
+
+    try:
+        version = importlib.metadata.version(BUILTIN_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        version = "0"
+    return code_version(factory, BUILTIN_DISTRIBUTION, version)
+
+
 def files_code_version(files: Sequence[str | Path]) -> str:
     """The code version of some of the project's own source files (the kernel's row-making
     modules; the modules that define and train a cached model, which trainers put in their

@@ -21,6 +21,7 @@ import defenses.purifier
 import defenses.training_pairs
 import harness.board
 import harness.victims.shapes_vlm
+import tasks.shapes_world
 from harness import code_version
 from harness.code_version import clear_code_version_cache, files_code_version
 
@@ -31,7 +32,7 @@ def keys(tiny_victim) -> Callable[[], dict[str, str]]:
     from defenses.prompt import CoDefendPrompt
     from defenses.purifier import CoDefendPurifier, PurifierTraining
     from harness.plugins import get_plugins
-    from harness.victims.shapes_vlm import ShapesVLMConfig
+    from harness.victims.shapes_vlm import ShapesVLM
 
     plugins = get_plugins()
     spec = CoDefendPurifier().pair_spec(tiny_victim)
@@ -40,7 +41,7 @@ def keys(tiny_victim) -> Callable[[], dict[str, str]]:
     def compute() -> dict[str, str]:
         clear_code_version_cache()
         return {
-            "victim": ShapesVLMConfig().fingerprint(),
+            "victim": ShapesVLM().cache_dir.name,
             "ddpm": ShapesDDPMConfig().fingerprint(),
             "purifier": PurifierTraining().fingerprint({"pairs_code": spec.code_versions(plugins)}),
             "pairs": spec.fingerprint(["a-sample"], spec.code_versions(plugins)),
@@ -72,6 +73,7 @@ def _edit(monkeypatch: pytest.MonkeyPatch, module) -> None:
     (defenses.prompt, {"prompt"}),
     (attacks.pgd, {"purifier", "pairs", "prompt"}),  # the attack that makes the training pairs
     (defenses.diffpure, set()),  # the purifier samples with it; rows re-run, nothing retrains
+    (tasks.shapes_world, {"victim", "ddpm"}),  # makes their training data (the pairs key their samples by content)
     (harness.board, set()),  # renders rows, trains nothing
 ], ids=lambda v: getattr(v, "__name__", None))
 def test_editing_training_code_changes_exactly_the_checkpoints_it_trains(monkeypatch, keys, module, changed) -> None:

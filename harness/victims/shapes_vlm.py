@@ -37,6 +37,8 @@ SPECIAL_TOKENS = [PAD, BOS, SEP, EOS, UNK]
 # 2: eager attention and exact GELU in the decoder (weights trained under 1 are not reused);
 # 3: answers and captions decode in two batches of their own widths (same loss, other rounding)
 MODEL_FORMAT_VERSION = 3
+TRAINING_TASKS = ("vqav2", "coco_captions")
+"""The task plugins whose shapes-world samples it trains on (VQA answers, then captions)."""
 # At these sizes (head width 16, ~20 tokens) PyTorch's CPU flash-attention kernel and GPT-2's
 # tanh-GELU (a chain of small elementwise ops) cost more than the matrix products: eager
 # attention and the fused exact GELU make a training step 1.8x faster on 2 CPU cores
@@ -62,9 +64,12 @@ class ShapesVLMConfig:
     lr: float = 1e-3
     max_target_tokens: int = 16
 
-    def fingerprint(self) -> str:
-        # the modules that define and train the model: a checkpoint never outlives their code
-        code = files_code_version([__file__, reproducible.__file__])
+    def fingerprint(self, data_code: Any = None) -> str:
+        """The checkpoint key. ``data_code``: the code version of the task plugins whose samples
+        it trains on (:meth:`ShapesVLM.training_data_code`)."""
+        # the modules that define and train the model, and the code that makes its data: a
+        # checkpoint never outlives them
+        code = {"training": files_code_version([__file__, reproducible.__file__]), "data": data_code}
         blob = json.dumps({"format": MODEL_FORMAT_VERSION, "code": code, **asdict(self)}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -166,7 +171,11 @@ class ShapesVLM(PluginsUser):
     def cache_dir(self) -> Path:
         if self.checkpoint is not None:
             return self.checkpoint
-        return codefend_home() / "models" / f"shapes-vlm-{self.config.fingerprint()}"
+        return codefend_home() / "models" / f"shapes-vlm-{self.config.fingerprint(self.training_data_code())}"
+
+    def training_data_code(self) -> dict[str, str]:
+        """The code versions of the task plugins that make its training samples."""
+        return {name: self.plugins.tasks.get(name).code_version() for name in TRAINING_TASKS}
 
     def is_trained(self) -> bool:
         return (self.cache_dir / "model.safetensors").exists() and (self.cache_dir / "tokenizer.json").exists()
@@ -176,7 +185,7 @@ class ShapesVLM(PluginsUser):
         if self.checkpoint is not None:
             return []
         return [Preparation(
-            key=f"shapes-vlm-{self.config.fingerprint()}", label="train shapes-vlm",
+            key=self.cache_dir.name, label="train shapes-vlm",
             run=functools.partial(_prepare_shapes_vlm, self.config, self._device_name),
             cost=2.0 * self.config.steps * self.config.batch_size, done=self.is_trained,
         )]
@@ -440,6 +449,7 @@ def _per_sample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tor
 def _prepare_shapes_vlm(config: ShapesVLMConfig, device: str, *, plugins: Any) -> None:
     victim = ShapesVLM(device=device)
     victim.config = config
+    victim.bind_plugins(plugins)  # its key holds the code of the tasks it trains on
     if not victim.is_trained():
         with torch.enable_grad():
             train_shapes_vlm(config, victim.cache_dir, plugins.tasks, progress=False, device=device)
@@ -448,8 +458,7 @@ def _prepare_shapes_vlm(config: ShapesVLMConfig, device: str, *, plugins: Any) -
 def _training_samples(config: ShapesVLMConfig, tasks: Any) -> tuple[list[Sample], list[Sample]]:
     """The shapes world's train split, through the registered tasks' contract (the kernel
     imports no task package)."""
-    vqa = tasks.create("vqav2", {"data": "shapes"})
-    captions = tasks.create("coco_captions", {"data": "shapes"})
+    vqa, captions = (tasks.create(name, {"data": "shapes"}) for name in TRAINING_TASKS)
     return vqa.samples("train", None, seed=config.seed), captions.samples("train", None, seed=config.seed)
 
 
