@@ -2,9 +2,9 @@
 
 The board ranks defenses on the standard adaptive attack (harness/protocol.py). An attacker who
 knows the harness could try harder; this benchmark runs the standard attack and such variants
-through one defense, on the first ``--n`` VQA test questions of the offline world, and judges
-every variant's examples on the same ``--draws`` purification draws (the board's N-draw rule: a
-question counts only if every draw answers it). Variants:
+through one defense, on the first ``--n`` test samples of the offline world (VQA questions or, with
+``--task captions``, images to caption), and judges every variant's examples on the same
+``--draws`` purification draws (the board's N-draw rule: a sample scores its worst draw). Variants:
 
 - ``standard``: the protocol's attack (APGD on the text loss, EOT averaged over draws);
 - ``softmax-draws``: the loss over EOT draws aggregated by log-mean-exp (temperature 0.1)
@@ -109,7 +109,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--defense", default="codefend-purifier")
     parser.add_argument("--params", default="{}", help="the defense's parameters (JSON)")
-    parser.add_argument("--n", type=int, default=40, help="VQA test questions (the first of the seeded subset of 100)")
+    parser.add_argument("--task", choices=("vqa", "captions"), default="vqa")
+    parser.add_argument("--n", type=int, default=40, help="test samples (the first of the seeded subset of 100)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--eot", type=int, default=4)
     parser.add_argument("--draws", type=int, default=10)
@@ -129,7 +130,8 @@ def main() -> None:
     plugins = get_plugins()
     victim = plugins.victims.create("shapes-vlm", {})
     victim.load()
-    task = plugins.tasks.create("vqav2", {"data": "shapes"})
+    task = plugins.tasks.create("vqav2" if args.task == "vqa" else "coco_captions", {"data": "shapes"})
+    kind: TaskKind = "vqa" if args.task == "vqa" else "caption"
     samples = task.samples("test", 100, 0)[: args.n]
     defense = plugins.defenses.create(args.defense, json.loads(args.params))
     defense.bind(victim)
@@ -151,8 +153,8 @@ def main() -> None:
             with torch.no_grad():
                 purified = defense.purify(x, torch.Generator().manual_seed(10_000 + j))
                 asked = defense.rewrite(prompts)
-                outputs = victim.generate(purified, asked, "vqa", **soft_prompt_kwargs(defense, purified, asked))
-            scores.append([s["vqa_accuracy"] for s in task.score(outputs, samples)])
+                outputs = victim.generate(purified, asked, kind, **soft_prompt_kwargs(defense, purified, asked))
+            scores.append([s[task.metric] for s in task.score(outputs, samples)])
         table = torch.tensor(scores)
         return table[0], table.min(dim=0).values
 
@@ -164,13 +166,14 @@ def main() -> None:
             for i, refs in enumerate(references):
                 candidates = [a for a in vocabulary if a not in refs]
                 image = purified[i : i + 1].expand(len(candidates), -1, -1, -1)
-                losses = victim.loss(image, [prompts[i]] * len(candidates), candidates, "vqa")
+                losses = victim.loss(image, [prompts[i]] * len(candidates), candidates, kind)
                 chosen.append(candidates[int(losses.argmin())])
         return chosen
 
     clean_first, clean_all = judged(pixels)
     print(f"{args.defense} {args.params} route={route.method} eot={route.eot}"
-          f"{' ' + route.surrogate if route.surrogate else ''} | {args.n} questions, APGD-{args.steps}, {args.draws} draws")
+          f"{' ' + route.surrogate if route.surrogate else ''} | {args.n} {args.task} samples ({task.metric}), "
+          f"APGD-{args.steps}, {args.draws} draws")
     print(f"{'clean':>14}: single {clean_first.mean():.4f}  N-draw {clean_all.mean():.4f}")
     worst = None
     for variant in variants:
@@ -184,7 +187,7 @@ def main() -> None:
         elif variant == "restart":
             params["random_start"] = True
         elif variant == "all-references":
-            counts = [Counter(s.references) for s in samples]
+            counts = [Counter(s.references) if kind == "vqa" else Counter(set(s.references)) for s in samples]
             target = AllReferences(defended(), references,
                                    [[c[a] / sum(c.values()) for a in refs] for c, refs in zip(counts, references)])
         elif variant == "bpda":
@@ -193,7 +196,7 @@ def main() -> None:
             params["step_size_factor"] = 2.0
         attack = plugins.attacks.create("apgd", params)
         seeds = list(range(len(samples))) if variant != "restart" else [1000 + i for i in range(len(samples))]
-        batch = AttackBatch(pixels, prompts, [r[0] for r in references], "vqa", seeds=seeds)
+        batch = AttackBatch(pixels, prompts, [r[0] for r in references], kind, seeds=seeds)
         result = attack.perturb(target, batch, threat, torch.Generator().manual_seed(seeds[0]))
         assert (result.pixels - pixels).abs().max() <= args.eps + 1e-6
         first, every = judged(result.pixels)
