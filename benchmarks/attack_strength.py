@@ -17,6 +17,8 @@ through one defense, on the first ``--n`` test samples of the offline world (VQA
 - ``all-references``: the untargeted loss summed over every distinct reference answer, weighted
   by how many annotators gave it, so that the attack cannot settle on an answer that still earns
   partial VQA credit;
+- ``softmin-references``: the soft minimum of the references' losses, -log Σ exp(-loss): it
+  rises only when every acceptable answer becomes unlikely;
 - ``bpda``: the forward pass through the real defense, the backward pass through the identity
   (for a differentiable defense: does its exact gradient mask anything BPDA would find?);
 - ``step2``: APGD's first step at 2ε (AutoAttack's classifier default) instead of RobustVLM's ε.
@@ -44,7 +46,7 @@ from harness.adaptive import DefendedTarget, gradient_route, soft_prompt_kwargs
 from harness.contracts import AttackBatch, TaskKind, ThreatModel
 from harness.plugins import get_plugins
 
-VARIANTS = ("standard", "softmax-draws", "targeted", "restart", "all-references", "bpda", "step2")
+VARIANTS = ("standard", "softmax-draws", "targeted", "restart", "all-references", "softmin-references", "bpda", "step2")
 
 
 class SoftmaxOverDraws(DefendedTarget):
@@ -77,21 +79,24 @@ class TowardWrongAnswers:
 
 
 class AllReferences:
-    """An attack target whose loss is the annotator-weighted mean of the losses of every distinct
-    reference answer (the untargeted attack then pushes away from all of them at once)."""
+    """An attack target whose loss combines the losses of every distinct reference answer: their
+    annotator-weighted mean, or (``softmin``) a soft minimum, -log Σ exp(-loss), which the attack
+    raises only by pushing down the acceptable answer the victim finds likeliest."""
 
-    def __init__(self, inner: DefendedTarget, answers: list[list[str]], weights: list[list[float]]):
-        self.inner, self.answers, self.weights = inner, answers, weights
+    def __init__(self, inner: DefendedTarget, answers: list[list[str]], weights: list[list[float]], softmin: bool = False):
+        self.inner, self.answers, self.weights, self.softmin = inner, answers, weights, softmin
 
     def loss(self, pixels: torch.Tensor, prompts: Sequence[str], targets: Sequence[str], kind: TaskKind) -> torch.Tensor:
         width = max(len(a) for a in self.answers)
-        total = pixels.new_zeros(pixels.shape[0])
+        table = pixels.new_full((width, pixels.shape[0]), float("inf") if self.softmin else 0.0)
         for r in range(width):
             rows = [i for i, a in enumerate(self.answers) if r < len(a)]
             losses = self.inner.loss(pixels[rows], [prompts[i] for i in rows], [self.answers[i][r] for i in rows], kind)
-            weight = torch.tensor([self.weights[i][r] for i in rows], dtype=losses.dtype)
-            total = total.index_add(0, torch.tensor(rows), weight * losses)
-        return total
+            weight = torch.tensor([1.0 if self.softmin else self.weights[i][r] for i in rows], dtype=losses.dtype)
+            table = table.index_put((torch.full((len(rows),), r), torch.tensor(rows)), weight * losses)
+        if self.softmin:
+            return -torch.logsumexp(-table, dim=0)
+        return table.sum(dim=0)
 
     def generate(self, pixels: torch.Tensor, prompts: Sequence[str], kind: TaskKind) -> list[str]:
         return self.inner.generate(pixels, prompts, kind)
@@ -190,6 +195,8 @@ def main() -> None:
             counts = [Counter(s.references) if kind == "vqa" else Counter(set(s.references)) for s in samples]
             target = AllReferences(defended(), references,
                                    [[c[a] / sum(c.values()) for a in refs] for c, refs in zip(counts, references)])
+        elif variant == "softmin-references":
+            target = AllReferences(defended(), references, [[1.0] * len(refs) for refs in references], softmin=True)
         elif variant == "bpda":
             target = defended(IdentityBackward)
         elif variant == "step2":
