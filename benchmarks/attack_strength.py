@@ -117,6 +117,8 @@ def main() -> None:
     parser.add_argument("--task", choices=("vqa", "captions"), default="vqa")
     parser.add_argument("--n", type=int, default=40, help="test samples (the first of the seeded subset of 100)")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--restarts", type=int, default=0,
+                        help="APGD restarts of every variant (the task score picks each sample's worst run)")
     parser.add_argument("--eot", type=int, default=4)
     parser.add_argument("--draws", type=int, default=10)
     parser.add_argument("--eps", type=float, default=8 / 255)
@@ -183,7 +185,7 @@ def main() -> None:
     worst = None
     for variant in variants:
         started = time.perf_counter()
-        params: dict = {"steps": args.steps}
+        params: dict = {"steps": args.steps, "restarts": args.restarts}
         target: object = defended()
         if variant == "softmax-draws":
             target = defended(SoftmaxOverDraws)
@@ -203,7 +205,8 @@ def main() -> None:
             params["step_size_factor"] = 2.0
         attack = plugins.attacks.create("apgd", params)
         seeds = list(range(len(samples))) if variant != "restart" else [1000 + i for i in range(len(samples))]
-        batch = AttackBatch(pixels, prompts, [r[0] for r in references], kind, seeds=seeds)
+        batch = AttackBatch(pixels, prompts, [r[0] for r in references], kind, seeds=seeds, references=references,
+                            scorer=lambda outputs, idx: [s[task.metric] for s in task.score(list(outputs), [samples[i] for i in idx])])
         result = attack.perturb(target, batch, threat, torch.Generator().manual_seed(seeds[0]))
         assert (result.pixels - pixels).abs().max() <= args.eps + 1e-6
         first, every = judged(result.pixels)
