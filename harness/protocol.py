@@ -30,9 +30,11 @@ The protocol is declared here, once. Each default, and why:
   seeded subset of each task (the first ``samples`` of the task's own seeded subset), which gets
   its own interval. DiffHammer evaluates on 100-512 images.
 - ``convergence``: Carlini's checklist asks for attacks run to convergence. The standard attack
-  is re-run on the first ``samples`` of that subset with ``factor`` × the steps and ``factor`` ×
-  the EOT; a defense whose score then falls by more than the half-width of its adaptive
-  interval is flagged ``not-converged``.
+  is re-run on the first ``samples`` of that subset with ``factor`` × the steps, ``factor`` ×
+  the EOT and ``factor`` × the runs (restarts + 1); a defense whose score then falls by more than
+  the half-width of its adaptive interval is flagged ``not-converged``. The runs count because on
+  the offline world's undefended victim more restarts find what more steps do not
+  (docs/results/attack-strength.md).
 - ``surrogate_steps``: off by default (exact gradients through the whole sampler, with gradient
   checkpointing so memory does not grow with its length). When set, a defense that offers a
   cheaper surrogate process (:class:`~harness.contracts.SurrogateProcessDefense`) with more

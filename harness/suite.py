@@ -280,7 +280,9 @@ class Suite(_Strict):
                 params = dict(protocol.params)
                 steps_key = protocol.steps_param()
                 if steps_key:
-                    params[steps_key] = int(params.get(steps_key, 100)) * check.factor
+                    params[steps_key] = int(params[steps_key]) * check.factor
+                if "restarts" in params:  # factor x the runs, too: a restart finds what one run misses
+                    params["restarts"] = (int(params["restarts"]) + 1) * check.factor - 1
                 samples = min(check.samples, protocol.samples) if protocol.samples else check.samples
                 added.append(AttackSpec(
                     **{**base, "params": params, "eot": protocol.eot * check.factor, "samples": samples},

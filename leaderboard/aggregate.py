@@ -362,7 +362,7 @@ def sanity_flags(table: Table, rows: list[ResultRow]) -> list[Flag]:
             rerun = next(c for c, d in details.items() if d.role == "convergence" and c in row.samples)
             flags.append(Flag("not-converged", f"{rerun} lowers {standard} by {-row.convergence.mean_difference:.3f} on "
                               f"{row.convergence.n} samples, more than its interval's half-width: the adaptive number "
-                              "overstates robustness; raise adaptive.params.steps / adaptive.eot", row.defense, standard))
+                              "overstates robustness; raise adaptive.params.steps / adaptive.params.restarts / adaptive.eot", row.defense, standard))
     # 5. a gradient attack's loss must rise
     for condition, detail in details.items():
         if detail.access != "white-box" or condition == CLEAN or (detail.bounded and detail.eps == 0):

@@ -315,8 +315,8 @@ def test_the_protocol_expands_into_its_cells_on_a_seeded_subset_and_adds_the_pro
         assert {c.defense.label for c in by_role[role]} == defenses
         assert {c.threat.name for c in by_role[role]} == {"linf-8"}
     assert {c.task.n for c in by_role["standard"]} == {10} and {c.task.n for c in by_role["convergence"]} == {6}
-    (convergence,) = {(c.attack.params["steps"], c.attack.eot) for c in by_role["convergence"]}
-    assert convergence == (8, 4)  # steps and EOT doubled
+    (convergence,) = {(c.attack.params["steps"], c.attack.params["restarts"], c.attack.eot) for c in by_role["convergence"]}
+    assert convergence == (8, 3, 4)  # steps, runs (restarts + 1) and EOT doubled
     probes = {(c.attack.label, c.threat.name, c.threat.eps, c.defense.label, c.task.n) for c in by_role["probe"]}
     assert probes == {("pgd", "probe-eps0", 0.0, "none", 5), ("sloppy-noise", "probe-eps0", 0.0, "none", 5),
                       ("adaptive", "probe-large", 64 / 255, "none", 5)}
