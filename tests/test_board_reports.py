@@ -21,17 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import plugins as plugin_state
 from harness.contracts import Defense
 from harness.hookspecs import hookimpl
-from harness.plugins import load_plugins
-from harness.runner import run_suite
-from harness.store import Store
-from harness.suite import load_suite
 from leaderboard.aggregate import build_board
 from leaderboard.csv_report import CSVReporter
 from leaderboard.entries import JSONReporter, board_entries, validate_entries
 from leaderboard.html import render_html
+
+from suite_helpers import suite_run
 
 ARTIFACTS = Path(os.environ.get("CODEFEND_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
 
@@ -82,21 +79,8 @@ adaptive: {enabled: false, reason: "this board tests the masking flag on its own
 
 @pytest.fixture(scope="module")
 def board_store(trained_home, tmp_path_factory):
-    plugins = load_plugins(extra=[("masking-test", sys.modules[__name__])])
-    previous = plugin_state._loaded
-    plugin_state._loaded = plugins  # run_chunk looks plugins up process-wide
-    folder = tmp_path_factory.mktemp("masking")
-    (folder / "suite.yaml").write_text(SUITE)
-    store = Store(folder / "store.sqlite")
-    try:
-        run_suite(load_suite(folder / "suite.yaml", plugins), store, plugins=plugins, progress=False)
+    with suite_run(sys.modules[__name__], "masking-test", SUITE, tmp_path_factory.mktemp("masking")) as (_, store):
         yield store
-    finally:
-        store.close()
-        plugin_state._loaded = previous
-        from harness import runner
-
-        runner._components.clear()
 
 
 @pytest.fixture(scope="module")

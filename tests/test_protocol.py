@@ -18,19 +18,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import plugins as plugin_state
-from harness import runner
 from harness.adaptive import DefendedTarget, gradient_route
 from harness.contracts import Attack, AttackResult, Defense, Sample, ThreatModel
 from harness.hookspecs import hookimpl
 from harness.plugins import load_plugins
-from harness.runner import ThreatModelViolation, _score_cell, check_threat_model, run_suite
+from harness.runner import ThreatModelViolation, _score_cell, check_threat_model
 from harness.records import ResultRow
 from harness.store import Store
 from harness.suite import SuiteError, load_suite
 from leaderboard.aggregate import build_board
 from leaderboard.entries import board_entries
 from leaderboard.markdown import render_markdown
+
+from suite_helpers import suite_run
 
 
 class SloppyNoise(Attack):
@@ -90,19 +90,8 @@ adaptive: {params: {steps: 4}, eot: 2, draws: 4, samples: 10, threats: [linf-8],
 
 @pytest.fixture(scope="module")
 def protocol_run(trained_home, tmp_path_factory):
-    plugins = load_plugins(extra=[("protocol-test", sys.modules[__name__])])
-    previous = plugin_state._loaded
-    plugin_state._loaded = plugins
-    folder = tmp_path_factory.mktemp("protocol")
-    (folder / "suite.yaml").write_text(SUITE)
-    store = Store(folder / "store.sqlite")
-    try:
-        summary = run_suite(load_suite(folder / "suite.yaml", plugins), store, plugins=plugins, progress=False)
+    with suite_run(sys.modules[__name__], "protocol-test", SUITE, tmp_path_factory.mktemp("protocol")) as (summary, store):
         yield summary, store, build_board(store)
-    finally:
-        store.close()
-        plugin_state._loaded = previous
-        runner._components.clear()
 
 
 def test_an_attack_outside_its_ball_fails_its_cell_by_name_and_the_rest_completes(protocol_run) -> None:

@@ -14,14 +14,10 @@ import sys
 import pytest
 import torch
 
-from harness import plugins as plugin_state
-from harness import runner
 from harness.contracts import Attack, AttackResult, Defense
 from harness.hookspecs import hookimpl
-from harness.plugins import load_plugins
-from harness.runner import run_suite
-from harness.store import Store
-from harness.suite import load_suite
+
+from suite_helpers import suite_run
 
 PREDICTED: list[list[float]] = []
 """What the spying attack expects the defense's next draw to be (one list per attack call)."""
@@ -81,19 +77,10 @@ adaptive: {enabled: false, reason: "this test runs its own adaptive attack"}
 
 @pytest.mark.usefixtures("tiny_victim")
 def test_an_adaptive_attack_cannot_predict_the_evaluation_draws(tmp_path) -> None:
-    plugins = load_plugins(extra=[("secret-randomness-test", sys.modules[__name__])])
-    previous = plugin_state._loaded
-    plugin_state._loaded = plugins
-    (tmp_path / "suite.yaml").write_text(SUITE)
-    store = Store(tmp_path / "store.sqlite")
     PREDICTED.clear()
     DRAWN.clear()
-    try:
-        summary = run_suite(load_suite(tmp_path / "suite.yaml", plugins), store, plugins=plugins, progress=False)
-    finally:
-        store.close()
-        plugin_state._loaded = previous
-        runner._components.clear()
+    with suite_run(sys.modules[__name__], "secret-randomness-test", SUITE, tmp_path) as (summary, _):
+        pass
     assert not summary.failures, summary.failures
     assert len(PREDICTED) == 1, "the spy attacked one batch"
     # the evaluation purified the batch 3 times (3 draws), each with its own noise
