@@ -126,9 +126,10 @@ class APGD(Attack):
             pixels, objective, _ = self._run(target, sub, threat, generator, progress, True, sub.seeds)
             new_scores = self._scores(target, batch, pixels, active)
             for j, i in enumerate(active):
-                lower = new_scores is not None and scores is not None and new_scores[j] < scores[i]
-                tied = new_scores is None or scores is None or new_scores[j] == scores[i]
-                if lower or (tied and objective[j] > best_objective[i]):
+                # the task score decides; the objective breaks ties (and decides without a scorer)
+                old = (-scores[i] if scores is not None else 0.0, float(best_objective[i]))
+                new = (-new_scores[j] if new_scores is not None else 0.0, float(objective[j]))
+                if new > old:
                     best[i], best_objective[i] = pixels[j], objective[j]
                     if scores is not None and new_scores is not None:
                         scores[i] = new_scores[j]
