@@ -177,14 +177,15 @@ class PairSpec:
             "attacks": [plugins.attacks.get(a.attack).code_version() for a in self.attacks],
         }
 
-    def fingerprint(self, sample_digests: Sequence[str], code: dict[str, Any]) -> str:
+    def fingerprint(self, sample_digests: Sequence[str], code: dict[str, Any] | None) -> str:
         """Keyed by what the pairs are made of: the samples' content (not the task parameters,
         some of which, like METEOR on or off, change scoring but not samples), the attacks, the
-        victim's weights and ``code`` (:meth:`code_versions`)."""
+        victim's weights and ``code`` (:meth:`code_versions`). ``code=None``: the key the attacks'
+        random starts derive from, so that a code edit remakes the pairs without redrawing them."""
         blob = json.dumps(
             {
                 "format": PAIRS_FORMAT_VERSION,
-                "code": code,
+                **({"code": code} if code is not None else {}),
                 "victim": self.victim_fingerprint,
                 "attacks": [a.model_dump() for a in self.attacks],
                 "split": self.split,
@@ -278,8 +279,9 @@ def make_pairs(victim: Victim, spec: PairSpec, *, plugins: Any, progress: bool =
 
     tasks = [plugins.tasks.create(t.name, t.params) for t in spec.tasks]
     task_samples, leakage = training_samples(spec, tasks)
-    key = spec.fingerprint([_sample_digest(task, s) for task, samples in zip(tasks, task_samples) for s in samples],
-                           spec.code_versions(plugins))
+    digests = [_sample_digest(task, s) for task, samples in zip(tasks, task_samples) for s in samples]
+    key = spec.fingerprint(digests, spec.code_versions(plugins))
+    seed_key = spec.fingerprint(digests, None)
     path = codefend_home() / "pairs" / f"pairs-{key}.pt"
     if path.exists():
         cached = _load_cached_pairs(path)
@@ -319,7 +321,7 @@ def make_pairs(victim: Victim, spec: PairSpec, *, plugins: Any, progress: bool =
             clean = victim.prepare([s.image for s in chunk]).to(victim.device)
             chunk_prompts = [s.prompt for s in chunk]
             chunk_targets = [task.attack_targets(s)[0] for s in chunk]
-            seeds = [int(hashlib.sha256(f"{key}:{s.id}".encode()).hexdigest()[:15], 16) for s in chunk]
+            seeds = [int(hashlib.sha256(f"{seed_key}:{s.id}".encode()).hexdigest()[:15], 16) for s in chunk]
             batch = AttackBatch(clean, chunk_prompts, chunk_targets, task.kind, seeds=seeds,
                                 references=[list(task.attack_targets(s)) for s in chunk])
             result = attack.perturb(target, batch, threat, generator)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 
 import attacks.pgd
 import defenses.diffpure
@@ -100,3 +101,24 @@ def test_files_code_version_follows_content_not_location(tmp_path: Path) -> None
     assert version("a") != version("b")
     with pytest.raises(ValueError, match="at least one file"):
         files_code_version([])
+
+
+def test_a_code_edit_remakes_training_pairs_without_redrawing_their_random_starts(tiny_victim, monkeypatch) -> None:
+    """The pairs' cache key holds the code; their attacks' random starts do not: an edit that
+    changes nothing in what the attack computes must remake the same pairs."""
+    from defenses.training_pairs import PairSpec, PairTask, make_pairs, parse_pair_attacks
+    from harness.paths import codefend_home
+    from harness.plugins import get_plugins
+
+    spec = PairSpec(victim_fingerprint=tiny_victim.fingerprint,
+                    attacks=parse_pair_attacks([{"attack": "pgd", "params": {"steps": 2}, "eps": 8 / 255}]),
+                    tasks=(PairTask(name="vqav2"),), split="train", per_task=4, seed=5)
+    cache = codefend_home() / "pairs"
+    before = make_pairs(tiny_victim, spec, plugins=get_plugins(), progress=False)
+    cached = set(cache.glob("pairs-*.pt"))
+    real = PairSpec.code_versions
+    monkeypatch.setattr(PairSpec, "code_versions", lambda self, plugins: {**real(self, plugins), "pairs": "src:edited"})
+    after = make_pairs(tiny_victim, spec, plugins=get_plugins(), progress=False)
+    assert len(set(cache.glob("pairs-*.pt")) - cached) == 1  # made again under a new key, not read back
+    assert torch.equal(before.adversarial, after.adversarial)  # random starts (PGD's) drawn the same
+    assert not torch.equal(before.adversarial, before.clean)
