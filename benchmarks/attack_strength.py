@@ -21,7 +21,10 @@ through one defense, on the first ``--n`` test samples of the offline world (VQA
   rises only when every acceptable answer becomes unlikely;
 - ``bpda``: the forward pass through the real defense, the backward pass through the identity
   (for a differentiable defense: does its exact gradient mask anything BPDA would find?);
-- ``step2``: APGD's first step at 2ε (AutoAttack's classifier default) instead of RobustVLM's ε.
+- ``step2``: APGD's first step at 2ε (AutoAttack's classifier default) instead of RobustVLM's ε;
+- ``grafted``: DiffHammer's gradient grafting (the suite option ``adaptive: {grafting: true}``):
+  the EOT draws' gradients at the purified images, averaged, go back through one draw's
+  purification (one backward pass through the purifier per step instead of one per draw).
 
 ``union`` is the per-question worst over all of them (the board's robust column works the same
 way over its conditions). Flags change the budget (``--steps``, ``--eot``), attack through a
@@ -46,7 +49,8 @@ from harness.adaptive import DefendedTarget, gradient_route, soft_prompt_kwargs
 from harness.contracts import AttackBatch, TaskKind, ThreatModel
 from harness.plugins import get_plugins
 
-VARIANTS = ("standard", "softmax-draws", "targeted", "restart", "all-references", "softmin-references", "bpda", "step2")
+VARIANTS = ("standard", "softmax-draws", "targeted", "restart", "all-references", "softmin-references", "bpda", "step2",
+            "grafted")
 
 
 class SoftmaxOverDraws(DefendedTarget):
@@ -203,6 +207,9 @@ def main() -> None:
             target = defended(IdentityBackward)
         elif variant == "step2":
             params["step_size_factor"] = 2.0
+        elif variant == "grafted":
+            target = DefendedTarget(victim, defense, gradient_route(defense, args.eot, args.surrogate_steps, grafting=True),
+                                    torch.Generator().manual_seed(0), surrogate_steps=args.surrogate_steps)
         attack = plugins.attacks.create("apgd", params)
         seeds = list(range(len(samples))) if variant != "restart" else [1000 + i for i in range(len(samples))]
         batch = AttackBatch(pixels, prompts, [r[0] for r in references], kind, seeds=seeds, references=references,

@@ -158,8 +158,7 @@ def _route_text(plugins: Plugins, defense_spec: Any, protocol: Any) -> str:
     from harness.adaptive import gradient_route
 
     defense = plugins.defenses.create(defense_spec.name, defense_spec.params)
-    route = gradient_route(defense, protocol.eot, protocol.surrogate_steps)
-    return route.method + (f", EOT {route.eot}" if route.eot > 1 else "") + (f", {route.surrogate}" if route.surrogate else "")
+    return gradient_route(defense, protocol.eot, protocol.surrogate_steps, protocol.grafting).describe()
 
 
 def _positive_float(text: str) -> float:

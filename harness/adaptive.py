@@ -14,6 +14,13 @@ How the gradient gets through the defense is the defense's own declaration:
 - ``stochastic = True``: EOT — the loss is averaged over ``eot`` independent draws of the defense.
   The draws run as one batch (the images tiled ``eot`` times): one purification and one victim
   pass per step instead of ``eot``, with independent noise per copy, so the average is exact.
+- gradient grafting (DiffHammer, NeurIPS 2024), when the suite asks for it: every EOT draw's
+  gradient with respect to its purified image is averaged and sent back through *one* draw's
+  purification. The exact EOT gradient is the mean over draws of J_i^T g_i (J_i the purifier's
+  Jacobian at draw i, g_i the victim's gradient at draw i's output); grafting uses
+  J_0^T mean(g_i). The other draws run forward without a graph, so the costly backward pass
+  through a long sampler runs once per step instead of once per draw. It is exact when the
+  Jacobian does not depend on the noise, an approximation otherwise, and the board labels it.
 - a surrogate process (:class:`~harness.contracts.SurrogateProcessDefense`, Lee & Kim 2023), when
   the suite asks for one: the attack differentiates a cheaper process with the same noise level;
   ``generate`` (and the runner's evaluation) still run the real defense.
@@ -38,13 +45,24 @@ class GradientRoute:
     surrogate: str | None = None
     """Set when the gradient goes through a surrogate process: what it is (e.g. ``ddpm, 2 steps
     at the same t*``); the board labels such columns."""
+    grafted: bool = False
+    """The EOT draws' gradients are grafted onto one draw's backward pass (DiffHammer); only
+    with more than one draw."""
+
+    def describe(self) -> str:
+        """The route in words, as ``codefend validate`` and the board show it."""
+        return (self.method + (f", EOT {self.eot}" if self.eot > 1 else "")
+                + (" grafted onto one draw's backward pass" if self.grafted else "")
+                + (f", {self.surrogate}" if self.surrogate else ""))
 
 
-def gradient_route(defense: Defense, eot: int | None, surrogate_steps: int | None = None) -> GradientRoute:
+def gradient_route(defense: Defense, eot: int | None, surrogate_steps: int | None = None,
+                   grafting: bool = False) -> GradientRoute:
     """The route an adaptive attack takes through ``defense``. ``eot`` overrides the defense's
     own draw count for stochastic defenses; a deterministic one always gets a single draw.
     ``surrogate_steps``: attack through the defense's surrogate process when it has more network
-    evaluations than this."""
+    evaluations than this. ``grafting``: graft the EOT draws' gradients onto one backward pass
+    through the defense (a deterministic defense has one draw, so nothing to graft)."""
     check_defense_declarations(type(defense).__name__, defense)
     if defense.differentiable:
         method = "exact"
@@ -60,7 +78,8 @@ def gradient_route(defense: Defense, eot: int | None, surrogate_steps: int | Non
     if (surrogate_steps is not None and method == "exact" and isinstance(defense, SurrogateProcessDefense)
             and defense.passes_per_sample() > surrogate_steps):
         surrogate = f"surrogate process: {surrogate_steps} of {defense.passes_per_sample()} network evaluations at the same noise level"
-    return GradientRoute(method=method, eot=max(1, draws), surrogate=surrogate)
+    draws = max(1, draws)
+    return GradientRoute(method=method, eot=draws, surrogate=surrogate, grafted=grafting and draws > 1)
 
 
 def soft_prompt_kwargs(defense: Defense, pixels: torch.Tensor, prompts: Sequence[str]) -> dict[str, Any]:
@@ -104,6 +123,8 @@ class DefendedTarget:
 
     def loss(self, pixels: torch.Tensor, prompts: Sequence[str], targets: Sequence[str], kind: TaskKind) -> torch.Tensor:
         prompts = self.defense.rewrite(prompts)
+        if self.route.grafted and torch.is_grad_enabled():
+            return self._grafted_loss(pixels, prompts, targets, kind)
         n, draws = pixels.shape[0], self.route.eot
         per_call = min(draws, self.eot_batch or draws)
         total = pixels.new_zeros(n)
@@ -118,6 +139,33 @@ class DefendedTarget:
             total = total + losses.view(k, n).sum(dim=0)
             done += k
         return total / draws
+
+    def _grafted_loss(self, pixels: torch.Tensor, prompts: Sequence[str], targets: Sequence[str],
+                      kind: TaskKind) -> torch.Tensor:
+        """The EOT mean of the loss, with the gradient J_0^T mean(g_i) (see the module docstring):
+        the first draw's purification keeps its graph, the others run without one, and the victim's
+        gradient at every draw's purified image is averaged onto the first draw's."""
+        n, draws = pixels.shape[0], self.route.eot
+        per_call = min(draws, self.eot_batch or draws)
+        anchor = self._purify(pixels)
+        total = pixels.new_zeros(n)
+        gradient_sum = torch.zeros_like(anchor)
+        done = 0
+        while done < draws:
+            k = min(per_call, draws - done)
+            with torch.no_grad():
+                rest = k - 1 if done == 0 else k
+                others = self._purify(pixels.detach().repeat(rest, 1, 1, 1)) if rest else anchor.detach()[:0]
+            purified = (torch.cat([anchor.detach(), others]) if done == 0 else others).requires_grad_(True)
+            extra = soft_prompt_kwargs(self.defense, purified, list(prompts) * k)
+            losses = self.victim.loss(purified, list(prompts) * k, list(targets) * k, kind, **extra)
+            (gradient,) = torch.autograd.grad(losses.sum(), purified)
+            total = total + losses.detach().view(k, n).sum(dim=0)
+            gradient_sum = gradient_sum + gradient.view(k, *anchor.shape).sum(dim=0)
+            done += k
+        grafted = (anchor * (gradient_sum / draws)).flatten(1).sum(dim=1)
+        # the value is the EOT mean; the gradient is the grafted one
+        return total / draws + grafted - grafted.detach()
 
     def generate(self, pixels: torch.Tensor, prompts: Sequence[str], kind: TaskKind) -> list[str]:
         with torch.no_grad():

@@ -118,7 +118,7 @@ def _oblivious_identity(cell: Cell) -> str:
 
 def _adaptive_identity(cell: Cell) -> str:
     """Adaptive cells that attack identically (the standard attack and its N-draw evaluation)."""
-    return digest_json([_oblivious_identity(cell), cell.attack.eot, cell.attack.surrogate_steps,
+    return digest_json([_oblivious_identity(cell), cell.attack.eot, cell.attack.surrogate_steps, cell.attack.grafting,
                         cell.defense.name, cell.defense.params])[:16]
 
 
@@ -186,9 +186,11 @@ def plan(suite: Suite, plugins: Plugins, task_sizes: dict[str, int]) -> WorkGrap
         if cell.attack.name != "none" and cell.attack.adaptive:
             producer = producers.setdefault(_adaptive_identity(cell), index)
             if producer == index:
-                route = gradient_route(defense, cell.attack.eot, cell.attack.surrogate_steps)
+                route = gradient_route(defense, cell.attack.eot, cell.attack.surrogate_steps, cell.attack.grafting)
                 calls = defense.passes_per_sample()
-                attack_cost = (forward + backward) * route.eot * (1 + calls)
+                # grafting: one backward pass through the defense per step instead of one per draw
+                attack_cost = (forward * route.eot * (1 + calls)
+                               + backward * (route.eot + calls * (1 if route.grafted else route.eot)))
         chunks = math.ceil(n / batch)
         row_ids = []
         for k in range(chunks):

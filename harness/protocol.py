@@ -40,6 +40,12 @@ The protocol is declared here, once. Each default, and why:
   cheaper surrogate process (:class:`~harness.contracts.SurrogateProcessDefense`) with more
   network calls than this is attacked through that surrogate (Lee & Kim: same noise level,
   fewer denoising steps); the evaluation still runs the real defense, and the board labels it.
+- ``grafting``: off by default (the exact EOT gradient: one backward pass through the defense per
+  draw). When on, the EOT draws' gradients at the purified images are averaged and sent back
+  through one draw's purification (DiffHammer's gradient grafting, :mod:`harness.adaptive`): one
+  backward pass through the sampler per step instead of ``eot``. It is an approximation where the
+  purifier's Jacobian depends on its noise; the board labels it, and
+  docs/results/attack-strength.md measures it against the exact gradient.
 
 A suite changes any of these under ``adaptive:``, or turns the protocol off with
 ``adaptive: {enabled: false, reason: "..."}``; the board then says "no adaptive evaluation" and
@@ -92,6 +98,7 @@ class AdaptiveProtocol(BaseModel):
     """Tasks to run it on (names or labels; default: every task). A task left out gets no
     adaptive evaluation, and its board says so."""
     surrogate_steps: int | None = Field(default=None, gt=0)
+    grafting: bool = False
     convergence: Convergence = Field(default_factory=Convergence)
 
     @model_validator(mode="after")

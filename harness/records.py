@@ -45,6 +45,8 @@ class AttackInfo(BaseModel):
     eot: int | None = Field(None, description="adaptive rows: expectation-over-transformation draws per step")
     surrogate_process: str | None = Field(
         None, description="adaptive rows attacked through a surrogate process (Lee & Kim): what it is")
+    eot_grafting: bool = Field(False, description="adaptive rows: the EOT draws' gradients were grafted onto one "
+                                                  "backward pass through the defense (DiffHammer), not exact")
     access: Literal["white-box", "query", "transfer", "none"] = Field(
         "none", description="what the attack used of the victim; a transfer attack whose surrogate is the victim is white-box")
     role: AttackRole = Field("suite", description="suite (declared in the suite), or which cell of the standard "

@@ -197,7 +197,8 @@ def _attacked_input(cell: Cell, victim_fp: str, sample: Sample, code: CodeVersio
     """Everything that determines a sample's attacked image (the defense only when adaptive)."""
     adaptive = (
         {"defense": cell.defense.name, "defense_params": cell.defense.params, "eot": cell.attack.eot,
-         "surrogate_steps": cell.attack.surrogate_steps, "defense_code": code["defense"]}
+         "surrogate_steps": cell.attack.surrogate_steps, "grafting": cell.attack.grafting,
+         "defense_code": code["defense"]}
         if cell.attack.adaptive
         else {}
     )
@@ -328,7 +329,8 @@ def run_chunk(chunk: Chunk, plugins: Plugins | None = None) -> ChunkOutcome:
     defense.bind(victim)
 
     clean = victim.prepare([s.image for s in chunk.samples]).to(victim.device)
-    route = gradient_route(defense, cell.attack.eot, cell.attack.surrogate_steps) if cell.attack.adaptive else None
+    route = (gradient_route(defense, cell.attack.eot, cell.attack.surrogate_steps, cell.attack.grafting)
+             if cell.attack.adaptive else None)
     # The defender's randomness is secret: an adaptive attack draws the defense's noise from its
     # own generator, never from the one that purifies for evaluation (an attack that could read
     # or advance that state would know the evaluation's noise in advance).
@@ -415,7 +417,7 @@ def _attack_info(cell: Cell, victim: Victim, attack: Any, defense: Any, route: A
     return AttackInfo(
         name=cell.attack.name, params=cell.attack.params, mode="adaptive" if route else "oblivious",
         gradient=route.method if route else None, eot=route.eot if route else None,
-        surrogate_process=route.surrogate if route else None,
+        surrogate_process=route.surrogate if route else None, eot_grafting=bool(route and route.grafted),
         access=access, role=cell.attack.role, draws=draws, training_label=label, seen_in_training=label == "seen",
         **({"surrogate": attack.surrogate, "surrogate_is_victim": surrogate_is_victim}
            if isinstance(attack, TransferAttack) else {}),

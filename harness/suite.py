@@ -173,6 +173,9 @@ class AttackSpec(_Strict):
     surrogate_steps: int | None = Field(default=None, gt=0)
     """Adaptive only: attack through a defense's surrogate process with at most this many network
     evaluations, where it offers one (see :mod:`harness.protocol`)."""
+    grafting: bool = False
+    """Adaptive only: graft the EOT draws' gradients onto one backward pass through the defense
+    (DiffHammer; see :mod:`harness.protocol`)."""
     role: AttackRole = "suite"
     """Set by the harness for the attacks it adds (:mod:`harness.protocol`); suites leave it."""
 
@@ -269,7 +272,7 @@ class Suite(_Strict):
         if protocol.enabled and threats:
             base = dict(name=protocol.attack, params=dict(protocol.params), threats=threats, adaptive=True,
                         eot=protocol.eot, samples=protocol.samples, surrogate_steps=protocol.surrogate_steps,
-                        tasks=protocol.tasks)
+                        grafting=protocol.grafting, tasks=protocol.tasks)
             added.append(AttackSpec(id=STANDARD_LABEL, role="standard", **base))
             if protocol.draws > 1:
                 added.append(AttackSpec(id=f"{STANDARD_LABEL}-N{protocol.draws}", role="n-draw", draws=protocol.draws, **base))
@@ -582,6 +585,8 @@ def _check_plugins(path: Path, suite: Suite, plugins: Plugins, device_notes: lis
             raise SuiteError(path, f"{key}.eot", "eot (expectation over transformation) only applies with adaptive: true")
         if attack.surrogate_steps is not None and not attack.adaptive:
             raise SuiteError(path, f"{key}.surrogate_steps", "a surrogate process only applies with adaptive: true")
+        if attack.grafting and not attack.adaptive:
+            raise SuiteError(path, f"{key}.grafting", "gradient grafting (over EOT draws) only applies with adaptive: true")
         for field_name, declared in (("defenses", [d.label for d in suite.defenses]),
                                      ("tasks", sorted({t.name for t in suite.tasks} | {t.label for t in suite.tasks})),
                                      ("victims", sorted({v.name for v in suite.victims}))):
@@ -714,12 +719,14 @@ def estimate_passes(suite: Suite, plugins: Plugins, sample_counts: dict[int, int
                     for defense in defenses:
                         draws = attack.draws if defense.stochastic else 1
                         if attacks_itself and attack.adaptive:
-                            route = gradient_route(defense, attack.eot, attack.surrogate_steps)
+                            route = gradient_route(defense, attack.eot, attack.surrogate_steps, attack.grafting)
                             calls = defense.passes_per_sample()
                             if route.surrogate is not None and attack.surrogate_steps is not None:
                                 calls = min(calls, attack.surrogate_steps)
                             fwd += f * n * route.eot * (1 + calls)
-                            bwd += b * n * route.eot * (1 + (calls if route.method == "exact" else 0))
+                            # grafting: every draw's backward pass through the victim, one through the defense
+                            through_defense = calls if route.method == "exact" else 0
+                            bwd += b * n * (route.eot + through_defense * (1 if route.grafted else route.eot))
                         purify += defense.passes_per_sample() * n * draws
                         gen += n * draws
                 if attack.role != "suite":

@@ -12,6 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from harness.adaptive import GradientRoute
 from harness.records import ResultRow
 from harness.store import Store
 from harness.board import (  # noqa: F401 - re-exported: the board's types are the kernel's
@@ -257,8 +258,8 @@ def _condition(name: str, rows: list[ResultRow]) -> Condition:
         info = r.record.attack
         if info.mode == "adaptive":
             eot = info.eot or 1
-            routes[r.defense] = ((info.gradient or "?") + (f", EOT {eot}" if eot > 1 else "")
-                                 + (f", {info.surrogate_process}" if info.surrogate_process else ""))
+            routes[r.defense] = GradientRoute(method=info.gradient or "?", eot=eot, surrogate=info.surrogate_process,
+                                              grafted=info.eot_grafting).describe()
         if info.targeted:
             target_text = info.targeted.text
             success[r.defense].append(info.targeted.success)
