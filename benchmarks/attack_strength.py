@@ -22,6 +22,9 @@ through one defense, on the first ``--n`` test samples of the offline world (VQA
 - ``bpda``: the forward pass through the real defense, the backward pass through the identity
   (for a differentiable defense: does its exact gradient mask anything BPDA would find?);
 - ``step2``: APGD's first step at 2ε (AutoAttack's classifier default) instead of RobustVLM's ε;
+- ``lowfreq``: APGD on a ``--lowfreq-size`` square perturbation, upsampled bilinearly to the
+  image (the same L∞ ball): purification by noising and denoising washes out high frequencies
+  first, so a low-frequency perturbation may survive it (DiffBreak's low-frequency attack);
 - ``grafted``: DiffHammer's gradient grafting (the suite option ``adaptive: {grafting: true}``):
   the EOT draws' gradients at the purified images, averaged, go back through one draw's
   purification (one backward pass through the purifier per step instead of one per draw).
@@ -50,7 +53,7 @@ from harness.contracts import AttackBatch, TaskKind, ThreatModel
 from harness.plugins import get_plugins
 
 VARIANTS = ("standard", "softmax-draws", "targeted", "restart", "all-references", "softmin-references", "bpda", "step2",
-            "grafted")
+            "grafted", "lowfreq")
 
 
 class SoftmaxOverDraws(DefendedTarget):
@@ -106,6 +109,29 @@ class AllReferences:
         return self.inner.generate(pixels, prompts, kind)
 
 
+class LowFrequency:
+    """An attack target over a low-resolution perturbation: APGD moves ``u`` (size × size, centred
+    on 0.5, so the ball around 0.5 stays inside [0,1]) and the image is the clean one plus the
+    bilinear upsampling of ``u - 0.5``, clipped to [0,1]. Upsampling never exceeds the largest
+    coefficient, so the image stays in the same L∞ ball. Purifiers that add noise and denoise
+    wash out high frequencies first (DiffBreak's low-frequency attack)."""
+
+    def __init__(self, inner: DefendedTarget, clean: torch.Tensor):
+        self.inner, self.clean = inner, clean
+
+    def image(self, u: torch.Tensor) -> torch.Tensor:
+        delta = torch.nn.functional.interpolate(u - 0.5, size=self.clean.shape[-2:], mode="bilinear", align_corners=True)
+        if u.shape[0] != self.clean.shape[0]:
+            raise SystemExit("the lowfreq variant runs without restarts (its target cannot tell a sub-batch's images)")
+        return (self.clean + delta).clamp(0, 1)
+
+    def loss(self, u: torch.Tensor, prompts: Sequence[str], targets: Sequence[str], kind: TaskKind) -> torch.Tensor:
+        return self.inner.loss(self.image(u), prompts, targets, kind)
+
+    def generate(self, u: torch.Tensor, prompts: Sequence[str], kind: TaskKind) -> list[str]:
+        return self.inner.generate(self.image(u), prompts, kind)
+
+
 class IdentityBackward(DefendedTarget):
     """BPDA through the identity even for a differentiable defense."""
 
@@ -129,6 +155,7 @@ def main() -> None:
     parser.add_argument("--surrogate-steps", type=int, default=None)
     parser.add_argument("--bpda-identity", action="store_true", help="BPDA through the identity (the weaker route)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--lowfreq-size", type=int, default=8, help="the lowfreq variant's perturbation resolution")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -207,14 +234,21 @@ def main() -> None:
             target = defended(IdentityBackward)
         elif variant == "step2":
             params["step_size_factor"] = 2.0
+        elif variant == "lowfreq":
+            target = LowFrequency(defended(), pixels)
         elif variant == "grafted":
             target = DefendedTarget(victim, defense, gradient_route(defense, args.eot, args.surrogate_steps, grafting=True),
                                     torch.Generator().manual_seed(0), surrogate_steps=args.surrogate_steps)
         attack = plugins.attacks.create("apgd", params)
         seeds = list(range(len(samples))) if variant != "restart" else [1000 + i for i in range(len(samples))]
-        batch = AttackBatch(pixels, prompts, [r[0] for r in references], kind, seeds=seeds, references=references,
+        start = (torch.full((len(samples), 3, args.lowfreq_size, args.lowfreq_size), 0.5) if variant == "lowfreq"
+                 else pixels)
+        batch = AttackBatch(start, prompts, [r[0] for r in references], kind, seeds=seeds, references=references,
                             scorer=lambda outputs, idx: [s[task.metric] for s in task.score(list(outputs), [samples[i] for i in idx])])
         result = attack.perturb(target, batch, threat, torch.Generator().manual_seed(seeds[0]))
+        if variant == "lowfreq":
+            assert isinstance(target, LowFrequency)
+            result.pixels = target.image(result.pixels).detach()
         assert (result.pixels - pixels).abs().max() <= args.eps + 1e-6
         first, every = judged(result.pixels)
         worst = every if worst is None else torch.minimum(worst, every)

@@ -367,7 +367,12 @@ class AttackTarget(Protocol):
 
     def loss(
         self, pixels: torch.Tensor, prompts: Sequence[str], targets: Sequence[str], kind: TaskKind
-    ) -> torch.Tensor: ...
+    ) -> torch.Tensor:
+        """One loss per sample (the attack raises it). Its gradient with respect to ``pixels`` is
+        what the attack follows: through a defense, the route the defense declares (exact, BPDA,
+        the mean over EOT draws, or, when the suite asks, those draws grafted onto one backward
+        pass; :mod:`harness.adaptive`)."""
+        ...
 
     def generate(self, pixels: torch.Tensor, prompts: Sequence[str], kind: TaskKind) -> list[str]: ...
 
