@@ -112,6 +112,9 @@ class BoardRow:
     checked)."""
     convergence: PairedComparison | None = None
     """The larger-budget re-run against the standard attack, on the re-run's samples."""
+    convergence_reference: str | None = None
+    """The condition the re-run was compared with: the standard attack's N-draw evaluation when
+    the re-run is judged over N draws (stochastic defenses), else the standard attack."""
     versus_next: PairedComparison | None = None
     """This row against the next one down, on their robust (ranking) scores."""
     provenance: dict = field(default_factory=dict)

@@ -31,8 +31,12 @@ The protocol is declared here, once. Each default, and why:
   its own interval. DiffHammer evaluates on 100-512 images.
 - ``convergence``: Carlini's checklist asks for attacks run to convergence. The standard attack
   is re-run on the first ``samples`` of that subset with ``factor`` × the steps, ``factor`` ×
-  the EOT and ``factor`` × the runs (restarts + 1); a defense whose score then falls by more than
-  the half-width of its adaptive interval is flagged ``not-converged``. The runs count because on
+  the EOT and ``factor`` × the runs (restarts + 1), and judged over ``draws`` purification draws
+  like the N-draw number the board ranks on; a defense whose score then falls by more than the
+  half-width of its adaptive interval (the N-draw one for stochastic defenses) is flagged
+  ``not-converged``. On the offline world a larger EOT leaves the purifier's single-draw score
+  where it was and still lowers its 10-draw score (docs/results/attack-strength.md), so a check
+  on one draw would miss what the ranking sees. The runs count because on
   the offline world's undefended victim more restarts find what more steps do not
   (docs/results/attack-strength.md).
 - ``surrogate_steps``: off by default (exact gradients through the whole sampler, with gradient

@@ -287,9 +287,12 @@ class Suite(_Strict):
                 if "restarts" in params:  # factor x the runs, too: a restart finds what one run misses
                     params["restarts"] = (int(params["restarts"]) + 1) * check.factor - 1
                 samples = min(check.samples, protocol.samples) if protocol.samples else check.samples
+                # judged over as many draws as the ranking's N-draw number, so the check watches
+                # the number the board ranks on (a larger budget can leave one draw's score
+                # where it was and still break more samples in some draw)
                 added.append(AttackSpec(
                     **{**base, "params": params, "eot": protocol.eot * check.factor, "samples": samples},
-                    id=f"{STANDARD_LABEL}-{check.factor}x", role="convergence",
+                    id=f"{STANDARD_LABEL}-{check.factor}x", role="convergence", draws=protocol.draws,
                 ))
         if self.sanity_probes.enabled:
             probes = self.sanity_probes

@@ -133,20 +133,23 @@ def _no_adaptive_reason(store: Store, table: Table) -> str:
 
 def _check_convergence(table: Table, row: BoardRow) -> None:
     """Carlini's 'run to convergence': the re-run with more steps and EOT must not find more than
-    the standard attack's interval half-width."""
+    the standard attack's interval half-width. A re-run judged over N draws is compared with the
+    standard attack's N-draw evaluation (what the ranking uses for stochastic defenses), one
+    judged on one draw with the standard attack itself."""
     for condition, detail in table.details.items():
         if detail.role != "convergence" or condition not in row.samples:
             continue
-        standard = next((c for c, d in table.details.items() if d.role == "standard" and d.threat == detail.threat
-                         and c in row.samples), None)
-        if standard is None:
+        roles = ("n-draw", "standard") if detail.draws > 1 else ("standard",)
+        reference = next((c for role in roles for c, d in table.details.items()
+                          if d.role == role and d.threat == detail.threat and c in row.samples), None)
+        if reference is None:
             continue
-        comparison = paired_comparison(row.samples[condition], row.samples[standard])
-        interval = row.scores[standard].ci
+        comparison = paired_comparison(row.samples[condition], row.samples[reference])
+        interval = row.scores[reference].ci
         if comparison is None or interval is None:
             continue
         half_width = (interval.high - interval.low) / 2
-        row.convergence = comparison
+        row.convergence, row.convergence_reference = comparison, reference
         moved = comparison.mean_difference < -half_width
         row.converged = (row.converged is not False) and not moved
 
@@ -359,11 +362,12 @@ def sanity_flags(table: Table, rows: list[ResultRow]) -> list[Flag]:
     # 6. the standard adaptive attack must have converged (more steps and EOT find no more)
     for row in table.rows:
         if row.converged is False and row.convergence is not None:
-            standard = next(c for c, d in details.items() if d.role == "standard" and c in row.samples)
+            reference = row.convergence_reference
+            assert reference is not None  # set with row.convergence
             rerun = next(c for c, d in details.items() if d.role == "convergence" and c in row.samples)
-            flags.append(Flag("not-converged", f"{rerun} lowers {standard} by {-row.convergence.mean_difference:.3f} on "
+            flags.append(Flag("not-converged", f"{rerun} lowers {reference} by {-row.convergence.mean_difference:.3f} on "
                               f"{row.convergence.n} samples, more than its interval's half-width: the adaptive number "
-                              "overstates robustness; raise adaptive.params.steps / adaptive.params.restarts / adaptive.eot", row.defense, standard))
+                              "overstates robustness; raise adaptive.params.steps / adaptive.params.restarts / adaptive.eot", row.defense, reference))
     # 5. a gradient attack's loss must rise
     for condition, detail in details.items():
         if detail.access != "white-box" or condition == CLEAN or (detail.bounded and detail.eps == 0):

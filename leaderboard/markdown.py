@@ -57,7 +57,8 @@ ROLE_NOTES = {
     "n-draw": "the standard adaptive attack's examples, each judged over independent purification draws: "
               "a sample counts only if every draw survives (deterministic defenses: one draw)",
     "clean-n-draw": "clean images over independent purification draws: how often randomness alone flips an answer",
-    "convergence": "the standard attack re-run with more steps, restarts and EOT on a subset: the convergence check",
+    "convergence": "the standard attack re-run with more steps, restarts and EOT on a subset, judged over as many "
+                   "draws as its N-draw evaluation: the convergence check",
     "probe": "a sanity probe on the undefended victim (Carlini et al. 2019)",
 }
 

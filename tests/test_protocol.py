@@ -146,6 +146,21 @@ def test_stochastic_defenses_show_single_n_draw_and_clean_n_draw_numbers(protoco
     assert jpeg_rows and all(r.record.attack.draws == 1 for r in jpeg_rows)
 
 
+def test_the_convergence_check_judges_the_number_the_board_ranks_on(protocol_run) -> None:
+    _, store, board = protocol_run
+    (table,) = board.tables
+    rerun = [r for r in store.results() if r.attack == "adaptive-2x"]
+    # judged over the N draws of the ranking for the stochastic defense, once for the others
+    assert {r.record.attack.draws for r in rerun if r.defense == "coin-flip"} == {4}
+    assert {r.record.attack.draws for r in rerun if r.defense != "coin-flip"} == {1}
+    coin = next(r for r in table.rows if r.defense == "coin-flip")
+    assert coin.convergence_reference == "adaptive-N4@linf-8"
+    assert coin.convergence is not None and coin.convergence.n == 6
+    # coin-flip blanks ~half its draws: over 4 draws nearly every re-run sample falls, as in its N-draw number
+    assert sum(coin.samples["adaptive-2x@linf-8"].values()) <= sum(coin.samples["adaptive@linf-8"][s]
+                                                                   for s in coin.samples["adaptive-2x@linf-8"])
+
+
 def test_n_evaluation_counts_a_sample_as_broken_when_one_draw_of_n_fails(tmp_path, vqa_task) -> None:
     samples = vqa_task.samples("test", 2, 0)
     store = Store(tmp_path / "store.sqlite")
@@ -306,6 +321,7 @@ def test_the_protocol_expands_into_its_cells_on_a_seeded_subset_and_adds_the_pro
     assert {c.task.n for c in by_role["standard"]} == {10} and {c.task.n for c in by_role["convergence"]} == {6}
     (convergence,) = {(c.attack.params["steps"], c.attack.params["restarts"], c.attack.eot) for c in by_role["convergence"]}
     assert convergence == (8, 3, 4)  # steps, runs (restarts + 1) and EOT doubled
+    assert {c.attack.draws for c in by_role["convergence"]} == {4}  # judged like the N-draw number
     probes = {(c.attack.label, c.threat.name, c.threat.eps, c.defense.label, c.task.n) for c in by_role["probe"]}
     assert probes == {("pgd", "probe-eps0", 0.0, "none", 5), ("sloppy-noise", "probe-eps0", 0.0, "none", 5),
                       ("adaptive", "probe-large", 64 / 255, "none", 5)}
