@@ -40,6 +40,7 @@ surrogate process (``--surrogate-steps``), or weaken JPEG's BPDA route to the id
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -48,7 +49,7 @@ from typing import Sequence
 
 import torch
 
-from harness.adaptive import DefendedTarget, gradient_route, soft_prompt_kwargs
+from harness.adaptive import DefendedTarget, GradientRoute, gradient_route, soft_prompt_kwargs
 from harness.contracts import AttackBatch, TaskKind, ThreatModel
 from harness.plugins import get_plugins
 
@@ -120,9 +121,9 @@ class LowFrequency:
         self.inner, self.clean = inner, clean
 
     def image(self, u: torch.Tensor) -> torch.Tensor:
-        delta = torch.nn.functional.interpolate(u - 0.5, size=self.clean.shape[-2:], mode="bilinear", align_corners=True)
         if u.shape[0] != self.clean.shape[0]:
             raise SystemExit("the lowfreq variant runs without restarts (its target cannot tell a sub-batch's images)")
+        delta = torch.nn.functional.interpolate(u - 0.5, size=self.clean.shape[-2:], mode="bilinear", align_corners=True)
         return (self.clean + delta).clamp(0, 1)
 
     def loss(self, u: torch.Tensor, prompts: Sequence[str], targets: Sequence[str], kind: TaskKind) -> torch.Tensor:
@@ -181,8 +182,8 @@ def main() -> None:
     references = [task.attack_targets(s) for s in samples]
     threat = ThreatModel(name="linf", norm="linf", eps=args.eps)
 
-    def defended(cls: type[DefendedTarget] = DefendedTarget) -> DefendedTarget:
-        return cls(victim, defense, route, torch.Generator().manual_seed(0), surrogate_steps=args.surrogate_steps)
+    def defended(cls: type[DefendedTarget] = DefendedTarget, through: GradientRoute = route) -> DefendedTarget:
+        return cls(victim, defense, through, torch.Generator().manual_seed(0), surrogate_steps=args.surrogate_steps)
 
     def judged(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(first draw, worst over draws) per question, on draws shared by every variant."""
@@ -237,8 +238,7 @@ def main() -> None:
         elif variant == "lowfreq":
             target = LowFrequency(defended(), pixels)
         elif variant == "grafted":
-            target = DefendedTarget(victim, defense, gradient_route(defense, args.eot, args.surrogate_steps, grafting=True),
-                                    torch.Generator().manual_seed(0), surrogate_steps=args.surrogate_steps)
+            target = defended(through=dataclasses.replace(route, grafted=route.eot > 1))
         attack = plugins.attacks.create("apgd", params)
         seeds = list(range(len(samples))) if variant != "restart" else [1000 + i for i in range(len(samples))]
         start = (torch.full((len(samples), 3, args.lowfreq_size, args.lowfreq_size), 0.5) if variant == "lowfreq"

@@ -132,15 +132,19 @@ defenses:
 """
 
 
-def _load(tmp_path, text: str):
+def _plugins():
+    return load_plugins(extra=[("grafting-test", sys.modules[__name__])])
+
+
+def _load(tmp_path, text: str, plugins=None):
     (tmp_path / "suite.yaml").write_text(textwrap.dedent(text))
-    return load_suite(tmp_path / "suite.yaml", load_plugins(extra=[("grafting-test", sys.modules[__name__])]))
+    return load_suite(tmp_path / "suite.yaml", plugins or _plugins())
 
 
 def test_a_suite_asks_for_grafting_and_it_costs_fewer_backward_passes(tmp_path) -> None:
-    plugins = load_plugins(extra=[("grafting-test", sys.modules[__name__])])
-    exact = _load(tmp_path, SUITE + "adaptive: {params: {steps: 10}, eot: 8, samples: 6}\n")
-    grafted = _load(tmp_path, SUITE + "adaptive: {params: {steps: 10}, eot: 8, samples: 6, grafting: true}\n")
+    plugins = _plugins()
+    exact = _load(tmp_path, SUITE + "adaptive: {params: {steps: 10}, eot: 8, samples: 6}\n", plugins)
+    grafted = _load(tmp_path, SUITE + "adaptive: {params: {steps: 10}, eot: 8, samples: 6, grafting: true}\n", plugins)
     assert {c.attack.grafting for c in expand(grafted) if c.attack.role in ("standard", "n-draw", "convergence")} == {True}
     with_graft, without = estimate_passes(grafted, plugins, {0: 6}), estimate_passes(exact, plugins, {0: 6})
     assert with_graft.attack_forward == without.attack_forward
