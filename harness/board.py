@@ -152,6 +152,13 @@ class Condition:
         """Whether the condition enters worst cases and the ranking (diagnostics do not)."""
         return self.role in ("suite", "standard", "n-draw")
 
+    @property
+    def strengthens(self) -> bool:
+        """Whether the condition re-attacks some of the ranked samples harder (the convergence
+        re-run): where it covers a sample it lowers that sample's worst case and ranking score,
+        and it never narrows the samples they are averaged over (it covers only a subset)."""
+        return self.role == "convergence"
+
 
 @dataclass
 class DefendedExample:

@@ -34,7 +34,9 @@ The protocol is declared here, once. Each default, and why:
   the EOT and ``factor`` × the runs (restarts + 1), and judged over ``draws`` purification draws
   like the N-draw number the board ranks on; a defense whose score then falls by more than the
   half-width of its adaptive interval (the N-draw one for stochastic defenses) is flagged
-  ``not-converged``. On the offline world a larger EOT leaves the purifier's single-draw score
+  ``not-converged``. The re-run is also an attack: on the samples it covers, the board's ranking
+  score counts what it broke (a sample survives only if it survives both runs), so the harness
+  never ranks on less than its own attacker achieved. On the offline world a larger EOT leaves the purifier's single-draw score
   where it was and still lowers its 10-draw score (docs/results/attack-strength.md), so a check
   on one draw would miss what the ranking sees. The runs count because on
   the offline world's undefended victim more restarts find what more steps do not

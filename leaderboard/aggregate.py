@@ -66,7 +66,8 @@ def build_board(store: Store) -> Board:
         ranked = {c for c in conditions if table.details[c].ranked}
         for defense, by_condition in per_defense.items():
             scores = {c: score_of(list(v.values())) for c, v in by_condition.items()}
-            worst_samples = per_sample_worst({c: v for c, v in by_condition.items() if c in ranked})
+            stronger = {c: v for c, v in by_condition.items() if table.details[c].strengthens}
+            worst_samples = per_sample_worst({c: v for c, v in by_condition.items() if c in ranked}, stronger)
             worst = score_of(list(worst_samples.values())) if worst_samples else None
             table.rows.append(BoardRow(defense=defense, scores=scores, worst_case=worst, **costs[defense].summary(),
                                        samples={c: dict(v) for c, v in by_condition.items()}, worst_samples=worst_samples))
@@ -76,13 +77,16 @@ def build_board(store: Store) -> Board:
         table.adaptive = ", ".join(standard) or None
         if not standard:
             table.no_adaptive_reason = _no_adaptive_reason(store, table)
+        reruns = shared_reruns(table)
         for row in table.rows:
-            row.shared_worst_samples = per_sample_worst({c: row.samples[c] for c in shared})
+            stronger = {c: row.samples[c] for c in reruns}
+            row.shared_worst_samples = per_sample_worst({c: row.samples[c] for c in shared}, stronger)
             row.shared_worst_case = score_of(list(row.shared_worst_samples.values())) if row.shared_worst_samples else None
-            # rank on what every defense faced plus the defense's own N-draw evaluation: the
+            # rank on what every defense faced plus the defense's own N-draw evaluation, lowered
+            # where the convergence re-run (a stronger run of the same attack) broke more: the
             # adaptive attacker's result, and a defense is not demoted for extra attacks
             own = [c for c in row.samples if table.details[c].role == "n-draw"]
-            row.robust_samples = per_sample_worst({c: row.samples[c] for c in [*shared, *own]})
+            row.robust_samples = per_sample_worst({c: row.samples[c] for c in [*shared, *own]}, stronger)
             row.robust = score_of(list(row.robust_samples.values())) if row.robust_samples else None
             _check_convergence(table, row)
         table.rows.sort(key=lambda r: (-(r.robust.mean if r.robust else float("-inf")), r.defense))
@@ -108,12 +112,27 @@ def _corpus_metrics(store: Store, victim: str, task: str, rows: list[ResultRow])
     return dict(found)
 
 
-def per_sample_worst(by_condition: dict[str, dict[str, float]]) -> dict[str, float]:
-    """sample -> its lowest score over the conditions, on the samples evaluated under all of them."""
+def per_sample_worst(by_condition: dict[str, dict[str, float]],
+                     stronger: dict[str, dict[str, float]] | None = None) -> dict[str, float]:
+    """sample -> its lowest score over the conditions, on the samples evaluated under all of them.
+
+    ``stronger``: conditions that re-attacked some of those samples harder (the convergence
+    re-run, :attr:`Condition.strengthens`). A sample they broke counts as broken: the harness's
+    own attacker achieved it, and a board that ranked on the weaker run would overstate
+    robustness. They lower the samples they cover and add none."""
     if not by_condition:
         return {}
     common = set.intersection(*(set(v) for v in by_condition.values()))
-    return {s: min(v[s] for v in by_condition.values()) for s in sorted(common)}
+    return {s: min([v[s] for v in by_condition.values()] + [v[s] for v in (stronger or {}).values() if s in v])
+            for s in sorted(common)}
+
+
+def shared_reruns(table: Table) -> list[str]:
+    """The conditions that re-attacked ranked samples harder (:attr:`Condition.strengthens`) and
+    that every row faced: they lower the ranking score, which never demotes a defense for an
+    attack the others did not face."""
+    return [c for c in table.conditions
+            if table.details[c].strengthens and all(c in row.samples for row in table.rows)]
 
 
 def _no_adaptive_reason(store: Store, table: Table) -> str:

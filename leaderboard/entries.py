@@ -11,7 +11,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-from leaderboard.aggregate import CLEAN, Board, BoardRow, Score, Table, per_sample_worst, score_of
+from leaderboard.aggregate import CLEAN, Board, BoardRow, Score, Table, per_sample_worst, score_of, shared_reruns
 
 SCHEMA_ID = "codefend-bench/leaderboard-entry/1"
 
@@ -31,7 +31,8 @@ def _score(score: Score | None) -> dict[str, Any] | None:
 def _entry(board: Board, table: Table, row: BoardRow, threat: str) -> dict[str, Any]:
     conditions = [c for c in table.conditions if table.details[c].threat == threat and c in row.samples]
     ranked = [c for c in conditions if c in table.shared_conditions or table.details[c].role == "n-draw"]
-    worst = per_sample_worst({c: row.samples[c] for c in ranked})
+    reruns = [c for c in shared_reruns(table) if c in conditions]
+    worst = per_sample_worst({c: row.samples[c] for c in ranked}, {c: row.samples[c] for c in reruns})
     robust = score_of(list(worst.values())) if worst else None
     adaptive = any(table.details[c].role == "standard" for c in ranked)
     detail = table.details[conditions[0]] if conditions else None
@@ -67,7 +68,7 @@ def _entry(board: Board, table: Table, row: BoardRow, threat: str) -> dict[str, 
                 "seen_in_training": c in row.seen,
                 "training_label": "seen" if c in row.seen else ("seen-attack-unseen-eps" if c in row.seen_other_eps else "unseen"),
                 "role": table.details[c].role,
-                "ranked": c in ranked,
+                "ranked": c in ranked or c in reruns,
                 "score": _score(row.scores[c]),
                 "corpus_metrics": table.corpus.get(row.defense, {}).get(c),
             }

@@ -223,7 +223,8 @@ def render_html(board: Board) -> str:
         parts += _table_html(table)
         if table.adaptive:
             basis = (f"Ranked on robust (adaptive): the per-sample worst over the standard adaptive attack "
-                     f"({html.escape(table.adaptive)}), its N-draw evaluation and the attacks every defense faced. "
+                     f"({html.escape(table.adaptive)}), its N-draw evaluation and the attacks every defense faced, lowered where "
+                     "the convergence re-run broke more on the samples it re-attacked. "
                      "Oblivious columns are transfer from the undefended victim.")
         else:
             basis = (f"<strong>No adaptive evaluation</strong> ({html.escape(table.no_adaptive_reason or '')}): the ranking "

@@ -184,7 +184,8 @@ def render_markdown(board: Board) -> str:
             lines += [
                 f"**{headline}** ranks the board: per sample, the worst over the standard adaptive attack "
                 f"({_md(table.adaptive)}), its N-draw evaluation for stochastic defenses, and every other attack all rows "
-                f"faced ({', '.join(map(_md, table.shared_conditions))}), then averaged. Oblivious columns are transfer from the "
+                f"faced ({', '.join(map(_md, table.shared_conditions))}), lowered where the convergence re-run broke more on the "
+                "samples it re-attacked, then averaged. Oblivious columns are transfer from the "
                 "undefended victim, never the headline. 'worst case' adds the attacks only some rows faced.",
                 "",
             ]
@@ -217,8 +218,8 @@ def render_markdown(board: Board) -> str:
     lines.append(
         "Oblivious attacks are computed against the undefended victim and reused for every defense: for a defense "
         "they are transfer attacks. Adaptive ones attack defense∘victim. Worst case: per sample, the lowest score "
-        "over the ranked conditions (clean included; diagnostics such as the convergence re-run and probes "
-        "excluded), then averaged."
+        "over the ranked conditions (clean included; probes and the clean N-draw diagnostic excluded; the convergence "
+        "re-run lowers the samples it re-attacked, without narrowing the set), then averaged."
     )
     return "\n".join(lines) + "\n"
 

@@ -12,6 +12,7 @@ from codefend import cli
 from harness.records import ResultRow
 from harness.store import Store
 from leaderboard.aggregate import build_board
+from leaderboard.entries import board_entries
 from leaderboard.markdown import render_markdown
 
 # cli.main uses the process-wide plugin set: load it afresh for each test
@@ -231,3 +232,39 @@ def test_a_paired_comparison_s_interval_p_value_and_verdict_agree() -> None:
             assert excludes_zero == comparison.significant, (shift, comparison)
             checked += 1
     assert checked > 30
+
+
+def test_the_convergence_re_run_lowers_the_ranking_where_it_broke_more_without_narrowing_it(tmp_path: Path) -> None:
+    # "a" survives the standard attack everywhere, but the stronger re-run breaks s1 and s2: ranking
+    # on the standard run alone would put it first with 1.0. The re-run covers only s1, s2 (and s9,
+    # a sample outside the ranked set, which must not enter it).
+    scores = {
+        "a": {"adaptive": {"s1": 1.0, "s2": 1.0, "s3": 1.0, "s4": 1.0}, "adaptive-2x": {"s1": 0.0, "s2": 0.0, "s9": 0.0}},
+        "b": {"adaptive": {"s1": 1.0, "s2": 1.0, "s3": 1.0, "s4": 0.0}, "adaptive-2x": {"s1": 1.0, "s2": 1.0, "s9": 0.0}},
+    }
+    roles = {"adaptive": "standard", "adaptive-2x": "convergence"}
+    store = Store(tmp_path / "store.sqlite")
+    rows, scored = [], {}
+    for defense, by_condition in scores.items():
+        for condition, by_sample in by_condition.items():
+            for sample, value in by_sample.items():
+                row = _row(defense, condition, sample)
+                row["record"] = {"attack": {"name": "apgd", "access": "white-box", "mode": "adaptive",
+                                            "gradient": "exact", "eot": 1, "role": roles[condition]}}
+                rows.append(row)
+                scored[row["fingerprint"]] = ({"vqa_accuracy": value}, value)
+    store.commit_chunk([ResultRow.model_validate(r) for r in rows], {})
+    store.set_scores(scored)
+    board = build_board(store)
+    (table,) = board.tables
+    by_defense = {row.defense: row for row in table.rows}
+    a, b = by_defense["a"], by_defense["b"]
+    assert a.scores["adaptive@linf-8"].mean == 1.0  # the standard column is unchanged
+    assert (a.robust.mean, a.robust.n) == (0.5, 4) and (b.robust.mean, b.robust.n) == (0.75, 4)
+    assert (a.worst_case.mean, a.worst_case.n) == (0.5, 4) and (a.shared_worst_case.mean, a.shared_worst_case.n) == (0.5, 4)
+    assert [row.defense for row in table.rows] == ["b", "a"]
+    assert a.converged is False  # the re-run fell by 0.5 on its samples: flagged, and already counted
+    entry = next(e for e in board_entries(board) if e["defense"] == "a")
+    assert entry["robust"]["mean"] == 0.5 and entry["robust"]["n"] == 4
+    assert {x["condition"]: x["ranked"] for x in entry["attacks"]} == {"adaptive@linf-8": True, "adaptive-2x@linf-8": True}
+    assert "lowered where the convergence re-run broke more" in render_markdown(board)
