@@ -29,7 +29,7 @@ from typing import Any, Literal
 from harness.contracts import Preparation, Prepared
 from harness.plugins import Plugins
 from harness.store import digest_json
-from harness.suite import Cell, ResourceSpec, Suite, VictimSpec, expand
+from harness.suite import Cell, ResourceSpec, Suite, VictimSpec, adaptive_passes, expand
 
 Stage = Literal["train", "victim", "attack", "rows", "score"]
 STAGES: tuple[Stage, ...] = ("train", "victim", "attack", "rows", "score")
@@ -125,8 +125,6 @@ def _adaptive_identity(cell: Cell) -> str:
 def plan(suite: Suite, plugins: Plugins, task_sizes: dict[str, int]) -> WorkGraph:
     """The suite's work graph. ``task_sizes`` maps a task's label to its sample count (``n``, or
     the split's size), so planning loads no model and no data."""
-    from harness.adaptive import gradient_route
-
     cells = expand(suite)
     batch = suite.batch_size
     nodes: dict[str, Node] = {}
@@ -186,11 +184,7 @@ def plan(suite: Suite, plugins: Plugins, task_sizes: dict[str, int]) -> WorkGrap
         if cell.attack.name != "none" and cell.attack.adaptive:
             producer = producers.setdefault(_adaptive_identity(cell), index)
             if producer == index:
-                route = gradient_route(defense, cell.attack.eot, cell.attack.surrogate_steps, cell.attack.grafting)
-                calls = defense.passes_per_sample()
-                # grafting: one backward pass through the defense per step instead of one per draw
-                attack_cost = (forward * route.eot * (1 + calls)
-                               + backward * (route.eot + calls * (1 if route.grafted else route.eot)))
+                attack_cost = sum(adaptive_passes(cell.attack, defense, forward, backward))
         chunks = math.ceil(n / batch)
         row_ids = []
         for k in range(chunks):

@@ -692,6 +692,25 @@ class PassEstimate:
         return self.attack_forward + self.attack_backward + self.defense + self.generate
 
 
+def adaptive_passes(attack: AttackSpec, defense: Any, forward: int, backward: int) -> tuple[int, int]:
+    """Network passes per sample of an adaptive attack through ``defense``, from the attack's own
+    ``forward``/``backward`` passes per sample (:meth:`~harness.contracts.Attack.passes_per_sample`):
+    every attack pass runs ``eot`` draws of the defense's network evaluations (only the surrogate
+    process's when the route goes through one) and of the victim; backward passes go through the
+    defense only on an exact route, once per draw, or once per step when grafted (every draw's
+    backward pass through the victim, one through the defense). The one place the suite's
+    estimate and the work graph's node costs price it."""
+    from harness.adaptive import gradient_route
+
+    route = gradient_route(defense, attack.eot, attack.surrogate_steps, attack.grafting)
+    calls = defense.passes_per_sample()
+    if route.surrogate is not None and attack.surrogate_steps is not None:
+        calls = min(calls, attack.surrogate_steps)
+    through_defense = calls if route.method == "exact" else 0
+    return (forward * route.eot * (1 + calls),
+            backward * (route.eot + through_defense * (1 if route.grafted else route.eot)))
+
+
 def estimate_passes(suite: Suite, plugins: Plugins, sample_counts: dict[int, int]) -> PassEstimate:
     """Forward/backward passes the suite will cost, counting shared oblivious attacks once.
 
@@ -700,8 +719,6 @@ def estimate_passes(suite: Suite, plugins: Plugins, sample_counts: dict[int, int
     evaluations (forward, and again backward when the route is exact); N-draw evaluation costs
     ``draws`` purifications and generations of stochastic defenses.
     """
-    from harness.adaptive import gradient_route
-
     fwd = bwd = purify = gen = protocol = 0
     instances = {d.label: plugins.defenses.create(d.name, d.params) for d in suite.defenses}
     for victim in suite.victims:
@@ -722,14 +739,8 @@ def estimate_passes(suite: Suite, plugins: Plugins, sample_counts: dict[int, int
                     for defense in defenses:
                         draws = attack.draws if defense.stochastic else 1
                         if attacks_itself and attack.adaptive:
-                            route = gradient_route(defense, attack.eot, attack.surrogate_steps, attack.grafting)
-                            calls = defense.passes_per_sample()
-                            if route.surrogate is not None and attack.surrogate_steps is not None:
-                                calls = min(calls, attack.surrogate_steps)
-                            fwd += f * n * route.eot * (1 + calls)
-                            # grafting: every draw's backward pass through the victim, one through the defense
-                            through_defense = calls if route.method == "exact" else 0
-                            bwd += b * n * (route.eot + through_defense * (1 if route.grafted else route.eot))
+                            forward, backward = adaptive_passes(attack, defense, f, b)
+                            fwd, bwd = fwd + forward * n, bwd + backward * n
                         purify += defense.passes_per_sample() * n * draws
                         gen += n * draws
                 if attack.role != "suite":

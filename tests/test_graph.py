@@ -88,3 +88,22 @@ def test_critical_path_is_a_chain_through_the_trainings(graph) -> None:
     stages = [graph.nodes[n].stage for n in path]
     assert stages[0] == "train" and stages[-1] == "score"
     assert graph.stage_counts()["score"] == len(graph.cells)
+
+
+def test_an_adaptive_node_is_priced_like_the_suite_estimate_through_a_surrogate_process(tmp_path) -> None:
+    # the 50-step DDPM DiffPure attacked through its 2-step surrogate costs what 2 steps cost: the
+    # work graph once priced all 50, which put the wrong node on the critical path
+    text = SUITE.replace(
+        "  - {name: codefend, params: {purifier: {train_steps: 5}}}\n",
+        "  - {name: diffpure, params: {t_star: 0.05, sampler: ddpm}}\n",
+    )
+    plugins = load_plugins()
+    costs = {}
+    for surrogate in ("", ", surrogate_steps: 2"):
+        path = tmp_path / "suite.yaml"
+        path.write_text(text.replace("convergence: {enabled: false}", "convergence: {enabled: false}" + surrogate))
+        graph = plan(load_suite(path, plugins), plugins, {"vqav2:test": 1000})
+        costs[surrogate] = sum(n.cost for n in graph.nodes.values()
+                               if n.stage == "rows" and "adaptive@linf-8 | diffpure" in n.label)
+    # per step and draw: the victim plus 50 (or 2) network evaluations forward, again backward
+    assert costs[", surrogate_steps: 2"] < costs[""] / 10
