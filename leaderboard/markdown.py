@@ -58,7 +58,8 @@ ROLE_NOTES = {
               "a sample counts only if every draw survives (deterministic defenses: one draw)",
     "clean-n-draw": "clean images over independent purification draws: how often randomness alone flips an answer",
     "convergence": "the standard attack re-run with more steps, restarts and EOT on a subset, judged over as many "
-                   "draws as its N-draw evaluation: the convergence check",
+                   "draws as its N-draw evaluation: the convergence check; a sample it breaks counts as broken in "
+                   "the ranking",
     "probe": "a sanity probe on the undefended victim (Carlini et al. 2019)",
 }
 
