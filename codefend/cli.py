@@ -257,7 +257,9 @@ def _render(store, fmt: str, plugins: Plugins) -> str:
 
 
 def _rows_by_key(path: Path, run_id: str | None) -> dict[tuple[str, ...], dict[str, float]]:
-    """(victim, task, defense, condition) -> sample -> headline, for one store (or one run in it)."""
+    """(victim, task, defense, condition) -> sample -> headline, for one store (its board's run) or
+    one run in it: the rows the run's matrix declared, reused ones included (a run from before runs
+    declared their rows: the rows it computed itself; a store without declarations: every row)."""
     from harness.store import Store
     from leaderboard.aggregate import condition_of
 
@@ -268,9 +270,10 @@ def _rows_by_key(path: Path, run_id: str | None) -> dict[tuple[str, ...], dict[s
         runs = {r["run_id"] for r in store.runs()}
         if run_id is not None and run_id not in runs:
             raise FileNotFoundError(f"run '{run_id}' is not in {path} (its runs: {', '.join(sorted(runs)) or 'none'})")
+        declared = store.board_run() if run_id is None else (run_id if store.declared(run_id) else None)
         out: dict[tuple[str, ...], dict[str, float]] = {}
-        for row in store.results(scored_only=True):
-            if run_id is None or row.run_id == run_id:
+        for row in store.results(scored_only=True, run_id=declared):
+            if declared is not None or run_id is None or row.run_id == run_id:
                 out.setdefault((row.victim, row.task, row.defense, condition_of(row)), {})[row.sample_id] = float(row.headline)
         return out
     finally:

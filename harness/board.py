@@ -81,7 +81,7 @@ class BoardRow:
     """Per-sample minimum over every condition (clean included), averaged over the samples that
     were evaluated under all of them — not a minimum of averages."""
     seconds_per_image: float | None = None
-    """Mean wall time of the defense's ``purify`` per image (over every stored row)."""
+    """Mean wall time of the defense's ``purify`` per image (over the board's rows)."""
     passes_per_image: float | None = None
     """Network evaluations ``purify`` costs per image, as the defense declares it."""
     psnr: dict[str, float] = field(default_factory=dict)
@@ -223,3 +223,13 @@ class Board:
     runs: list[dict]
     failures: list[dict] = field(default_factory=list)
     """Cells of the latest run that failed (their rows are never scored), with their errors."""
+    run: dict | None = None
+    """The run whose rows the board shows (:meth:`harness.store.Store.board_run`): its id, suite
+    and status; None for a store from before runs declared their rows (every row is shown)."""
+
+    def unfinished_note(self) -> str | None:
+        """Plain text saying the board's run has not finished (None when it has)."""
+        if self.run is None or self.run["status"].startswith("finished"):
+            return None
+        return (f"Run {self.run['run_id']} has not finished (status: {self.run['status']}): this board shows the rows "
+                "of its matrix scored so far; cells still missing are not on it.")

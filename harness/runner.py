@@ -862,6 +862,8 @@ class _Driver:
             samples = self._samples(cell)
             code = code_versions(self.plugins, cell)
             fingerprints = [result_fingerprint(cell, self.victim_fp[key], s, code) for s in samples]
+            # the board shows exactly this run's rows, reused ones included (harness.store)
+            self.store.declare_rows(self.run_id, fingerprints)
             existing = self.store.existing(fingerprints)
             self.reused += len(existing)
             self.cell_data[index] = {"samples": samples, "fingerprints": fingerprints, "existing": existing, "code": code}

@@ -14,6 +14,11 @@ Tables (schema version :data:`SCHEMA_VERSION`):
 - ``artifacts``: content-addressed float32 arrays (``.npy`` bytes), lossless by construction.
 - ``failures``: cells that failed (an attack outside its threat model, say), with the error and
   its traceback; the run's other cells complete.
+- ``run_rows``: the fingerprints of every row a run's matrix holds, computed or reused from the
+  store (declared when the run plans them). A board is the latest such run's rows, never the
+  whole table: rows of earlier code, or of samples, defenses and attacks a suite has since
+  dropped, stay stored (resuming reuses them) but never reach a board. Stores written before this
+  table existed have no declared rows; their boards read every row, as they always did.
 
 Every write is one transaction: a killed process loses at most the chunk in flight.
 """
@@ -37,6 +42,9 @@ import numpy as np
 from harness.records import ResultRow, RowRecord
 
 SCHEMA_VERSION = 1
+
+_RESULT_COLUMNS = ("fingerprint", "run_id", "suite", "victim", "task", "metric", "attack", "threat", "norm", "eps",
+                   "defense", "sample_id", "output", "adversarial_key", "scores", "headline", "record")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -79,6 +87,9 @@ CREATE TABLE IF NOT EXISTS corpus_scores (
 );
 CREATE TABLE IF NOT EXISTS failures (
     run_id TEXT NOT NULL, cell TEXT NOT NULL, error TEXT NOT NULL, traceback TEXT NOT NULL, created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS run_rows (
+    run_id TEXT NOT NULL, fingerprint TEXT NOT NULL, PRIMARY KEY (run_id, fingerprint)
 );
 """
 
@@ -174,7 +185,19 @@ class Store:
             "SELECT count(*), max(created), total(headline), sum(scores IS NOT NULL) FROM results").fetchone()
         failures = self._db.execute("SELECT count(*), max(created) FROM failures").fetchone()
         corpus = self._db.execute("SELECT count(*), group_concat(rows_digest) FROM corpus_scores").fetchone()
-        return digest_json([list(rows), list(failures), list(corpus), SCHEMA_VERSION])
+        return digest_json([list(rows), list(failures), list(corpus), self._board_run_stamp(), SCHEMA_VERSION])
+
+    def _board_run_stamp(self) -> list[Any]:
+        """Which rows the board shows (the board run's declared matrix, not its id: a rerun of the
+        same matrix keeps its boards) and whether that run finished (an unfinished one is named)."""
+        run_id = self.board_run()
+        if run_id is None:
+            return []
+        (status,) = self._db.execute("SELECT status FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        digest = hashlib.sha256()
+        for (fingerprint,) in self._db.execute("SELECT fingerprint FROM run_rows WHERE run_id=? ORDER BY fingerprint", (run_id,)):
+            digest.update(fingerprint.encode())
+        return [digest.hexdigest(), "finished" if status.startswith("finished") else f"{run_id} {status}"]
 
     def finish_run(self, run_id: str, status: str, extra: dict[str, Any] | None = None) -> None:
         with self._db:
@@ -314,9 +337,35 @@ class Store:
         rows = self._db.execute(query + (" WHERE run_id=?" if run_id else "") + " ORDER BY created", (run_id,) if run_id else ())
         return [{"run_id": r[0], "cell": r[1], "error": r[2], "traceback": r[3], "created": r[4]} for r in rows]
 
-    def results(self, *, scored_only: bool = True) -> Iterator[ResultRow]:
-        query = "SELECT * FROM results" + (" WHERE scores IS NOT NULL" if scored_only else "") + " ORDER BY created"
-        for r in self._db.execute(query):
+    def declare_rows(self, run_id: str, fingerprints: Iterable[str]) -> None:
+        """Record that ``run_id``'s matrix holds these rows (whether it computes or reuses them)."""
+        with self._db:
+            self._db.executemany("INSERT OR IGNORE INTO run_rows VALUES (?, ?)", ((run_id, fp) for fp in fingerprints))
+
+    def declared(self, run_id: str) -> bool:
+        """Whether ``run_id`` declared its rows (runs from before the ``run_rows`` table did not)."""
+        return self._db.execute("SELECT 1 FROM run_rows WHERE run_id=? LIMIT 1", (run_id,)).fetchone() is not None
+
+    def board_run(self) -> str | None:
+        """The run a board shows: the latest one that declared its rows (None in a store written
+        before runs declared them: its board reads every row)."""
+        found = self._db.execute(
+            "SELECT run_id FROM runs WHERE run_id IN (SELECT DISTINCT run_id FROM run_rows) "
+            "ORDER BY started DESC LIMIT 1").fetchone()
+        return found[0] if found else None
+
+    def results(self, *, scored_only: bool = True, run_id: str | None = None) -> Iterator[ResultRow]:
+        """Stored rows, oldest first: every row, or (``run_id``) the rows that run's matrix declared,
+        including those it reused from earlier runs."""
+        columns = ", ".join(f"results.{c}" for c in _RESULT_COLUMNS)
+        where = ["results.scores IS NOT NULL"] if scored_only else []
+        if run_id is not None:
+            query = f"SELECT {columns} FROM results JOIN run_rows ON run_rows.fingerprint = results.fingerprint"
+            where.append("run_rows.run_id = ?")
+        else:
+            query = f"SELECT {columns} FROM results"
+        query += (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY results.created"
+        for r in self._db.execute(query, (run_id,) if run_id is not None else ()):
             yield ResultRow(
                 fingerprint=r[0], run_id=r[1], suite=r[2], victim=r[3], task=r[4], metric=r[5], attack=r[6],
                 threat=r[7], norm=r[8], eps=r[9], defense=r[10], sample_id=r[11], output=r[12],

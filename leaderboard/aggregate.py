@@ -44,8 +44,11 @@ def _condition_order(condition: str, eps: dict[str, float]) -> tuple:
 
 
 def build_board(store: Store) -> Board:
+    """The board of the store's latest run: the rows its matrix declared, computed or reused
+    (:meth:`Store.board_run`; every row in a store from before runs declared theirs)."""
     grouped: dict[tuple[str, str], list[ResultRow]] = defaultdict(list)
-    for row in store.results(scored_only=True):
+    board_run = store.board_run()
+    for row in store.results(scored_only=True, run_id=board_run):
         grouped[(row.victim, row.task)].append(row)
     tables = []
     runs = store.runs()
@@ -97,7 +100,8 @@ def build_board(store: Store) -> Board:
         table.examples = _examples(store, table, rows)
         tables.append(table)
     failures = store.failures(runs[-1]["run_id"]) if runs else []
-    return Board(tables=tables, runs=runs, failures=failures)
+    shown = next((r for r in runs if r["run_id"] == board_run), None)
+    return Board(tables=tables, runs=runs, failures=failures, run=shown)
 
 
 def _corpus_metrics(store: Store, victim: str, task: str, rows: list[ResultRow]) -> dict[str, dict[str, dict[str, float]]]:

@@ -268,3 +268,28 @@ def test_the_convergence_re_run_lowers_the_ranking_where_it_broke_more_without_n
     assert entry["robust"]["mean"] == 0.5 and entry["robust"]["n"] == 4
     assert {x["condition"]: x["ranked"] for x in entry["attacks"]} == {"adaptive@linf-8": True, "adaptive-2x@linf-8": True}
     assert "lowered where the convergence re-run broke more" in render_markdown(board)
+
+
+def test_a_board_and_a_run_comparison_read_the_run_s_declared_rows_reused_ones_included(tmp_path: Path, capsys) -> None:
+    store = Store(tmp_path / "results" / "store.sqlite")
+    store.begin_run("run-1", "hand-written", "", {"note": "test"})
+    _fill(store, SCORES)  # run-1 computes jpeg and none on s1, s2
+    store.declare_rows("run-1", [r.fingerprint for r in store.results()])
+    store.finish_run("run-1", "finished")
+    # run-2's matrix: none on s1 only, every row reused from run-1 (it creates none)
+    kept = [r.fingerprint for r in store.results() if r.defense == "none" and r.sample_id == "s1"]
+    store.begin_run("run-2", "hand-written", "", {"note": "test"})
+    store.declare_rows("run-2", kept)
+    board = build_board(store)
+    (table,) = board.tables
+    assert [row.defense for row in table.rows] == ["none"]
+    assert {c: s.n for c, s in table.rows[0].scores.items()} == {"clean": 1, "A@linf-8": 1, "B@linf-8": 1}
+    assert "**Run run-2 has not finished (status: running)" in render_markdown(board)
+    store.finish_run("run-2", "finished")
+    assert "has not finished" not in render_markdown(build_board(store))
+    assert sum(1 for _ in store.results()) == 12  # nothing deleted: a later run can reuse every row
+    store.close()
+    # run-2's rows were all created by run-1: comparing by run id still finds them
+    assert cli.main(["compare", "run-1", "run-2", "--store", str(tmp_path / "results")]) == 0
+    out = capsys.readouterr().out
+    assert "| shapes-vlm | vqav2:test | none | clean | 1 |" in out and "| jpeg |" not in out

@@ -141,6 +141,9 @@ def test_killed_run_resumes_to_the_same_board(run_a: Run, codefend_cmd, tmp_path
     assert _query(db, "PRAGMA integrity_check") == [("ok",)]
     ((status,),) = _query(db, "SELECT status FROM runs")
     assert status != "finished"
+    partial = run_cli("leaderboard", out)
+    assert partial.returncode == 0, partial.stderr
+    assert "has not finished (status: running)" in partial.stdout  # its process is gone; the next run marks it killed
 
     resumed = _run(run_cli, out)
     assert resumed.result.returncode == 0, resumed.result.stderr
@@ -336,3 +339,27 @@ def test_the_meteor_jvm_dies_with_the_process_that_started_it(tmp_path: Path) ->
         if owner.poll() is None:
             owner.kill()
             owner.wait()
+
+
+def test_the_board_shows_the_latest_run_s_matrix_never_rows_it_dropped(run_a: Run, run_cli, tmp_path: Path) -> None:
+    # a copy of run A's store, re-run with a smaller suite: 4 VQA questions instead of 8, jpeg dropped.
+    # Every row stays stored (resuming reuses them), but the board is the new run's matrix only: before
+    # runs declared their rows, the dropped defense and the 4 other questions stayed on the board
+    out = tmp_path / "smaller"
+    out.mkdir()
+    Store(run_a.store).close()  # checkpoint the WAL so that copying the file copies every row
+    (out / "store.sqlite").write_bytes(run_a.store.read_bytes())
+    suite = tmp_path / "smaller.yaml"
+    suite.write_text(SUITE.read_text().replace("split: test, n: 8}", "split: test, n: 4}").replace("  - name: jpeg\n", ""))
+    smaller = run_cli("run", suite, "--out", out, "--quiet")
+    assert smaller.returncode == 0, smaller.stderr
+    board = (out / "leaderboard.md").read_text()
+    tables = [line for line in board.splitlines() if line.startswith("## ")]
+    assert tables == ["## shapes-vlm · coco_captions:test — cider (n=4)", "## shapes-vlm · vqav2:test — vqa_accuracy (n=4)"]
+    assert "| jpeg |" not in board and "| none |" in board
+    assert _count(out / "store.sqlite", "defense = 'jpeg'") > 0  # kept, not shown
+
+    # the original suite again: every row is reused, and its board comes back
+    again = run_cli("run", SUITE, "--out", out, "--quiet")
+    assert again.returncode == 0, again.stderr
+    assert _without_timings((out / "leaderboard.md").read_text()) == _without_timings(run_a.board)
