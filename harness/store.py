@@ -106,6 +106,11 @@ def _process_alive(pid: Any) -> bool:
     return True
 
 
+def _died(provenance: dict[str, Any]) -> bool:
+    """Whether a run's process (recorded in its provenance) ran on this host and is gone."""
+    return provenance.get("host") == socket.gethostname() and not _process_alive(provenance.get("pid"))
+
+
 def digest_json(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -171,11 +176,9 @@ class Store:
 
     def _mark_dead_runs(self) -> None:
         """A run killed outright never finishes its row: mark those whose process is gone."""
-        host = socket.gethostname()
         with self._db:
             for run_id, text in self._db.execute("SELECT run_id, provenance FROM runs WHERE status='running'").fetchall():
-                recorded = json.loads(text)
-                if recorded.get("host") == host and not _process_alive(recorded.get("pid")):
+                if _died(json.loads(text)):
                     self._db.execute("UPDATE runs SET status='killed' WHERE run_id=?", (run_id,))
 
     def content_stamp(self) -> str:
@@ -209,11 +212,16 @@ class Store:
             )
 
     def runs(self) -> list[dict[str, Any]]:
+        """Every run, oldest first. A run still marked running whose process on this host is gone
+        reads as ``killed`` (the next run writes that status; reading writes nothing)."""
         cur = self._db.execute("SELECT run_id, suite, suite_path, started, finished, status, provenance FROM runs ORDER BY started")
-        return [
-            {"run_id": r[0], "suite": r[1], "suite_path": r[2], "started": r[3], "finished": r[4], "status": r[5], "provenance": json.loads(r[6])}
-            for r in cur
-        ]
+        runs = []
+        for r in cur:
+            provenance = json.loads(r[6])
+            status = "killed" if r[5] == "running" and _died(provenance) else r[5]
+            runs.append({"run_id": r[0], "suite": r[1], "suite_path": r[2], "started": r[3], "finished": r[4],
+                         "status": status, "provenance": provenance})
+        return runs
 
     # -- artifacts and adversarial examples ----------------------------------------------------
     @staticmethod

@@ -143,7 +143,7 @@ def test_killed_run_resumes_to_the_same_board(run_a: Run, codefend_cmd, tmp_path
     assert status != "finished"
     partial = run_cli("leaderboard", out)
     assert partial.returncode == 0, partial.stderr
-    assert "has not finished (status: running)" in partial.stdout  # its process is gone; the next run marks it killed
+    assert "has not finished (status: killed)" in partial.stdout  # read from its dead process; nothing written
 
     resumed = _run(run_cli, out)
     assert resumed.result.returncode == 0, resumed.result.stderr
