@@ -227,9 +227,16 @@ class Board:
     """The run whose rows the board shows (:meth:`harness.store.Store.board_run`): its id, suite
     and status; None for a store from before runs declared their rows (every row is shown)."""
 
-    def unfinished_note(self) -> str | None:
-        """Plain text saying the board's run has not finished (None when it has)."""
-        if self.run is None or self.run["status"].startswith("finished"):
+    def run_note(self) -> str | None:
+        """Plain text for the top of the board when its rows are not one finished run's: the run
+        has not finished, or the store's runs predate declared rows (None otherwise)."""
+        if self.run is None:
+            if len(self.runs) <= 1:
+                return None
+            return (f"This store's {len(self.runs)} runs predate declared rows: the board reads every row any of them "
+                    "stored, the newest per sample winning, including rows of earlier code or of samples, attacks and "
+                    "defenses a suite has since dropped. Run the suite again to show one run's rows.")
+        if self.run["status"].startswith("finished"):
             return None
         return (f"Run {self.run['run_id']} has not finished (status: {self.run['status']}): this board shows the rows "
                 "of its matrix scored so far; cells still missing are not on it.")

@@ -211,7 +211,7 @@ def render_html(board: Board) -> str:
              f"<style>{_STYLE}</style></head><body><h1>Leaderboard</h1>"]
     if not board.tables:
         parts.append("<p>No scored results in this store yet: run a suite first (<code>codefend run SUITE</code>).</p>")
-    if (note := board.unfinished_note()) is not None:
+    if (note := board.run_note()) is not None:
         parts.append(f"<p><strong>{html.escape(note)}</strong></p>")
     if board.failures:
         parts.append(f"<p><strong>{len(board.failures)} cell(s) of the latest run failed</strong> and are not on this board:</p><ul>"

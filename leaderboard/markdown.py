@@ -156,7 +156,7 @@ def render_markdown(board: Board) -> str:
     if not board.tables:
         return "# Leaderboard\n\nNo scored results in this store yet: run a suite first (`codefend run SUITE`).\n"
     lines = ["# Leaderboard", ""]
-    if (note := board.unfinished_note()) is not None:
+    if (note := board.run_note()) is not None:
         lines += [f"**{_md(note)}**", ""]
     if board.failures:
         lines += [f"**{len(board.failures)} cell(s) of the latest run failed** and are not on this board:", ""]

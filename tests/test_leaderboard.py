@@ -293,3 +293,11 @@ def test_a_board_and_a_run_comparison_read_the_run_s_declared_rows_reused_ones_i
     assert cli.main(["compare", "run-1", "run-2", "--store", str(tmp_path / "results")]) == 0
     out = capsys.readouterr().out
     assert "| shapes-vlm | vqav2:test | none | clean | 1 |" in out and "| jpeg |" not in out
+
+
+def test_a_store_whose_runs_predate_declared_rows_says_its_board_mixes_them(store: Store) -> None:
+    assert "predate declared rows" not in render_markdown(build_board(store))  # one run: nothing mixed
+    store.begin_run("run-2", "hand-written", "", {"note": "test"})
+    _fill(store, {"none": {"clean": {"s3": 1.0}}})
+    store.finish_run("run-2", "finished")
+    assert "This store's 2 runs predate declared rows" in render_markdown(build_board(store))
