@@ -25,6 +25,9 @@ through one defense, on the first ``--n`` test samples of the offline world (VQA
 - ``lowfreq``: APGD on a ``--lowfreq-size`` square perturbation, upsampled bilinearly to the
   image (the same L∞ ball): purification by noising and denoising washes out high frequencies
   first, so a low-frequency perturbation may survive it (DiffBreak's low-frequency attack);
+- ``draw-judged`` (with ``--restarts``): the restarts decide which samples are still unbroken,
+  and which run's example each sample keeps, by the mean task score over ``--judging-draws``
+  purification draws instead of one (the board ranks on the worst of 10 draws);
 - ``grafted``: DiffHammer's gradient grafting (the suite option ``adaptive: {grafting: true}``):
   the EOT draws' gradients at the purified images, averaged, go back through one draw's
   purification (one backward pass through the purifier per step instead of one per draw).
@@ -54,7 +57,24 @@ from harness.contracts import AttackBatch, TaskKind, ThreatModel
 from harness.plugins import get_plugins
 
 VARIANTS = ("standard", "softmax-draws", "targeted", "restart", "all-references", "softmin-references", "bpda", "step2",
-            "grafted", "lowfreq")
+            "grafted", "lowfreq", "draw-judged")
+
+
+def draw_judged_apgd(draws: int) -> type:
+    """APGD whose restarts judge a sample's example by its mean task score over ``draws``
+    purification draws (each ``generate`` call through the defended target draws anew)."""
+    from attacks.apgd import APGD
+
+    class DrawJudgedAPGD(APGD):
+        @staticmethod
+        def _scores(target, batch, pixels, indices):
+            if batch.scorer is None:
+                return None
+            runs = [list(batch.scorer(target.generate(pixels, [batch.prompts[i] for i in indices], batch.kind), indices))
+                    for _ in range(draws)]
+            return [sum(column) / len(column) for column in zip(*runs)]
+
+    return DrawJudgedAPGD
 
 
 class SoftmaxOverDraws(DefendedTarget):
@@ -158,6 +178,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--lowfreq-size", type=int, default=8, help="the lowfreq variant's perturbation resolution")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--judging-draws", type=int, default=4, help="the draw-judged variant's draws per judgement")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -239,7 +260,8 @@ def main() -> None:
             target = LowFrequency(defended(), pixels)
         elif variant == "grafted":
             target = defended(through=dataclasses.replace(route, grafted=route.eot > 1))
-        attack = plugins.attacks.create("apgd", params)
+        attack = (draw_judged_apgd(args.judging_draws)(**params) if variant == "draw-judged"
+                  else plugins.attacks.create("apgd", params))
         seeds = list(range(len(samples))) if variant != "restart" else [1000 + i for i in range(len(samples))]
         start = (torch.full((len(samples), 3, args.lowfreq_size, args.lowfreq_size), 0.5) if variant == "lowfreq"
                  else pixels)
