@@ -68,10 +68,9 @@ def draw_judged_apgd(draws: int) -> type:
     class DrawJudgedAPGD(APGD):
         @staticmethod
         def _scores(target, batch, pixels, indices):
-            if batch.scorer is None:
+            runs = [APGD._scores(target, batch, pixels, indices) for _ in range(draws)]
+            if runs[0] is None:
                 return None
-            runs = [list(batch.scorer(target.generate(pixels, [batch.prompts[i] for i in indices], batch.kind), indices))
-                    for _ in range(draws)]
             return [sum(column) / len(column) for column in zip(*runs)]
 
     return DrawJudgedAPGD

@@ -270,11 +270,13 @@ def _rows_by_key(path: Path, run_id: str | None) -> dict[tuple[str, ...], dict[s
         runs = {r["run_id"] for r in store.runs()}
         if run_id is not None and run_id not in runs:
             raise FileNotFoundError(f"run '{run_id}' is not in {path} (its runs: {', '.join(sorted(runs)) or 'none'})")
-        declared = store.board_run() if run_id is None else (run_id if store.declared(run_id) else None)
+        if run_id is None or store.declared(run_id):
+            rows = store.results(scored_only=True, run_id=run_id or store.board_run())
+        else:  # a run from before runs declared their rows
+            rows = (row for row in store.results(scored_only=True) if row.run_id == run_id)
         out: dict[tuple[str, ...], dict[str, float]] = {}
-        for row in store.results(scored_only=True, run_id=declared):
-            if declared is not None or run_id is None or row.run_id == run_id:
-                out.setdefault((row.victim, row.task, row.defense, condition_of(row)), {})[row.sample_id] = float(row.headline)
+        for row in rows:
+            out.setdefault((row.victim, row.task, row.defense, condition_of(row)), {})[row.sample_id] = float(row.headline)
         return out
     finally:
         store.close()

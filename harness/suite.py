@@ -20,7 +20,7 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from harness.contracts import CLEAN_THREAT, ThreatModel, check_defense_declarations
+from harness.contracts import CLEAN_THREAT, Defense, ThreatModel, check_defense_declarations
 from harness.plugins import Plugins
 from harness.protocol import STANDARD_LABEL, AdaptiveProtocol, SanityProbes
 from harness.registry import ParamError, PluginImportError, UnknownNameError, parse_fraction
@@ -692,7 +692,7 @@ class PassEstimate:
         return self.attack_forward + self.attack_backward + self.defense + self.generate
 
 
-def adaptive_passes(attack: AttackSpec, defense: Any, forward: int, backward: int) -> tuple[int, int]:
+def adaptive_passes(attack: AttackSpec, defense: Defense, forward: int, backward: int) -> tuple[int, int]:
     """Network passes per sample of an adaptive attack through ``defense``, from the attack's own
     ``forward``/``backward`` passes per sample (:meth:`~harness.contracts.Attack.passes_per_sample`):
     every attack pass runs ``eot`` draws of the defense's network evaluations (only the surrogate
