@@ -30,6 +30,14 @@ scorer). A sample keeps a restart's example when it scores lower, or scores the 
 objective. One run's optimum depends on its start; on the offline world a random restart breaks
 questions the zero-start run leaves standing, for JPEG and for the CoDefend pipeline
 (docs/results/attack-strength.md).
+
+Through a stochastic defense both judgements take the mean score over ``batch.judging_draws``
+purification draws (:meth:`~harness.contracts.AttackBatch.judge`; the runner sets the protocol's
+N). Judged on one draw, a sample that draw happened to break is never restarted, though the board
+counts it robust when most of its N draws answer right; and a restart's example is kept or
+dropped on one draw's luck. Judged on N, the restart goes to every sample some draw still
+answers, and each sample keeps the example that fails more of its draws (on the offline world,
+one question more of 40 against the purifier and DiffPure-DDIM: docs/results/attack-strength.md).
 """
 
 from __future__ import annotations
@@ -58,8 +66,8 @@ class APGD(Attack):
     size to stay. ``random_start`` draws the first run's start uniformly from the ball (per-sample
     seeds when the batch has them). ``restarts``: further runs from random starts on the samples
     not yet broken (module docstring). ``target``: make every sample say this text (minimise its
-    loss). Costs ``steps + 1`` forward and ``steps`` backward passes per sample and run, and one
-    generation per sample and run when it restarts.
+    loss). Costs ``steps + 1`` forward and ``steps`` backward passes per sample and run, and
+    ``batch.judging_draws`` generations per sample and run when it restarts.
     """
 
     requires = "gradients"
@@ -115,16 +123,16 @@ class APGD(Attack):
         if not self.restarts:
             return result
         n = best.shape[0]
-        scores = self._scores(target, batch, best, list(range(n)))
-        result.forward_passes += 1
-        result.queries += n
+        scores = batch.judge(target, best, list(range(n)))
+        result.forward_passes += batch.judging_draws
+        result.queries += n * batch.judging_draws
         for restart in range(1, self.restarts + 1):
             active = [i for i in range(n) if scores is None or scores[i] > 0]
             if not active:
                 break
             sub = _sub_batch(batch, active, restart)
             pixels, objective, _ = self._run(target, sub, threat, generator, progress, True, sub.seeds)
-            new_scores = self._scores(target, batch, pixels, active)
+            new_scores = batch.judge(target, pixels, active)
             for j, i in enumerate(active):
                 # the task score decides; the objective breaks ties (and decides without a scorer)
                 old = (-scores[i] if scores is not None else 0.0, float(best_objective[i]))
@@ -133,20 +141,11 @@ class APGD(Attack):
                     best[i], best_objective[i] = pixels[j], objective[j]
                     if scores is not None and new_scores is not None:
                         scores[i] = new_scores[j]
-            result.forward_passes += self.steps + 2
+            result.forward_passes += self.steps + 1 + batch.judging_draws
             result.backward_passes += self.steps
-            result.queries += len(active)
+            result.queries += len(active) * batch.judging_draws
         result.pixels = best
         return result
-
-    @staticmethod
-    def _scores(target: AttackTarget, batch: AttackBatch, pixels: torch.Tensor, indices: list[int]) -> list[float] | None:
-        """The task scores of the outputs on ``pixels`` (samples ``indices`` of ``batch``), or None
-        without a scorer."""
-        if batch.scorer is None:
-            return None
-        outputs = target.generate(pixels, [batch.prompts[i] for i in indices], batch.kind)
-        return list(batch.scorer(outputs, indices))
 
     def _run(self, target: AttackTarget, batch: AttackBatch, threat: ThreatModel, generator: torch.Generator,
              progress: Any, random: bool, seeds: list[int] | None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
@@ -237,5 +236,5 @@ def _sub_batch(batch: AttackBatch, active: list[int], restart: int) -> AttackBat
         batch.pixels[active], [batch.prompts[i] for i in active], [batch.targets[i] for i in active], batch.kind,
         seeds=[batch.seeds[i] + restart for i in active] if batch.seeds else None,
         references=[batch.references[i] for i in active] if batch.references else None,
-        scorer=None,
+        scorer=None, judging_draws=batch.judging_draws,
     )

@@ -100,8 +100,8 @@ class Ensemble(PluginsUser, Attack):
         clean = batch.pixels.detach()
         n = clean.shape[0]
         best = clean.clone()
-        best_score = torch.tensor(batch.scorer(target.generate(clean, batch.prompts, batch.kind), list(range(n))))
-        result = AttackResult(pixels=best, forward_passes=1, queries=n)
+        best_score = torch.tensor(batch.judge(target, clean, list(range(n))))
+        result = AttackResult(pixels=best, forward_passes=batch.judging_draws, queries=n * batch.judging_draws)
         # like with like: each run's own first and last loss, weighted by the samples it attacked
         starts = ends = weight = 0.0
 
@@ -123,17 +123,17 @@ class Ensemble(PluginsUser, Attack):
                     seeds=[batch.seeds[i] + r for i in active] if batch.seeds else None,
                     references=[references[i] for i in active],
                     scorer=lambda outputs, idx, active=active: batch.scorer(outputs, [active[j] for j in idx]),
+                    judging_draws=batch.judging_draws,
                 )
                 run = attack.perturb(target, sub, threat, generator, progress)
-                outputs = target.generate(run.pixels, sub.prompts, batch.kind)
-                scores = torch.tensor(batch.scorer(outputs, active))
+                scores = torch.tensor(sub.judge(target, run.pixels, range(len(active))))
                 for j, i in enumerate(active):
                     if scores[j] < best_score[i]:
                         best_score[i] = scores[j]
                         best[i] = run.pixels[j]
-                result.forward_passes += run.forward_passes + 1
+                result.forward_passes += run.forward_passes + batch.judging_draws
                 result.backward_passes += run.backward_passes
-                result.queries += run.queries + len(active)
+                result.queries += run.queries + len(active) * batch.judging_draws
                 result.losses.extend(run.losses[-1:])
                 if run.losses:
                     starts, ends = starts + run.losses[0] * len(active), ends + run.losses[-1] * len(active)

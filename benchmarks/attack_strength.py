@@ -25,9 +25,10 @@ through one defense, on the first ``--n`` test samples of the offline world (VQA
 - ``lowfreq``: APGD on a ``--lowfreq-size`` square perturbation, upsampled bilinearly to the
   image (the same L∞ ball): purification by noising and denoising washes out high frequencies
   first, so a low-frequency perturbation may survive it (DiffBreak's low-frequency attack);
-- ``draw-judged`` (with ``--restarts``): the restarts decide which samples are still unbroken,
-  and which run's example each sample keeps, by the mean task score over ``--judging-draws``
-  purification draws instead of one (the board ranks on the worst of 10 draws);
+- ``one-draw-judged`` (with ``--restarts``): the restarts decide which samples are still
+  unbroken, and which run's example each sample keeps, by the task score of *one* purification
+  draw, as the protocol did before it judged over its N draws (every other variant judges, like
+  the protocol, by the mean score over ``--judging-draws`` draws, by default ``--draws``);
 - ``grafted``: DiffHammer's gradient grafting (the suite option ``adaptive: {grafting: true}``):
   the EOT draws' gradients at the purified images, averaged, go back through one draw's
   purification (one backward pass through the purifier per step instead of one per draw).
@@ -57,23 +58,7 @@ from harness.contracts import AttackBatch, TaskKind, ThreatModel
 from harness.plugins import get_plugins
 
 VARIANTS = ("standard", "softmax-draws", "targeted", "restart", "all-references", "softmin-references", "bpda", "step2",
-            "grafted", "lowfreq", "draw-judged")
-
-
-def draw_judged_apgd(draws: int) -> type:
-    """APGD whose restarts judge a sample's example by its mean task score over ``draws``
-    purification draws (each ``generate`` call through the defended target draws anew)."""
-    from attacks.apgd import APGD
-
-    class DrawJudgedAPGD(APGD):
-        @staticmethod
-        def _scores(target, batch, pixels, indices):
-            runs = [APGD._scores(target, batch, pixels, indices) for _ in range(draws)]
-            if runs[0] is None:
-                return None
-            return [sum(column) / len(column) for column in zip(*runs)]
-
-    return DrawJudgedAPGD
+            "grafted", "lowfreq", "one-draw-judged")
 
 
 class SoftmaxOverDraws(DefendedTarget):
@@ -177,7 +162,8 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--lowfreq-size", type=int, default=8, help="the lowfreq variant's perturbation resolution")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--judging-draws", type=int, default=4, help="the draw-judged variant's draws per judgement")
+    parser.add_argument("--judging-draws", type=int, default=None,
+                        help="draws the restarts judge a sample over (default: --draws, as the protocol does)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -259,13 +245,15 @@ def main() -> None:
             target = LowFrequency(defended(), pixels)
         elif variant == "grafted":
             target = defended(through=dataclasses.replace(route, grafted=route.eot > 1))
-        attack = (draw_judged_apgd(args.judging_draws)(**params) if variant == "draw-judged"
-                  else plugins.attacks.create("apgd", params))
+        attack = plugins.attacks.create("apgd", params)
+        judging_draws = (1 if variant == "one-draw-judged" or not defense.stochastic
+                         else args.judging_draws or args.draws)
         seeds = list(range(len(samples))) if variant != "restart" else [1000 + i for i in range(len(samples))]
         start = (torch.full((len(samples), 3, args.lowfreq_size, args.lowfreq_size), 0.5) if variant == "lowfreq"
                  else pixels)
         batch = AttackBatch(start, prompts, [r[0] for r in references], kind, seeds=seeds, references=references,
-                            scorer=lambda outputs, idx: [s[task.metric] for s in task.score(list(outputs), [samples[i] for i in idx])])
+                            scorer=lambda outputs, idx: [s[task.metric] for s in task.score(list(outputs), [samples[i] for i in idx])],
+                            judging_draws=judging_draws)
         result = attack.perturb(target, batch, threat, torch.Generator().manual_seed(seeds[0]))
         if variant == "lowfreq":
             assert isinstance(target, LowFrequency)

@@ -394,7 +394,29 @@ class AttackBatch:
     scorer: Callable[[Sequence[str], Sequence[int]], list[float]] | None = None
     """``scorer(outputs, indices)`` scores outputs of the batch's samples ``indices`` with the
     task's headline metric (higher is better for the victim), for attacks that keep the per-sample
-    worst case or stop early."""
+    worst case or stop early. Attacks call it through :meth:`judge`."""
+    judging_draws: int = 1
+    """Generations per judgement (:meth:`judge`). The runner sets it to the protocol's N draws
+    when the target is a stochastic defense (each ``generate`` purifies with fresh noise), so an
+    attack decides which samples are broken, and which example each keeps, by the mean score over
+    N draws, as the board judges a sample by its N draws, not by the one draw it happened to see."""
+
+    def __post_init__(self) -> None:
+        if self.judging_draws < 1:
+            raise ValueError(f"judging_draws must be at least 1, got {self.judging_draws}")
+
+    def judge(self, target: AttackTarget, pixels: "torch.Tensor", indices: Sequence[int]) -> list[float] | None:
+        """The task score of each sample's output on ``pixels`` (the batch's samples ``indices``,
+        in order), averaged over ``judging_draws`` generations through ``target``; None when the
+        batch has no scorer."""
+        if self.scorer is None:
+            return None
+        prompts = [self.prompts[i] for i in indices]
+        totals = [0.0] * len(indices)
+        for _ in range(self.judging_draws):
+            scores = self.scorer(target.generate(pixels, prompts, self.kind), list(indices))
+            totals = [t + float(s) for t, s in zip(totals, scores)]
+        return [t / self.judging_draws for t in totals]
 
 
 @dataclass

@@ -119,7 +119,7 @@ def _oblivious_identity(cell: Cell) -> str:
 def _adaptive_identity(cell: Cell) -> str:
     """Adaptive cells that attack identically (the standard attack and its N-draw evaluation)."""
     return digest_json([_oblivious_identity(cell), cell.attack.eot, cell.attack.surrogate_steps, cell.attack.grafting,
-                        cell.defense.name, cell.defense.params])[:16]
+                        cell.attack.judging_draws, cell.defense.name, cell.defense.params])[:16]
 
 
 def plan(suite: Suite, plugins: Plugins, task_sizes: dict[str, int]) -> WorkGraph:

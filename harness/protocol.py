@@ -18,6 +18,12 @@ The protocol is declared here, once. Each default, and why:
   sample's worst; its APGD restarts). On the offline world a random restart breaks questions the
   zero-start run leaves standing, for JPEG and for the CoDefend pipeline
   (docs/results/attack-strength.md); it costs up to one more run on the samples that survive.
+  Through a stochastic defense the attack judges a sample as the board does, over the ``draws``
+  below (the mean score over N purification draws): the restart attacks every sample some draw
+  still answers, and each sample keeps the run whose example fails more of its draws. Judged on
+  one draw, a sample that draw happened to break was never restarted, though most of its N draws
+  answered it (docs/results/attack-strength.md: one question more of 40 on the purifier and on
+  DiffPure-DDIM, ~10% more time).
   A suite that sets other ``params`` of the standard attack keeps these defaults for the keys it
   does not set (``params: {steps: 20}`` still restarts once).
 - ``eot: 20``: AutoAttack "rand" and DiffPure's own adaptive evaluation average 20 draws per

@@ -47,6 +47,9 @@ class AttackInfo(BaseModel):
         None, description="adaptive rows attacked through a surrogate process (Lee & Kim): what it is")
     eot_grafting: bool = Field(False, description="adaptive rows: the EOT draws' gradients were grafted onto one "
                                                   "backward pass through the defense (DiffHammer), not exact")
+    judging_draws: int = Field(1, description="adaptive rows through a stochastic defense: purification draws the "
+                                              "attack averaged each judgement of a sample over (which samples its "
+                                              "restarts attack, which example each keeps)")
     access: Literal["white-box", "query", "transfer", "none"] = Field(
         "none", description="what the attack used of the victim; a transfer attack whose surrogate is the victim is white-box")
     role: AttackRole = Field("suite", description="suite (declared in the suite), or which cell of the standard "

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from harness.adaptive import DefendedTarget, gradient_route, soft_prompt_kwargs
+from harness.adaptive import DefendedTarget, GradientRoute, gradient_route, soft_prompt_kwargs
 from harness.code_version import kernel_code_version
 from harness.graph import victim_key
 from harness.contracts import (AttackBatch, CheapFingerprintVictim, CorpusScoredTask, Sample, SkippingTask, Task,
@@ -198,7 +198,9 @@ def _attacked_input(cell: Cell, victim_fp: str, sample: Sample, code: CodeVersio
     adaptive = (
         {"defense": cell.defense.name, "defense_params": cell.defense.params, "eot": cell.attack.eot,
          "surrogate_steps": cell.attack.surrogate_steps, "grafting": cell.attack.grafting,
-         "defense_code": code["defense"]}
+         "defense_code": code["defense"],
+         # absent at 1, so keys (and seeds) of attacks judged on one draw stay what they were
+         **({"judging_draws": cell.attack.judging_draws} if cell.attack.judging_draws != 1 else {})}
         if cell.attack.adaptive
         else {}
     )
@@ -247,7 +249,10 @@ _NO_CODE: CodeVersions = {"kernel": "", "victim": "", "task": "", "attack": "", 
 
 def seed_key(cell: Cell, victim_fp: str, sample: Sample) -> str:
     """What a sample's random draws (attack start, defense noise) derive from: its identity in
-    the cell, without code versions (a code edit re-runs a row; it need not redraw its noise)."""
+    the cell, without code versions (a code edit re-runs a row; it need not redraw its noise) and
+    without the judging draws (they choose among the attack's runs, not where the runs start)."""
+    if cell.attack.judging_draws != 1:
+        cell = dataclasses.replace(cell, attack=cell.attack.model_copy(update={"judging_draws": 1}))
     return adversarial_key(cell, victim_fp, sample, _NO_CODE) or result_fingerprint(cell, victim_fp, sample, _NO_CODE)
 
 
@@ -271,9 +276,10 @@ def run_attack_chunk(chunk: Chunk, plugins: Plugins | None = None) -> ChunkOutco
 
 
 def _attack_chunk(chunk: Chunk, victim: Victim, task: Task, attack: Any, attack_target: Any,
-                  clean: torch.Tensor) -> tuple[torch.Tensor, dict[str, tuple[np.ndarray, dict[str, Any]]]]:
+                  clean: torch.Tensor, judging_draws: int = 1) -> tuple[torch.Tensor, dict[str, tuple[np.ndarray, dict[str, Any]]]]:
     """The chunk's adversarial images: cached ones reused, the others attacked (and checked
-    against the threat model) as one batch; returns them and the new ones by key."""
+    against the threat model) as one batch; returns them and the new ones by key.
+    ``judging_draws``: generations per judgement of a sample (:class:`AttackBatch`)."""
     cell = chunk.cell
     prompts = [s.prompt for s in chunk.samples]
     references = [task.attack_targets(s) for s in chunk.samples]
@@ -296,6 +302,7 @@ def _attack_chunk(chunk: Chunk, victim: Victim, task: Task, attack: Any, attack_
         batch = AttackBatch(
             clean[todo], [prompts[i] for i in todo], [targets[i] for i in todo], task.kind,
             seeds=seeds, references=[list(references[i]) for i in todo], scorer=scorer,
+            judging_draws=judging_draws,
         )
         steps = sum(attack.passes_per_sample()[1:]) or None
         started = time.perf_counter()
@@ -339,11 +346,18 @@ def run_chunk(chunk: Chunk, plugins: Plugins | None = None) -> ChunkOutcome:
                        surrogate_steps=cell.attack.surrogate_steps)
         if route else victim
     )
-    adversarial, new_adversarial = _attack_chunk(chunk, victim, task, attack, attack_target, clean)
+    adversarial, new_adversarial = _attack_chunk(chunk, victim, task, attack, attack_target, clean,
+                                                 _judging_draws(cell, route, defense))
     defended = _defend(chunk, victim, task, defense, adversarial, clean,
                        torch.Generator().manual_seed(_defense_seed(chunk)))
     rows, artifacts = _rows(chunk, victim, task, attack, defense, route, clean, adversarial, defended, new_adversarial)
     return ChunkOutcome(rows=rows, adversarial=new_adversarial, artifacts=artifacts)
+
+
+def _judging_draws(cell: Cell, route: GradientRoute | None, defense: Defense) -> int:
+    """Generations per judgement of a sample by the attack: the cell's judging draws through a
+    stochastic defense (the attack judges a sample as the board does, over N draws), else one."""
+    return cell.attack.judging_draws if route is not None and defense.stochastic else 1
 
 
 def _defense_seed(chunk: Chunk, *draw: Any) -> int:
@@ -418,6 +432,7 @@ def _attack_info(cell: Cell, victim: Victim, attack: Any, defense: Any, route: A
         name=cell.attack.name, params=cell.attack.params, mode="adaptive" if route else "oblivious",
         gradient=route.method if route else None, eot=route.eot if route else None,
         surrogate_process=route.surrogate if route else None, eot_grafting=bool(route and route.grafted),
+        judging_draws=_judging_draws(cell, route, defense),
         access=access, role=cell.attack.role, draws=draws, training_label=label, seen_in_training=label == "seen",
         **({"surrogate": attack.surrogate, "surrogate_is_victim": surrogate_is_victim}
            if isinstance(attack, TransferAttack) else {}),

@@ -176,6 +176,12 @@ class AttackSpec(_Strict):
     grafting: bool = False
     """Adaptive only: graft the EOT draws' gradients onto one backward pass through the defense
     (DiffHammer; see :mod:`harness.protocol`)."""
+    judging_draws: int = Field(default=1, gt=0)
+    """Adaptive only: an attack that judges samples by the task score (APGD's restarts, the
+    ensemble's worst case) averages it over this many draws of a stochastic defense
+    (:attr:`~harness.contracts.AttackBatch.judging_draws`); the standard protocol sets its N
+    ``draws``. It decides which example a sample keeps, not its random starts, so it does not
+    reseed the attack."""
     role: AttackRole = "suite"
     """Set by the harness for the attacks it adds (:mod:`harness.protocol`); suites leave it."""
 
@@ -272,7 +278,7 @@ class Suite(_Strict):
         if protocol.enabled and threats:
             base = dict(name=protocol.attack, params=dict(protocol.params), threats=threats, adaptive=True,
                         eot=protocol.eot, samples=protocol.samples, surrogate_steps=protocol.surrogate_steps,
-                        grafting=protocol.grafting, tasks=protocol.tasks)
+                        grafting=protocol.grafting, tasks=protocol.tasks, judging_draws=protocol.draws)
             added.append(AttackSpec(id=STANDARD_LABEL, role="standard", **base))
             if protocol.draws > 1:
                 added.append(AttackSpec(id=f"{STANDARD_LABEL}-N{protocol.draws}", role="n-draw", draws=protocol.draws, **base))
@@ -590,6 +596,10 @@ def _check_plugins(path: Path, suite: Suite, plugins: Plugins, device_notes: lis
             raise SuiteError(path, f"{key}.surrogate_steps", "a surrogate process only applies with adaptive: true")
         if attack.grafting and not attack.adaptive:
             raise SuiteError(path, f"{key}.grafting", "gradient grafting (over EOT draws) only applies with adaptive: true")
+        if attack.judging_draws != 1 and not attack.adaptive:
+            raise SuiteError(path, f"{key}.judging_draws",
+                             "judging over several purification draws only applies with adaptive: true "
+                             "(an oblivious attack sees the undefended victim, which has no draws)")
         for field_name, declared in (("defenses", [d.label for d in suite.defenses]),
                                      ("tasks", sorted({t.name for t in suite.tasks} | {t.label for t in suite.tasks})),
                                      ("victims", sorted({v.name for v in suite.victims}))):

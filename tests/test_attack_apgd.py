@@ -206,3 +206,55 @@ def test_step_halving_lets_apgd_converge_where_a_fixed_step_cannot(norm) -> None
     if norm == "linf":
         assert rms(fixed) > 0.25 and rms(apgd) < 0.02
     assert np.isclose(apgd.losses[0], target.loss(clean, [], [], "vqa").mean().item())
+
+
+class _FlakyDraws:
+    """A stochastic target whose every other generation breaks every sample (a purification draw
+    that happens to fail), the others answering as the victim does."""
+
+    def __init__(self, victim) -> None:
+        self.victim, self.calls = victim, 0
+
+    def loss(self, pixels, prompts, targets, kind):
+        return self.victim.loss(pixels, prompts, targets, kind)
+
+    def generate(self, pixels, prompts, kind):
+        self.calls += 1
+        return ["no answer"] * len(prompts) if self.calls % 2 else self.victim.generate(pixels, prompts, kind)
+
+
+def test_restarts_judge_a_sample_over_the_batch_s_draws_not_the_one_draw_that_broke_it(tiny_victim, vqa_task, batch) -> None:
+    """Judged on one draw, a draw that happens to fail hides every survivor from the restart;
+    judged over two (the mean score), the samples the other draw still answers are re-attacked."""
+    samples, n = batch.samples, 12
+    scored: list[list[int]] = []
+
+    def scorer(outputs, indices):
+        scored.append(list(indices))
+        return [s["vqa_accuracy"] for s in vqa_task.score(list(outputs), [samples[i] for i in indices])]
+
+    def attack_batch(judging_draws: int) -> AttackBatch:
+        b = batch.attack_batch(n, seeds=list(range(n)))
+        b.scorer, b.judging_draws = scorer, judging_draws
+        return b
+
+    eps = ThreatModel("linf-2", "linf", 2 / 255)
+    one = APGD(steps=4, restarts=1).perturb(_FlakyDraws(tiny_victim), attack_batch(1), eps, torch.Generator().manual_seed(0))
+    assert scored == [list(range(n))]  # the failing draw judged every sample broken: no restart
+    assert one.queries == n
+    scored.clear()
+    two = APGD(steps=4, restarts=1).perturb(_FlakyDraws(tiny_victim), attack_batch(2), eps, torch.Generator().manual_seed(0))
+    # the first run does not depend on the judging: ``one`` holds its examples
+    first = [s["vqa_accuracy"] for s in vqa_task.score(tiny_victim.generate(one.pixels, batch.prompts[:n], "vqa"), samples[:n])]
+    survivors = [i for i in range(n) if first[i] > 0]
+    assert survivors, first  # the test needs samples the first run leaves standing
+    assert scored[:2] == [list(range(n))] * 2  # two draws judge every sample
+    assert scored[2:4] == [survivors] * 2  # the restart re-attacks those the answering draw keeps
+    assert two.queries == 2 * n + 2 * len(survivors)
+    assert two.forward_passes == 5 + 2 + 5 + 2
+    _check_in_ball(two.pixels, batch.pixels[:n], eps)
+
+
+def test_a_batch_judges_with_at_least_one_draw(batch) -> None:
+    with pytest.raises(ValueError, match="judging_draws must be at least 1"):
+        AttackBatch(batch.pixels[:2], batch.prompts[:2], batch.prompts[:2], "vqa", judging_draws=0)

@@ -144,6 +144,10 @@ def test_stochastic_defenses_show_single_n_draw_and_clean_n_draw_numbers(protoco
     # a deterministic defense is evaluated once
     jpeg_rows = [r for r in store.results() if r.defense == "jpeg" and r.attack == "adaptive-N4"]
     assert jpeg_rows and all(r.record.attack.draws == 1 for r in jpeg_rows)
+    # the attack judged its restarts as the board judges: over the N draws, once for jpeg
+    adaptive = [r for r in store.results() if r.attack in ("adaptive", "adaptive-N4", "adaptive-2x")]
+    assert {r.record.attack.judging_draws for r in adaptive if r.defense == "coin-flip"} == {4}
+    assert {r.record.attack.judging_draws for r in adaptive if r.defense != "coin-flip"} == {1}
 
 
 def test_the_convergence_check_judges_the_number_the_board_ranks_on(protocol_run) -> None:
@@ -304,7 +308,10 @@ def test_editing_a_local_defense_plugin_changes_the_fingerprints_of_its_rows(tmp
         clear_code_version_cache()
 
 
-def test_the_protocol_expands_into_its_cells_on_a_seeded_subset_and_adds_the_probes(tmp_path) -> None:
+def test_the_protocol_expands_into_its_cells_on_a_seeded_subset_and_adds_the_probes(tmp_path, vqa_task) -> None:
+    import dataclasses
+
+    from harness.runner import adversarial_key, seed_key
     from harness.suite import expand
 
     text = textwrap.dedent(SUITE) + "sanity_probes: {enabled: true, samples: 5}\n"
@@ -322,6 +329,14 @@ def test_the_protocol_expands_into_its_cells_on_a_seeded_subset_and_adds_the_pro
     (convergence,) = {(c.attack.params["steps"], c.attack.params["restarts"], c.attack.eot) for c in by_role["convergence"]}
     assert convergence == (8, 3, 4)  # steps, runs (restarts + 1) and EOT doubled
     assert {c.attack.draws for c in by_role["convergence"]} == {4}  # judged like the N-draw number
+    for role in ("standard", "n-draw", "convergence"):
+        assert {c.attack.judging_draws for c in by_role[role]} == {4}  # the attack judges over N draws too
+    # judging draws pick among the attack's runs: they change its examples' keys, not its seeds
+    cell, sample = by_role["standard"][0], vqa_task.samples("test", 1, 0)[0]
+    one_draw = dataclasses.replace(cell, attack=cell.attack.model_copy(update={"judging_draws": 1}))
+    code = {"kernel": "k", "victim": "v", "task": "t", "attack": "a", "defense": "d"}
+    assert adversarial_key(cell, "fp", sample, code) != adversarial_key(one_draw, "fp", sample, code)
+    assert seed_key(cell, "fp", sample) == seed_key(one_draw, "fp", sample)
     probes = {(c.attack.label, c.threat.name, c.threat.eps, c.defense.label, c.task.n) for c in by_role["probe"]}
     assert probes == {("pgd", "probe-eps0", 0.0, "none", 5), ("sloppy-noise", "probe-eps0", 0.0, "none", 5),
                       ("adaptive", "probe-large", 64 / 255, "none", 5)}
