@@ -286,6 +286,8 @@ def _condition(name: str, rows: list[ResultRow]) -> Condition:
             eot = info.eot or 1
             routes[r.defense] = GradientRoute(method=info.gradient or "?", eot=eot, surrogate=info.surrogate_process,
                                               grafted=info.eot_grafting).describe()
+            if info.judging_draws > 1:
+                routes[r.defense] += f", samples judged over {info.judging_draws} draws"
         if info.targeted:
             target_text = info.targeted.text
             success[r.defense].append(info.targeted.success)

@@ -159,6 +159,12 @@ def test_grafting_outside_an_adaptive_attack_is_an_error_that_says_so(tmp_path) 
         _load(tmp_path, text)
 
 
+def test_judging_draws_outside_an_adaptive_attack_is_an_error_that_says_so(tmp_path) -> None:
+    text = SUITE.replace("  - name: none\ndefenses", "  - name: none\n  - {name: pgd, threats: [linf-8], judging_draws: 4}\ndefenses")
+    with pytest.raises(SuiteError, match=r"judging_draws.*only applies with adaptive: true"):
+        _load(tmp_path, text)
+
+
 def test_the_board_labels_grafted_routes() -> None:
     from harness.records import ResultRow, RowRecord
     from leaderboard.aggregate import _condition

@@ -122,7 +122,7 @@ def test_every_defense_faces_the_standard_adaptive_attack_and_the_board_ranks_on
     keys = [row.robust.mean for row in table.rows]
     assert keys == sorted(keys, reverse=True)
     routes = table.details["adaptive@linf-8"].routes
-    assert routes["jpeg"] == "bpda-approximate" and routes["none"] == "exact" and routes["coin-flip"] == "exact, EOT 2"
+    assert routes["jpeg"] == "bpda-approximate" and routes["none"] == "exact" and routes["coin-flip"] == "exact, EOT 2, samples judged over 4 draws"
     (entry,) = [e for e in board_entries(board) if e["defense"] == "none" and e["threat_model"]["name"] == "linf-8"]
     assert entry["robust_basis"] == "adaptive"
     assert entry["robust"]["mean"] == pytest.approx(next(r for r in table.rows if r.defense == "none").robust.mean)
