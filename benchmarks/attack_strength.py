@@ -29,6 +29,10 @@ through one defense, on the first ``--n`` test samples of the offline world (VQA
   unbroken, and which run's example each sample keeps, by the task score of *one* purification
   draw, as the protocol did before it judged over its N draws (every other variant judges, like
   the protocol, by the mean score over ``--judging-draws`` draws, by default ``--draws``);
+- ``iterate-judged``: APGD keeps each sample's iterate of highest EOT loss, a noisy estimate (the
+  winner's curse); this variant also judges the ``--candidates`` iterates of highest loss of the
+  first run over ``--judging-draws`` purification draws, and each sample keeps whichever of
+  them and the attack's own result fails the most draws;
 - ``grafted``: DiffHammer's gradient grafting (the suite option ``adaptive: {grafting: true}``):
   the EOT draws' gradients at the purified images, averaged, go back through one draw's
   purification (one backward pass through the purifier per step instead of one per draw).
@@ -58,7 +62,7 @@ from harness.contracts import AttackBatch, TaskKind, ThreatModel
 from harness.plugins import get_plugins
 
 VARIANTS = ("standard", "softmax-draws", "targeted", "restart", "all-references", "softmin-references", "bpda", "step2",
-            "grafted", "lowfreq", "one-draw-judged")
+            "grafted", "lowfreq", "one-draw-judged", "iterate-judged")
 
 
 class SoftmaxOverDraws(DefendedTarget):
@@ -137,6 +141,41 @@ class LowFrequency:
         return self.inner.generate(self.image(u), prompts, kind)
 
 
+class RecordingIterates:
+    """Passes through to ``inner`` and records every full-batch point whose gradient the attack
+    asks for (APGD's iterates of its first run) with its loss."""
+
+    def __init__(self, inner: DefendedTarget, n: int):
+        self.inner, self.n = inner, n
+        self.iterates: list[torch.Tensor] = []
+        self.losses: list[torch.Tensor] = []
+
+    def loss(self, pixels: torch.Tensor, prompts: Sequence[str], targets: Sequence[str], kind: TaskKind) -> torch.Tensor:
+        loss = self.inner.loss(pixels, prompts, targets, kind)
+        if pixels.shape[0] == self.n and torch.is_grad_enabled():
+            self.iterates.append(pixels.detach().clone())
+            self.losses.append(loss.detach().clone())
+        return loss
+
+    def generate(self, pixels: torch.Tensor, prompts: Sequence[str], kind: TaskKind) -> list[str]:
+        return self.inner.generate(pixels, prompts, kind)
+
+    def reselect(self, batch: AttackBatch, result: torch.Tensor, candidates: int) -> torch.Tensor:
+        """Each sample's example among ``result`` and its ``candidates`` highest-loss iterates:
+        the lowest mean score over ``batch.judging_draws`` draws (ties keep ``result``)."""
+        losses, iterates = torch.stack(self.losses), torch.stack(self.iterates)  # [T, n], [T, n, ...]
+        order = losses.argsort(dim=0, descending=True)[:candidates]  # [k, n]
+        chosen = result.clone()
+        indices = list(range(self.n))
+        best = torch.tensor(batch.judge(self, result, indices))
+        for rank in range(order.shape[0]):
+            candidate = iterates[order[rank], torch.arange(self.n)]
+            scores = torch.tensor(batch.judge(self, candidate, indices))
+            better = scores < best
+            chosen[better], best = candidate[better], torch.where(better, scores, best)
+        return chosen
+
+
 class IdentityBackward(DefendedTarget):
     """BPDA through the identity even for a differentiable defense."""
 
@@ -162,6 +201,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--lowfreq-size", type=int, default=8, help="the lowfreq variant's perturbation resolution")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--candidates", type=int, default=4, help="the iterate-judged variant's iterates judged")
     parser.add_argument("--judging-draws", type=int, default=None,
                         help="draws the restarts judge a sample over (default: --draws, as the protocol does)")
     args = parser.parse_args()
@@ -245,6 +285,8 @@ def main() -> None:
             target = LowFrequency(defended(), pixels)
         elif variant == "grafted":
             target = defended(through=dataclasses.replace(route, grafted=route.eot > 1))
+        elif variant == "iterate-judged":
+            target = RecordingIterates(defended(), len(samples))
         attack = plugins.attacks.create("apgd", params)
         judging_draws = (1 if variant == "one-draw-judged" or not defense.stochastic
                          else args.judging_draws or args.draws)
@@ -258,6 +300,9 @@ def main() -> None:
         if variant == "lowfreq":
             assert isinstance(target, LowFrequency)
             result.pixels = target.image(result.pixels).detach()
+        if variant == "iterate-judged":
+            assert isinstance(target, RecordingIterates)
+            result.pixels = target.reselect(batch, result.pixels, args.candidates)
         assert (result.pixels - pixels).abs().max() <= args.eps + 1e-6
         first, every = judged(result.pixels)
         worst = every if worst is None else torch.minimum(worst, every)
