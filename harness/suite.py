@@ -590,16 +590,17 @@ def _check_plugins(path: Path, suite: Suite, plugins: Plugins, device_notes: lis
                 f"attack '{attack.name}' needs {instance.requires!r} access, so it cannot adapt to a defense; "
                 "adaptive mode applies to gradient and query attacks",
             )
-        if attack.eot is not None and not attack.adaptive:
-            raise SuiteError(path, f"{key}.eot", "eot (expectation over transformation) only applies with adaptive: true")
-        if attack.surrogate_steps is not None and not attack.adaptive:
-            raise SuiteError(path, f"{key}.surrogate_steps", "a surrogate process only applies with adaptive: true")
-        if attack.grafting and not attack.adaptive:
-            raise SuiteError(path, f"{key}.grafting", "gradient grafting (over EOT draws) only applies with adaptive: true")
-        if attack.judging_draws != 1 and not attack.adaptive:
-            raise SuiteError(path, f"{key}.judging_draws",
-                             "judging over several purification draws only applies with adaptive: true "
-                             "(an oblivious attack sees the undefended victim, which has no draws)")
+        # keys that only mean something when the attack goes through the defense
+        adaptive_only = (
+            ("eot", attack.eot is not None, "eot (expectation over transformation)"),
+            ("surrogate_steps", attack.surrogate_steps is not None, "a surrogate process"),
+            ("grafting", attack.grafting, "gradient grafting (over EOT draws)"),
+            ("judging_draws", attack.judging_draws != 1, "judging over several purification draws"),
+        )
+        for field_name, given, what in adaptive_only:
+            if given and not attack.adaptive:
+                raise SuiteError(path, f"{key}.{field_name}", f"{what} only applies with adaptive: true "
+                                 "(an oblivious attack runs on the undefended victim)")
         for field_name, declared in (("defenses", [d.label for d in suite.defenses]),
                                      ("tasks", sorted({t.name for t in suite.tasks} | {t.label for t in suite.tasks})),
                                      ("victims", sorted({v.name for v in suite.victims}))):
