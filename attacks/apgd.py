@@ -105,10 +105,14 @@ class APGD(Attack):
         self.target_text = target
 
     def passes_per_sample(self) -> tuple[int, int]:
-        # the last iterate's gradient is never used: one backward pass is saved; restarts add a
-        # generation per run to judge which samples are broken (at most every sample restarts)
+        # the last iterate's gradient is never used: one backward pass is saved
         runs = 1 + self.restarts
-        return (runs * (self.steps + 1) + (runs if self.restarts else 0), runs * self.steps)
+        return (runs * (self.steps + 1), runs * self.steps)
+
+    def judgements_per_sample(self) -> int:
+        # with restarts, every run ends in a judgement of which samples are broken (at most every
+        # sample restarts)
+        return 1 + self.restarts if self.restarts else 0
 
     def perturb(
         self,

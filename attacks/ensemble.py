@@ -86,6 +86,14 @@ class Ensemble(PluginsUser, Attack):
             forward, backward = forward + runs * f, backward + runs * b
         return forward, backward
 
+    def judgements_per_sample(self) -> int:
+        # the clean images once, then every member's run: its own judgements and the ensemble's
+        judgements = 1
+        for _, attack in self._members():
+            runs = 1 if attack.target_text else self.references
+            judgements += runs * (attack.judgements_per_sample() + 1)
+        return judgements
+
     def perturb(
         self,
         target: AttackTarget,

@@ -20,6 +20,13 @@ registers classes from ``apgd.py``, both use ``_common.py``): a change there cha
 This over-invalidates (editing an unrelated sibling re-runs the cells) but that is safe; a stale
 row is not. Other packages a plugin imports are not covered.
 
+Libraries make rows too: a new ``transformers`` can change a victim's generation defaults, a new
+``diffusers`` a scheduler's arithmetic. :func:`library_code_version` versions them (``"libs:<16
+hex>"`` of their installed versions), and every row key holds it: for the built-ins and the
+kernel, :data:`ROW_MAKING_LIBRARIES`; for a plugin installed from another distribution, every
+runtime requirement that distribution declares (we cannot know which of its libraries compute, so
+all). An in-process plugin has no declared requirements: only its source is versioned.
+
 The kernel makes rows too: the runner attacks, defends and generates, :mod:`harness.adaptive`
 routes an adaptive attack's gradient through the defense, and the records, labels and image
 quality go into every row. :func:`kernel_code_version` versions those modules
@@ -42,7 +49,7 @@ falls back to ``"<distribution>==<version>"`` when the distribution is a real in
 ``"unknown"``.
 
 Results are cached per process (source hashes by directory or file, distribution checks by
-distribution and module file). Call :func:`clear_code_version_cache` after editing files in the
+distribution and module file, library versions by distribution). Call :func:`clear_code_version_cache` after editing files in the
 same process (tests do).
 
 This module is part of the kernel: it imports no plugin package.
@@ -59,19 +66,25 @@ import os
 import sys
 import types
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
 
 UNKNOWN = "unknown"
 HASH_CHARS = 16
 
 _source_hashes: dict[str, str] = {}
 _normal_installs: dict[tuple[str, str | None], bool] = {}
+_library_versions: dict[str, dict[str, str]] = {}
 
 
 def clear_code_version_cache() -> None:
-    """Forget cached source hashes and distribution checks (after editing files mid-process)."""
+    """Forget cached source hashes, distribution checks and library versions (after editing
+    files, or installing packages, mid-process)."""
     _source_hashes.clear()
     _normal_installs.clear()
+    _library_versions.clear()
 
 
 def code_version(factory: Any, distribution: str, version: str) -> str:
@@ -139,6 +152,74 @@ def files_code_version(files: Sequence[str | Path]) -> str:
     root = Path(os.path.commonpath([p.parent for p in paths]))
     key = "files:" + "\0".join(sorted(map(str, paths)))
     return _source_version(key, lambda: _hash_files(root, paths))
+
+
+# -- which libraries ------------------------------------------------------------------------------
+
+ROW_MAKING_LIBRARIES = (
+    "torch",  # every forward and backward pass
+    "numpy",
+    "transformers",  # the real victims: their models, processors and generate()
+    "tokenizers",
+    "diffusers",  # the purifiers' UNets and schedulers
+    "peft",  # LoRA adapters of purifiers and the prefix generator
+    "kornia",  # the differentiable JPEG of the jpeg defense's BPDA route
+    "pillow",  # JPEG encoding and image decoding
+    "adversarial-robustness-toolbox",  # the ART attacks
+    "pycocoevalcap",  # caption metrics
+    "torchmetrics",  # PSNR and SSIM in every row
+)
+"""The libraries whose code computes the built-ins' and the kernel's rows (a subset of the
+built-in distribution's requirements: plotting, schemas and progress bars make no row, and
+upgrading them must not re-run one)."""
+
+NOT_INSTALLED = "not installed"
+
+
+def library_versions(distributions: Iterable[str]) -> dict[str, str]:
+    """Installed version of each library that makes the rows of components from ``distributions``
+    (canonical name -> version, or ``"not installed"``): :data:`ROW_MAKING_LIBRARIES` for the
+    built-in distribution; every runtime requirement (extras left out) of another installed
+    distribution; nothing for a name that is no installed distribution (an in-process plugin)."""
+    from harness.plugins import BUILTIN_DISTRIBUTION
+
+    out: dict[str, str] = {}
+    for distribution in sorted(set(distributions)):
+        if distribution not in _library_versions:
+            if canonicalize_name(distribution) == canonicalize_name(BUILTIN_DISTRIBUTION):
+                names: Sequence[str] = ROW_MAKING_LIBRARIES
+            elif _is_distribution(distribution):
+                names = _runtime_requirements(distribution)
+            else:
+                names = ()
+            _library_versions[distribution] = {canonicalize_name(name): _installed_version(name) for name in names}
+        out.update(_library_versions[distribution])
+    return dict(sorted(out.items()))
+
+
+def library_code_version(distributions: Iterable[str]) -> str:
+    """``"libs:<16 hex>"``: a digest of :func:`library_versions`, for row keys."""
+    blob = json.dumps(library_versions(distributions), sort_keys=True).encode("utf-8")
+    return "libs:" + hashlib.sha256(blob).hexdigest()[:HASH_CHARS]
+
+
+def _runtime_requirements(distribution: str) -> list[str]:
+    names = []
+    for line in importlib.metadata.requires(distribution) or []:
+        try:
+            requirement = Requirement(line)
+        except InvalidRequirement:
+            continue
+        if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+            names.append(requirement.name)
+    return names
+
+
+def _installed_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return NOT_INSTALLED
 
 
 # -- which code -----------------------------------------------------------------------------------

@@ -475,8 +475,16 @@ class Attack:
         raise NotImplementedError
 
     def passes_per_sample(self) -> tuple[int, int]:
-        """(forward, backward) passes one sample costs; used by ``validate`` for estimates."""
+        """(forward, backward) passes one sample costs, judgements left out
+        (:meth:`judgements_per_sample`); used by ``validate`` for estimates."""
         return (0, 0)
+
+    def judgements_per_sample(self) -> int:
+        """How many times, at most, the attack judges one sample (:meth:`AttackBatch.judge`).
+        Each judgement costs ``judging_draws`` generations through the target: through the real
+        defense, never its surrogate process, so ``validate`` prices them apart from the attack's
+        own passes (:func:`harness.suite.attack_passes`)."""
+        return 0
 
 
 @dataclass(frozen=True)

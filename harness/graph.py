@@ -29,7 +29,7 @@ from typing import Any, Literal
 from harness.contracts import Preparation, Prepared
 from harness.plugins import Plugins
 from harness.store import digest_json
-from harness.suite import Cell, ResourceSpec, Suite, VictimSpec, adaptive_passes, expand
+from harness.suite import Cell, ResourceSpec, Suite, VictimSpec, attack_passes, expand
 
 Stage = Literal["train", "victim", "attack", "rows", "score"]
 STAGES: tuple[Stage, ...] = ("train", "victim", "attack", "rows", "score")
@@ -176,7 +176,6 @@ def plan(suite: Suite, plugins: Plugins, task_sizes: dict[str, int]) -> WorkGrap
             training = cell.victim.resources.union(defense_spec.train_resources or defense_spec.resources)
             ready[(vkey, cell.defense.label)] = preparation_nodes(steps, cell.victim, training)
         attack = attacks.setdefault(cell.attack.label + digest_json(cell.attack.params), plugins.attacks.create(cell.attack.name, cell.attack.params))
-        forward, backward = attack.passes_per_sample()
         draws = cell.attack.draws if defense.stochastic else 1
         defend_cost = (defense.passes_per_sample() + 1) * draws
         producer: int | None = None
@@ -184,7 +183,7 @@ def plan(suite: Suite, plugins: Plugins, task_sizes: dict[str, int]) -> WorkGrap
         if cell.attack.name != "none" and cell.attack.adaptive:
             producer = producers.setdefault(_adaptive_identity(cell), index)
             if producer == index:
-                attack_cost = sum(adaptive_passes(cell.attack, defense, forward, backward))
+                attack_cost = sum(attack_passes(cell.attack, attack, defense))
         chunks = math.ceil(n / batch)
         row_ids = []
         for k in range(chunks):
@@ -193,7 +192,8 @@ def plan(suite: Suite, plugins: Plugins, task_sizes: dict[str, int]) -> WorkGrap
             if cell.attack.name != "none" and not cell.attack.adaptive:
                 attack_id = f"attack:{_oblivious_identity(cell)}#{k}"
                 node = add(Node(attack_id, "attack", f"{cell.attack.label}@{cell.threat.name} on {cell.task.label} #{k}",
-                                [f"victim:{vkey}"], cell.victim.resources, (forward + backward) * width, chunk=k))
+                                [f"victim:{vkey}"], cell.victim.resources,
+                                sum(attack_passes(cell.attack, attack, None)) * width, chunk=k))
                 node.cells.append(index)
                 deps.append(attack_id)
             elif producer is not None and producer != index:

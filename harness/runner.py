@@ -32,13 +32,13 @@ import torch
 from tqdm.auto import tqdm
 
 from harness.adaptive import DefendedTarget, GradientRoute, gradient_route, soft_prompt_kwargs
-from harness.code_version import kernel_code_version
+from harness.code_version import kernel_code_version, library_code_version, library_versions
 from harness.graph import victim_key
 from harness.contracts import (AttackBatch, CheapFingerprintVictim, CorpusScoredTask, Sample, SkippingTask, Task,
                                TemplatedVictim, ThreatModel, TransferAttack, Victim)
 from harness.image_quality import psnr, ssim
 from harness.labels import training_label
-from harness.plugins import Plugins, get_plugins
+from harness.plugins import BUILTIN_DISTRIBUTION, Plugins, get_plugins
 from harness.records import (AttackCost, AttackInfo, DefenseInfo, Perturbation, ResultRow, RowImages, RowRecord,
                              TargetedInfo, ThreatInfo, VictimInfo)
 from harness.store import SCHEMA_VERSION, Store, digest_json
@@ -178,18 +178,25 @@ _ACCESS = {"gradients": "white-box", "queries": "query", "transfer": "transfer",
 
 
 CodeVersions = dict[str, str]
-"""kind -> the code version of the plugin component a cell uses (``Entry.code_version``), and
-``"kernel"``: the kernel modules that make rows (:func:`~harness.code_version.kernel_code_version`)."""
+"""kind -> the code version of the plugin component a cell uses (``Entry.code_version``);
+``"kernel"``: the kernel modules that make rows (:func:`~harness.code_version.kernel_code_version`);
+``"libraries"``: the installed libraries that make them
+(:func:`~harness.code_version.library_code_version`)."""
 
 
 def code_versions(plugins: Plugins, cell: Cell) -> CodeVersions:
-    """The code behind a cell's components: a row never outlives the code that produced it."""
+    """The code behind a cell's components, the libraries they run on included: a row never
+    outlives the code that produced it."""
+    entries = {
+        "victim": plugins.victims.get(cell.victim.name),
+        "task": plugins.tasks.get(cell.task.name),
+        "attack": plugins.attacks.get(cell.attack.name),
+        "defense": plugins.defenses.get(cell.defense.name),
+    }
     return {
         "kernel": kernel_code_version(),
-        "victim": plugins.victims.get(cell.victim.name).code_version(),
-        "task": plugins.tasks.get(cell.task.name).code_version(),
-        "attack": plugins.attacks.get(cell.attack.name).code_version(),
-        "defense": plugins.defenses.get(cell.defense.name).code_version(),
+        "libraries": library_code_version([BUILTIN_DISTRIBUTION, *(e.distribution for e in entries.values())]),
+        **{kind: entry.code_version() for kind, entry in entries.items()},
     }
 
 
@@ -206,7 +213,7 @@ def _attacked_input(cell: Cell, victim_fp: str, sample: Sample, code: CodeVersio
     )
     return {
         **adaptive,
-        "code": {k: code[k] for k in ("kernel", "victim", "task", "attack")},
+        "code": {k: code[k] for k in ("kernel", "libraries", "victim", "task", "attack")},
         "schema": SCHEMA_VERSION,
         "victim": victim_fp,
         # not n: an adversarial example depends on its sample, not on the subset around it
@@ -244,7 +251,7 @@ def result_fingerprint(cell: Cell, victim_fp: str, sample: Sample, code: CodeVer
     )
 
 
-_NO_CODE: CodeVersions = {"kernel": "", "victim": "", "task": "", "attack": "", "defense": ""}
+_NO_CODE: CodeVersions = {"kernel": "", "libraries": "", "victim": "", "task": "", "attack": "", "defense": ""}
 
 
 def seed_key(cell: Cell, victim_fp: str, sample: Sample) -> str:
@@ -504,22 +511,24 @@ def _surrogate_is_victim(attack: TransferAttack, cell: Cell, victim: Victim) -> 
     return attack.surrogate_fingerprint() == victim.fingerprint
 
 
-def _versions() -> dict[str, str]:
-    out = {}
-    for package in ("codefend-bench", "torch", "transformers", "diffusers", "adversarial-robustness-toolbox",
-                    "pycocoevalcap", "pluggy", "pydantic", "numpy"):
+def _versions(plugins: Plugins) -> dict[str, str]:
+    """The run's distributions (the built-ins', every plugin's) and the libraries that make its
+    rows (:func:`~harness.code_version.library_versions`)."""
+    distributions = {BUILTIN_DISTRIBUTION, *(p.distribution for p in plugins.plugins.values())}
+    own = {}
+    for name in sorted(distributions):
         try:
-            out[package] = version(package)
-        except PackageNotFoundError:
-            out[package] = "not installed"
-    return out
+            own[name] = version(name)
+        except (PackageNotFoundError, ValueError):  # an in-process plugin: no distribution
+            continue
+    return {**own, **library_versions(distributions)}
 
 
 def provenance(suite: Suite, plugins: Plugins) -> dict[str, Any]:
     return {
         "suite": suite.model_dump(),
         "seed": suite.seed,
-        "packages": _versions(),
+        "packages": _versions(plugins),
         "plugins": {p.name: {"distribution": p.distribution, "version": p.version, "registered": p.registered}
                     for p in plugins.plugins.values()},
         "device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",

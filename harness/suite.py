@@ -20,7 +20,7 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from harness.contracts import CLEAN_THREAT, Defense, ThreatModel, check_defense_declarations
+from harness.contracts import CLEAN_THREAT, Attack, Defense, ThreatModel, check_defense_declarations
 from harness.plugins import Plugins
 from harness.protocol import STANDARD_LABEL, AdaptiveProtocol, SanityProbes
 from harness.registry import ParamError, PluginImportError, UnknownNameError, parse_fraction
@@ -703,22 +703,32 @@ class PassEstimate:
         return self.attack_forward + self.attack_backward + self.defense + self.generate
 
 
-def adaptive_passes(attack: AttackSpec, defense: Defense, forward: int, backward: int) -> tuple[int, int]:
-    """Network passes per sample of an adaptive attack through ``defense``, from the attack's own
-    ``forward``/``backward`` passes per sample (:meth:`~harness.contracts.Attack.passes_per_sample`):
-    every attack pass runs ``eot`` draws of the defense's network evaluations (only the surrogate
-    process's when the route goes through one) and of the victim; backward passes go through the
-    defense only on an exact route, once per draw, or once per step when grafted (every draw's
-    backward pass through the victim, one through the defense). The one place the suite's
-    estimate and the work graph's node costs price it."""
+def attack_passes(attack: AttackSpec, instance: Attack, defense: Defense | None) -> tuple[int, int]:
+    """(forward, backward) network passes per sample of ``instance``, the attack ``attack``
+    declares: oblivious (``defense`` None) on the victim alone, or adaptive through ``defense``.
+    The one place the suite's estimate and the work graph's node costs price an attack.
+
+    Adaptive: every pass of the attack's own (:meth:`~harness.contracts.Attack.passes_per_sample`)
+    runs ``eot`` draws of the defense's network evaluations (only the surrogate process's when the
+    route goes through one) and of the victim; backward passes go through the defense only on an
+    exact route, once per draw, or once per step when grafted (every draw's backward pass through
+    the victim, one through the defense). Every judgement of a sample
+    (:meth:`~harness.contracts.Attack.judgements_per_sample`) generates through the *real*
+    defense, once per judging draw of a stochastic one: behind a surrogate process of 2 of 50
+    steps, a judgement over 10 draws costs 510 evaluations, not 3."""
     from harness.adaptive import gradient_route
 
+    forward, backward = instance.passes_per_sample()
+    judgements = instance.judgements_per_sample()
+    if defense is None:
+        return forward + judgements, backward
     route = gradient_route(defense, attack.eot, attack.surrogate_steps, attack.grafting)
-    calls = defense.passes_per_sample()
+    real_calls = calls = defense.passes_per_sample()
     if route.surrogate is not None and attack.surrogate_steps is not None:
         calls = min(calls, attack.surrogate_steps)
     through_defense = calls if route.method == "exact" else 0
-    return (forward * route.eot * (1 + calls),
+    judging_draws = attack.judging_draws if defense.stochastic else 1
+    return (forward * route.eot * (1 + calls) + judgements * judging_draws * (1 + real_calls),
             backward * (route.eot + through_defense * (1 if route.grafted else route.eot)))
 
 
@@ -727,8 +737,9 @@ def estimate_passes(suite: Suite, plugins: Plugins, sample_counts: dict[int, int
 
     ``sample_counts`` maps a task's index to its sample count (``n`` or the split size). An
     adaptive attack costs, per step and EOT draw, the victim's pass and the defense's network
-    evaluations (forward, and again backward when the route is exact); N-draw evaluation costs
-    ``draws`` purifications and generations of stochastic defenses.
+    evaluations (forward, and again backward when the route is exact), and its judgements
+    (:func:`attack_passes`); N-draw evaluation costs ``draws`` purifications and generations of
+    stochastic defenses.
     """
     fwd = bwd = purify = gen = protocol = 0
     instances = {d.label: plugins.defenses.create(d.name, d.params) for d in suite.defenses}
@@ -740,17 +751,17 @@ def estimate_passes(suite: Suite, plugins: Plugins, sample_counts: dict[int, int
                 n = sample_counts[t_index] if attack.samples is None else min(sample_counts[t_index], attack.samples)
                 defenses = [instances[d.label] for d in suite.defenses_of(attack)]
                 instance = plugins.attacks.create(attack.name, attack.params)
-                f, b = instance.passes_per_sample()
                 # a cell that only re-evaluates stored adversarial examples (N-draw) attacks nothing
                 attacks_itself = attack.role != "n-draw"
                 before = fwd + bwd + purify + gen
                 for _threat in suite.threats_of(attack):
                     if attacks_itself and not attack.adaptive:
-                        fwd, bwd = fwd + f * n, bwd + b * n
+                        forward, backward = attack_passes(attack, instance, None)
+                        fwd, bwd = fwd + forward * n, bwd + backward * n
                     for defense in defenses:
                         draws = attack.draws if defense.stochastic else 1
                         if attacks_itself and attack.adaptive:
-                            forward, backward = adaptive_passes(attack, defense, f, b)
+                            forward, backward = attack_passes(attack, instance, defense)
                             fwd, bwd = fwd + forward * n, bwd + backward * n
                         purify += defense.passes_per_sample() * n * draws
                         gen += n * draws

@@ -157,7 +157,8 @@ def test_restarts_re_attack_only_unbroken_samples_and_keep_each_samples_worst_ca
             assert torch.equal(restarted.pixels[i], single.pixels[i])  # broken: never re-attacked
     assert restarted.losses == single.losses  # the first run's losses (the loss-rise check's like with like)
     _check_in_ball(restarted.pixels, batch.pixels[:n], eps)
-    assert APGD(steps=4, restarts=2).passes_per_sample() == (3 * 5 + 3, 3 * 4)
+    assert APGD(steps=4, restarts=2).passes_per_sample() == (3 * 5, 3 * 4)
+    assert APGD(steps=4, restarts=2).judgements_per_sample() == 3 and APGD(steps=4).judgements_per_sample() == 0
 
 
 def test_parameters_are_checked() -> None:
@@ -252,6 +253,9 @@ def test_restarts_judge_a_sample_over_the_batch_s_draws_not_the_one_draw_that_br
     assert scored[2:4] == [survivors] * 2  # the restart re-attacks those the answering draw keeps
     assert two.queries == 2 * n + 2 * len(survivors)
     assert two.forward_passes == 5 + 2 + 5 + 2
+    # what validate prices: the runs' passes, and every judgement once per judging draw
+    priced = APGD(steps=4, restarts=1)
+    assert two.forward_passes == priced.passes_per_sample()[0] + priced.judgements_per_sample() * 2
     _check_in_ball(two.pixels, batch.pixels[:n], eps)
 
 

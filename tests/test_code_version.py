@@ -199,7 +199,8 @@ def test_a_code_edit_changes_a_rows_keys_but_not_its_random_draws() -> None:
                 attack=AttackSpec(name="pgd", threats=["linf-8"]), threat=threat, defense=DefenseSpec(name="diffpure"),
                 seed=0)
     sample = Sample(id="1", image=np.zeros((8, 8, 3), np.uint8), prompt="what?", references=["yes"])
-    old = {"kernel": "src:a", "victim": "src:a", "task": "src:a", "attack": "src:a", "defense": "src:a"}
+    old = {"kernel": "src:a", "libraries": "libs:a", "victim": "src:a", "task": "src:a", "attack": "src:a",
+           "defense": "src:a"}
     new = {**old, "defense": "src:b"}
     assert adversarial_key(cell, "fp", sample, old) == adversarial_key(cell, "fp", sample, new)  # oblivious
     assert result_fingerprint(cell, "fp", sample, old) != result_fingerprint(cell, "fp", sample, new)
@@ -236,3 +237,77 @@ def test_editing_a_row_making_kernel_module_changes_the_kernel_version(tmp_path:
     clear_code_version_cache()
     assert kernel_code_version(copy) != before
     clear_code_version_cache()
+
+
+def _pgd_cell_and_sample():
+    import numpy as np
+
+    from harness.contracts import Sample, ThreatModel
+    from harness.suite import AttackSpec, Cell, DefenseSpec, TaskSpec, VictimSpec
+
+    cell = Cell(victim=VictimSpec(name="shapes-vlm"), task=TaskSpec(name="vqav2", data="shapes", split="test", n=4),
+                attack=AttackSpec(name="pgd", threats=["linf-8"]), threat=ThreatModel(name="linf-8", norm="linf", eps=8 / 255),
+                defense=DefenseSpec(name="diffpure"), seed=0)
+    return cell, Sample(id="1", image=np.zeros((8, 8, 3), np.uint8), prompt="what?", references=["yes"])
+
+
+def test_upgrading_a_library_that_makes_rows_changes_their_keys_and_a_plotting_library_does_not(monkeypatch) -> None:
+    """A new transformers can change a victim's generation defaults, a new diffusers a scheduler:
+    rows computed under the old ones must not come back. A new matplotlib draws the same rows."""
+    from harness import code_version as cv
+    from harness.runner import adversarial_key, code_versions, result_fingerprint, seed_key
+
+    cell, sample = _pgd_cell_and_sample()
+    plugins = load_plugins()
+    real = cv._installed_version
+
+    def keys(upgraded: str) -> tuple[str | None, str]:
+        monkeypatch.setattr(cv, "_installed_version", lambda name: "999.0" if name == upgraded else real(name))
+        clear_code_version_cache()
+        code = code_versions(plugins, cell)
+        return adversarial_key(cell, "fp", sample, code), result_fingerprint(cell, "fp", sample, code)
+
+    try:
+        before = keys("")
+        assert keys("") == before, "the same libraries give the same keys"
+        for library in ("torch", "transformers", "diffusers", "adversarial-robustness-toolbox"):
+            attacked, row = keys(library)
+            assert attacked != before[0] and row != before[1], library
+        assert keys("matplotlib") == before
+        # the draws do not move with the libraries: a re-run after an upgrade draws the same noise
+        assert seed_key(cell, "fp", sample) == adversarial_key(cell, "fp", sample, dict.fromkeys(code_versions(plugins, cell), ""))
+    finally:
+        monkeypatch.undo()
+        clear_code_version_cache()
+
+
+def test_a_third_party_distribution_versions_the_libraries_it_requires(on_path: Path) -> None:
+    """Its runtime requirements, extras left out, at their installed versions; an in-process
+    plugin declares none. The run's provenance lists them too."""
+    from harness.code_version import NOT_INSTALLED, ROW_MAKING_LIBRARIES, library_versions
+
+    info = on_path / "cv_req_dist-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: cv-req-dist\nVersion: 1.0\nRequires-Dist: pluggy>=1\n"
+        "Requires-Dist: cv-absent-lib\nRequires-Dist: hypothesis; extra == \"dev\"\n"
+    )
+    importlib.invalidate_caches()
+    clear_code_version_cache()
+    theirs = library_versions(["cv-req-dist"])
+    assert theirs == {"pluggy": importlib.metadata.version("pluggy"), "cv-absent-lib": NOT_INSTALLED}
+    assert library_versions(["(in-process)"]) == {}
+    ours = library_versions(["codefend-bench"])
+    assert set(ours) == set(ROW_MAKING_LIBRARIES) and "matplotlib" not in ours
+    assert library_versions(["codefend-bench", "cv-req-dist"]) == {**ours, **theirs}
+
+
+def test_every_row_making_library_is_a_requirement_of_the_built_ins() -> None:
+    """A library the built-ins stop declaring must leave this list, and one renamed must follow."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    from harness.code_version import ROW_MAKING_LIBRARIES
+
+    declared = {canonicalize_name(Requirement(r).name) for r in importlib.metadata.requires("codefend-bench") or []}
+    assert {canonicalize_name(name) for name in ROW_MAKING_LIBRARIES} <= declared

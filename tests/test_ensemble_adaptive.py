@@ -53,6 +53,9 @@ def test_ensemble_is_per_sample_at_least_as_strong_as_each_member(tiny_victim, v
     assert sum(worst) < sum(clean)
     assert (ensemble.pixels - batch.pixels).abs().max() <= 8 / 255 + 1e-6
     assert ensemble.forward_passes > 2 * 5 and ensemble.backward_passes == 4 * 5  # 2 members x 2 references
+    priced = Ensemble(members=members, references=2)
+    assert priced.judgements_per_sample() == 1 + 2 * 2  # the clean images, then each of the 4 runs
+    assert ensemble.forward_passes <= priced.passes_per_sample()[0] + priced.judgements_per_sample()
 
 
 def test_ensemble_early_stop_skips_broken_samples(tiny_victim, vqa_task, samples) -> None:

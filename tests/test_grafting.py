@@ -153,6 +153,38 @@ def test_a_suite_asks_for_grafting_and_it_costs_fewer_backward_passes(tmp_path) 
     assert with_graft.attack_backward < without.attack_backward / 4
 
 
+def test_a_judgement_behind_a_surrogate_process_is_priced_through_the_real_defense() -> None:
+    """The attack's steps run through the 2-step surrogate, but each judgement generates through
+    all 10 steps once per judging draw: ``validate`` must not price it as one attack pass."""
+    from harness.suite import AttackSpec, attack_passes
+
+    defense = _SurrogateNoise()
+    attack = APGD(steps=5, restarts=1)
+    spec = AttackSpec(name="apgd", threats=["linf-8"], adaptive=True, eot=4, surrogate_steps=2, judging_draws=6)
+    forward, backward = attack_passes(spec, attack, defense)
+    steps_forward = 2 * (5 + 1) * 4 * (1 + 2)  # two runs of 6 forward passes, EOT 4, victim + 2 surrogate calls
+    assert forward == steps_forward + 2 * 6 * (1 + 10)  # two judgements, 6 draws each through the 10 real steps
+    assert backward == 2 * 5 * (4 + 2 * 4)
+    # through a deterministic defense a judgement is one generation; without a defense, the victim's
+    deterministic = _Deterministic()
+    assert attack_passes(spec, attack, deterministic)[0] == 2 * 6 * (1 + 3) + 2 * (1 + 3)
+    assert attack_passes(spec, attack, None) == (2 * 6 + 2, 2 * 5)
+    assert attack_passes(spec, APGD(steps=5), defense)[0] == (5 + 1) * 4 * (1 + 2)  # no restart: no judgement
+
+
+class _SurrogateNoise(_RecordingNoise):
+    def surrogate_process(self, steps: int) -> Defense:
+        return _RecordingNoise()
+
+
+class _Deterministic(Defense):
+    def passes_per_sample(self) -> int:
+        return 3
+
+    def purify(self, pixels, generator):
+        return pixels * 0.9
+
+
 def test_grafting_outside_an_adaptive_attack_is_an_error_that_says_so(tmp_path) -> None:
     text = SUITE.replace("  - name: none\ndefenses", "  - name: none\n  - {name: pgd, threats: [linf-8], grafting: true}\ndefenses")
     with pytest.raises(SuiteError, match=r"grafting.*only applies with adaptive: true"):
