@@ -178,10 +178,11 @@ _ACCESS = {"gradients": "white-box", "queries": "query", "transfer": "transfer",
 
 
 CodeVersions = dict[str, str]
-"""kind -> the code version of the plugin component a cell uses (``Entry.code_version``);
+"""kind -> the code version of the plugin component a cell uses (``Entry.code_version``), and
 ``"kernel"``: the kernel modules that make rows (:func:`~harness.code_version.kernel_code_version`);
-``"libraries"``: the installed libraries that make them
-(:func:`~harness.code_version.library_code_version`)."""
+each followed by the version of the libraries its distribution computes with
+(:func:`~harness.code_version.library_code_version`), so that an oblivious attack's examples,
+shared by every defense, never depend on a defense's libraries."""
 
 
 def code_versions(plugins: Plugins, cell: Cell) -> CodeVersions:
@@ -194,9 +195,8 @@ def code_versions(plugins: Plugins, cell: Cell) -> CodeVersions:
         "defense": plugins.defenses.get(cell.defense.name),
     }
     return {
-        "kernel": kernel_code_version(),
-        "libraries": library_code_version([BUILTIN_DISTRIBUTION, *(e.distribution for e in entries.values())]),
-        **{kind: entry.code_version() for kind, entry in entries.items()},
+        "kernel": f"{kernel_code_version()} {library_code_version([BUILTIN_DISTRIBUTION])}",
+        **{kind: f"{entry.code_version()} {library_code_version([entry.distribution])}" for kind, entry in entries.items()},
     }
 
 
@@ -213,7 +213,7 @@ def _attacked_input(cell: Cell, victim_fp: str, sample: Sample, code: CodeVersio
     )
     return {
         **adaptive,
-        "code": {k: code[k] for k in ("kernel", "libraries", "victim", "task", "attack")},
+        "code": {k: code[k] for k in ("kernel", "victim", "task", "attack")},
         "schema": SCHEMA_VERSION,
         "victim": victim_fp,
         # not n: an adversarial example depends on its sample, not on the subset around it
@@ -251,7 +251,7 @@ def result_fingerprint(cell: Cell, victim_fp: str, sample: Sample, code: CodeVer
     )
 
 
-_NO_CODE: CodeVersions = {"kernel": "", "libraries": "", "victim": "", "task": "", "attack": "", "defense": ""}
+_NO_CODE: CodeVersions = {"kernel": "", "victim": "", "task": "", "attack": "", "defense": ""}
 
 
 def seed_key(cell: Cell, victim_fp: str, sample: Sample) -> str:

@@ -199,8 +199,7 @@ def test_a_code_edit_changes_a_rows_keys_but_not_its_random_draws() -> None:
                 attack=AttackSpec(name="pgd", threats=["linf-8"]), threat=threat, defense=DefenseSpec(name="diffpure"),
                 seed=0)
     sample = Sample(id="1", image=np.zeros((8, 8, 3), np.uint8), prompt="what?", references=["yes"])
-    old = {"kernel": "src:a", "libraries": "libs:a", "victim": "src:a", "task": "src:a", "attack": "src:a",
-           "defense": "src:a"}
+    old = {"kernel": "src:a", "victim": "src:a", "task": "src:a", "attack": "src:a", "defense": "src:a"}
     new = {**old, "defense": "src:b"}
     assert adversarial_key(cell, "fp", sample, old) == adversarial_key(cell, "fp", sample, new)  # oblivious
     assert result_fingerprint(cell, "fp", sample, old) != result_fingerprint(cell, "fp", sample, new)
@@ -300,6 +299,36 @@ def test_a_third_party_distribution_versions_the_libraries_it_requires(on_path: 
     ours = library_versions(["codefend-bench"])
     assert set(ours) == set(ROW_MAKING_LIBRARIES) and "matplotlib" not in ours
     assert library_versions(["codefend-bench", "cv-req-dist"]) == {**ours, **theirs}
+
+
+def test_a_defense_s_libraries_key_its_rows_but_not_the_oblivious_examples_every_defense_shares(on_path: Path,
+                                                                                               monkeypatch) -> None:
+    from harness import code_version as cv
+    from harness.runner import adversarial_key, code_versions, result_fingerprint
+
+    info = on_path / "cv_def_dist-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: cv-def-dist\nVersion: 1.0\nRequires-Dist: pluggy\n")
+    importlib.invalidate_caches()
+    cell, sample = _pgd_cell_and_sample()  # oblivious PGD through diffpure
+    plugins = load_plugins()
+    entries = plugins.defenses.entries
+    entries["diffpure"] = dataclasses.replace(entries["diffpure"], distribution="cv-def-dist")  # as if installed from it
+    real = cv._installed_version
+
+    def keys(pluggy: str) -> tuple[str | None, str]:
+        monkeypatch.setattr(cv, "_installed_version", lambda name: pluggy if name == "pluggy" else real(name))
+        clear_code_version_cache()
+        code = code_versions(plugins, cell)
+        return adversarial_key(cell, "fp", sample, code), result_fingerprint(cell, "fp", sample, code)
+
+    try:
+        before, after = keys("1.0"), keys("2.0")
+        assert after[1] != before[1], "the defense's library moved: its rows re-run"
+        assert after[0] == before[0], "the undefended victim's examples stay shared"
+    finally:
+        monkeypatch.undo()
+        clear_code_version_cache()
 
 
 def test_every_row_making_library_is_a_requirement_of_the_built_ins() -> None:

@@ -334,7 +334,7 @@ def test_the_protocol_expands_into_its_cells_on_a_seeded_subset_and_adds_the_pro
     # judging draws pick among the attack's runs: they change its examples' keys, not its seeds
     cell, sample = by_role["standard"][0], vqa_task.samples("test", 1, 0)[0]
     one_draw = dataclasses.replace(cell, attack=cell.attack.model_copy(update={"judging_draws": 1}))
-    code = {"kernel": "k", "libraries": "l", "victim": "v", "task": "t", "attack": "a", "defense": "d"}
+    code = {"kernel": "k", "victim": "v", "task": "t", "attack": "a", "defense": "d"}
     assert adversarial_key(cell, "fp", sample, code) != adversarial_key(one_draw, "fp", sample, code)
     assert seed_key(cell, "fp", sample) == seed_key(one_draw, "fp", sample)
     probes = {(c.attack.label, c.threat.name, c.threat.eps, c.defense.label, c.task.n) for c in by_role["probe"]}
