@@ -181,7 +181,10 @@ class PairSpec:
         """Keyed by what the pairs are made of: the samples' content (not the task parameters,
         some of which, like METEOR on or off, change scoring but not samples), the attacks, the
         victim's weights and ``code`` (:meth:`code_versions`). ``code=None``: the key the attacks'
-        random starts derive from, so that a code edit remakes the pairs without redrawing them."""
+        random draws derive from, so that a code edit remakes the pairs without redrawing them. It
+        leaves ``through`` out: a defense's identity is its checkpoint's name, which holds its
+        training code's version, so a code edit that leaves the defense's weights as they were
+        would otherwise redraw every pair made through it (and the model trained on them)."""
         blob = json.dumps(
             {
                 "format": PAIRS_FORMAT_VERSION,
@@ -191,7 +194,7 @@ class PairSpec:
                 "split": self.split,
                 "seed": self.seed,
                 "samples": list(sample_digests),
-                **({"through": self.through} if self.through is not None else {}),
+                **({"through": self.through} if self.through is not None and code is not None else {}),
             },
             sort_keys=True,
             default=str,

@@ -394,6 +394,12 @@ def test_adaptive_pairs_attack_through_the_purifier(trained, tiny_victim, monkey
     assert oblivious.sample_ids == adaptive.sample_ids and adaptive.record["through"] == "the directional purifier"
     assert all(n == 2 * 8 for n, _ in calls) and sum(grad for _, grad in calls) >= 3  # 2 draws of 8, PGD-3 differentiates
     assert not torch.equal(oblivious.adversarial, adaptive.adversarial)
+    # the purifier's name holds its training code's version: a code edit that leaves its weights
+    # as they were renames it, and must remake the pairs (another key) without redrawing them
+    renamed = PairSpec(**{**spec.__dict__, "through": "the directional purifier, renamed by a code edit"})
+    remade = make_pairs(tiny_victim, renamed, plugins=get_plugins(), progress=False, through=purifier, eot=2)
+    assert remade.record["fingerprint"] != adaptive.record["fingerprint"]
+    assert torch.equal(remade.adversarial, adaptive.adversarial)
     with pytest.raises(ValueError, match="spec.through"):
         make_pairs(tiny_victim, spec, plugins=get_plugins(), progress=False, through=purifier)
 
