@@ -340,3 +340,24 @@ def test_every_row_making_library_is_a_requirement_of_the_built_ins() -> None:
 
     declared = {canonicalize_name(Requirement(r).name) for r in importlib.metadata.requires("codefend-bench") or []}
     assert {canonicalize_name(name) for name in ROW_MAKING_LIBRARIES} <= declared
+
+
+def test_the_seed_keys_of_rows_stay_what_every_stored_board_was_drawn_with() -> None:
+    """Every random draw of a row (attack starts, purification noise) derives from its seed key.
+    A change to what goes into it, even a new entry in the code-version dict that seed keys blank
+    out, redraws every board, and boards computed before and after no longer pair seed for seed.
+    Change these values only on purpose, and say so where the boards are reported."""
+    import numpy as np
+
+    from harness.contracts import Sample, ThreatModel
+    from harness.runner import seed_key
+    from harness.suite import AttackSpec, Cell, DefenseSpec, TaskSpec, VictimSpec
+
+    cell = Cell(victim=VictimSpec(name="shapes-vlm"), task=TaskSpec(name="vqav2", data="shapes", split="test", n=4),
+                attack=AttackSpec(name="pgd", threats=["linf-8"]), threat=ThreatModel(name="linf-8", norm="linf", eps=8 / 255),
+                defense=DefenseSpec(name="diffpure"), seed=0)
+    sample = Sample(id="1", image=np.zeros((8, 8, 3), np.uint8), prompt="what?", references=["yes"])
+    adaptive = dataclasses.replace(cell, attack=AttackSpec(name="apgd", threats=["linf-8"], adaptive=True, eot=8,
+                                                           judging_draws=10))
+    assert seed_key(cell, "fp", sample) == "05d1584910764b4e9109f7f474d4ee8aef9e115d410676651f8151fed2c643ec"
+    assert seed_key(adaptive, "fp", sample) == "c67c1abd2974428ff501f1a5bc69079ed25bdf239eaa44372241124ac8bccd77"
