@@ -122,3 +122,21 @@ def test_a_code_edit_remakes_training_pairs_without_redrawing_their_random_start
     assert len(set(cache.glob("pairs-*.pt")) - cached) == 1  # made again under a new key, not read back
     assert torch.equal(before.adversarial, after.adversarial)  # random starts (PGD's) drawn the same
     assert not torch.equal(before.adversarial, before.clean)
+
+
+def test_the_draws_of_training_pairs_stay_what_every_cached_model_was_trained_on() -> None:
+    """Pair attacks draw from ``PairSpec.fingerprint(..., None)``: no code version, and not the name
+    of a defense the pairs go through (it holds that defense's training code's version). A change
+    here redraws every training pair, and so retrains every purifier and prompt to other weights.
+    Change the value only on purpose."""
+    import dataclasses
+
+    from defenses.training_pairs import PairSpec, PairTask, parse_pair_attacks
+
+    attacks = parse_pair_attacks([{"attack": "pgd", "params": {"steps": 10}, "norm": "linf", "eps": "8/255"}])
+    spec = PairSpec(victim_fingerprint="v", attacks=attacks, tasks=(PairTask(name="vqav2"),), split="train",
+                    per_task=8, seed=3)
+    assert spec.fingerprint(["d1", "d2"], None) == "c05b3812c168a56b"
+    through = dataclasses.replace(spec, through="codefend-purifier-abc, eot 2")
+    assert through.fingerprint(["d1", "d2"], None) == "c05b3812c168a56b"
+    assert through.fingerprint(["d1", "d2"], {"pairs": "src:x"}) != spec.fingerprint(["d1", "d2"], {"pairs": "src:x"})
