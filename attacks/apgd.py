@@ -23,13 +23,21 @@ algorithm. :attr:`AttackResult.losses` holds the mean *victim loss* per step of 
 that falls.
 
 Restarts (AutoAttack's ``n_restarts``; its "rand" version keeps, per sample, the worst case over
-several runs): after the first run, each of ``restarts`` further runs starts from a uniform random
-point of the ball and attacks only the samples not yet broken, i.e. those whose output on the best
-example so far still scores above zero by ``batch.scorer`` (every sample when the batch has no
-scorer). A sample keeps a restart's example when it scores lower, or scores the same with a higher
-objective. One run's optimum depends on its start; on the offline world a random restart breaks
-questions the zero-start run leaves standing, for JPEG and for the CoDefend pipeline
-(docs/results/attack-strength.md).
+several runs): after the first run, each of ``restarts`` further runs attacks only the samples not
+yet broken, i.e. those whose output on the best example so far still scores above zero by
+``batch.scorer`` (every sample when the batch has no scorer). A sample keeps a restart's example
+when it scores lower, or scores the same with a higher objective (the first run's objective,
+evaluated at the restart's example when the restart raised another). One run's optimum depends on
+its start; on the offline world a random restart breaks questions the zero-start run leaves
+standing, for JPEG and for the CoDefend pipeline (docs/results/attack-strength.md).
+
+Objectives (``objectives``, :mod:`harness.objectives`): run ``r`` raises
+``objectives[r % len(objectives)]``, cross-entropy (``ce``) or the DLR margin of the answer's
+tokens (``dlr``), as AutoAttack follows APGD-CE with APGD-DLR on what the first left standing.
+An objective's first run starts where the first run does; its later runs, and every restart of a
+single objective, from a uniform random point of the ball. Cross-entropy stalls on answers the
+victim is sure of; on the offline world's undefended victim a DLR run breaks questions that
+cross-entropy runs from any start leave standing (docs/results/attack-strength.md).
 
 Through a stochastic defense both judgements take the mean score over ``batch.judging_draws``
 purification draws (:meth:`~harness.contracts.AttackBatch.judge`; the runner sets the protocol's
@@ -42,12 +50,14 @@ one question more of 40 against the purifier and DiffPure-DDIM: docs/results/att
 
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from typing import Any, Sequence
 
 import torch
 
 from attacks.pgd import ascent_step, keep_best, project_pixels, random_start
 from harness.contracts import Attack, AttackBatch, AttackResult, AttackTarget, Norm, ThreatModel
+from harness.objectives import OBJECTIVES, LossFunction, Objective, objective_function
 
 FIRST_CHECKPOINT = 0.22
 """The first checkpoint, as a fraction of the iterations (``n_iter_2`` in the reference)."""
@@ -66,8 +76,15 @@ class APGD(Attack):
     size to stay. ``random_start`` draws the first run's start uniformly from the ball (per-sample
     seeds when the batch has them). ``restarts``: further runs from random starts on the samples
     not yet broken (module docstring). ``target``: make every sample say this text (minimise its
-    loss). Costs ``steps + 1`` forward and ``steps`` backward passes per sample and run, and
-    ``batch.judging_draws`` generations per sample and run when it restarts.
+    loss). ``objectives``: what each run raises, in turn (run ``r`` raises
+    ``objectives[r % len(objectives)]``; :mod:`harness.objectives`): ``ce``, the teacher-forced
+    cross-entropy, or ``dlr``, the Difference of Logits Ratio of the answer's tokens (AutoAttack's
+    APGD-CE then APGD-DLR). An objective's first run starts where the first run does (the clean
+    image, or a random point with ``random_start``); its later runs start from random points.
+    Costs ``steps + 1`` forward and ``steps`` backward passes per sample and run, one more forward
+    pass per restart whose objective is not the first run's (its example is compared with the
+    best so far on the first run's objective), and ``batch.judging_draws`` generations per sample
+    and run when it restarts.
     """
 
     requires = "gradients"
@@ -83,6 +100,7 @@ class APGD(Attack):
         random_start: bool = False,
         restarts: int = 0,
         target: str | None = None,
+        objectives: Sequence[Objective] = ("ce",),
     ):
         if steps < 1:
             raise ValueError("steps must be at least 1")
@@ -96,6 +114,11 @@ class APGD(Attack):
             raise ValueError("restarts must be 0 or more (further runs from random starts)")
         if target is not None and not target.strip():
             raise ValueError("target must be a non-empty text (or omitted for an untargeted attack)")
+        if isinstance(objectives, str):
+            objectives = (objectives,)
+        unknown = [o for o in objectives if o not in OBJECTIVES]
+        if not objectives or unknown:
+            raise ValueError(f"objectives must list one or more of {', '.join(OBJECTIVES)}; got {list(objectives)!r}")
         self.steps = steps
         self.step_size_factor = step_size_factor
         self.alpha = alpha
@@ -103,11 +126,16 @@ class APGD(Attack):
         self.random_start = random_start
         self.restarts = restarts
         self.target_text = target
+        self.objectives: tuple[str, ...] = tuple(objectives)
+
+    def _run_objective(self, run: int) -> str:
+        return self.objectives[run % len(self.objectives)]
 
     def passes_per_sample(self) -> tuple[int, int]:
         # the last iterate's gradient is never used: one backward pass is saved
         runs = 1 + self.restarts
-        return (runs * (self.steps + 1), runs * self.steps)
+        comparisons = sum(self._run_objective(r) != self.objectives[0] for r in range(1, runs))
+        return (runs * (self.steps + 1) + comparisons, runs * self.steps)
 
     def judgements_per_sample(self) -> int:
         # with restarts, every run ends in a judgement of which samples are broken (at most every
@@ -122,7 +150,10 @@ class APGD(Attack):
         generator: torch.Generator,
         progress: Any = None,
     ) -> AttackResult:
-        best, best_objective, losses = self._run(target, batch, threat, generator, progress, self.random_start, batch.seeds)
+        functions = {o: self._loss_function(target, o) for o in self.objectives}
+        first = self.objectives[0]
+        best, best_objective, losses = self._run(functions[first], batch, threat, generator, progress,
+                                                 self.random_start, batch.seeds)
         result = AttackResult(pixels=best, forward_passes=self.steps + 1, backward_passes=self.steps, losses=losses)
         if not self.restarts:
             return result
@@ -135,7 +166,17 @@ class APGD(Attack):
             if not active:
                 break
             sub = _sub_batch(batch, active, restart)
-            pixels, objective, _ = self._run(target, sub, threat, generator, progress, True, sub.seeds)
+            objective_name = self._run_objective(restart)
+            # an objective's first run starts where the first run did; its repeats from random points
+            repeat = restart >= len(self.objectives) or self.objectives.index(objective_name) != restart
+            pixels, objective, _ = self._run(functions[objective_name], sub, threat, generator, progress,
+                                             self.random_start or repeat, sub.seeds)
+            if objective_name != first:
+                # examples are compared on the first run's objective
+                sign = -1.0 if self.target_text is not None else 1.0
+                with torch.no_grad():
+                    objective = sign * functions[first](pixels, sub.prompts, self._texts(sub), sub.kind)
+                result.forward_passes += 1
             new_scores = batch.judge(target, pixels, active)
             for j, i in enumerate(active):
                 # the task score decides; the objective breaks ties (and decides without a scorer)
@@ -151,24 +192,37 @@ class APGD(Attack):
         result.pixels = best
         return result
 
-    def _run(self, target: AttackTarget, batch: AttackBatch, threat: ThreatModel, generator: torch.Generator,
-             progress: Any, random: bool, seeds: list[int] | None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    def _texts(self, batch: AttackBatch) -> list[str]:
+        return [self.target_text] * len(batch.prompts) if self.target_text is not None else list(batch.targets)
+
+    @staticmethod
+    def _loss_function(target: AttackTarget, objective: str) -> LossFunction:
+        function = objective_function(target, objective)
+        if function is None:
+            warnings.warn(f"apgd: the attack target {type(target).__name__} cannot give the {objective!r} objective "
+                          "(its victim does not expose its logits: harness.contracts.TargetLogitsVictim); "
+                          "those runs raise cross-entropy instead, a weaker attack", stacklevel=3)
+            return target.loss
+        return function
+
+    def _run(self, loss_function: LossFunction, batch: AttackBatch, threat: ThreatModel,
+             generator: torch.Generator, progress: Any, random: bool, seeds: list[int] | None
+             ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
         """One APGD run: each sample's best iterate, its objective, and the mean loss per step."""
         clean = batch.pixels.detach()
         # No shortcut at eps = 0: the step size (factor·eps) is 0 and every iterate is projected onto
         # the clean pixels, so the real algorithm runs and returns them exactly.
         norm, eps, n = threat.norm, threat.eps, clean.shape[0]
-        targeted = self.target_text is not None
-        texts = [self.target_text] * n if targeted else list(batch.targets)
-        sign = -1.0 if targeted else 1.0
+        texts = self._texts(batch)
+        sign = -1.0 if self.target_text is not None else 1.0
 
         def evaluate(x: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
             """Victim loss [B] at ``x`` and, if asked, the gradient of the objective sign·loss."""
             if not with_grad:
                 with torch.no_grad():
-                    return target.loss(x, batch.prompts, texts, batch.kind).detach(), None
+                    return loss_function(x, batch.prompts, texts, batch.kind).detach(), None
             x = x.detach().requires_grad_(True)
-            loss = target.loss(x, batch.prompts, texts, batch.kind)
+            loss = loss_function(x, batch.prompts, texts, batch.kind)
             (grad,) = torch.autograd.grad((sign * loss).sum(), x)
             return loss.detach(), grad.detach()
 

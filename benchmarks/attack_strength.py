@@ -193,6 +193,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--restarts", type=int, default=0,
                         help="APGD restarts of every variant (the task score picks each sample's worst run)")
+    parser.add_argument("--objectives", default="ce",
+                        help="APGD's objectives, one per run in turn (comma-separated: ce, dlr; harness/objectives.py)")
     parser.add_argument("--eot", type=int, default=4)
     parser.add_argument("--draws", type=int, default=10)
     parser.add_argument("--eps", type=float, default=8 / 255)
@@ -263,7 +265,7 @@ def main() -> None:
     worst = None
     for variant in variants:
         started = time.perf_counter()
-        params: dict = {"steps": args.steps, "restarts": args.restarts}
+        params: dict = {"steps": args.steps, "restarts": args.restarts, "objectives": args.objectives.split(",")}
         target: object = defended()
         if variant == "softmax-draws":
             target = defended(SoftmaxOverDraws)

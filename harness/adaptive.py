@@ -29,11 +29,13 @@ How the gradient gets through the defense is the defense's own declaration:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from harness.contracts import BPDAApproximation, ConditionalPromptDefense, Defense, SurrogateProcessDefense, TaskKind, Victim, check_defense_declarations
+from harness.contracts import (BPDAApproximation, ConditionalPromptDefense, Defense, SurrogateProcessDefense, TargetLogitsVictim,
+                               TaskKind, Victim, check_defense_declarations)
+from harness.objectives import OBJECTIVES, from_logits
 
 
 @dataclass
@@ -122,9 +124,27 @@ class DefendedTarget:
         return surrogate + (purified - surrogate).detach()
 
     def loss(self, pixels: torch.Tensor, prompts: Sequence[str], targets: Sequence[str], kind: TaskKind) -> torch.Tensor:
+        return self.objective_loss("ce", pixels, prompts, targets, kind)
+
+    def objectives(self) -> tuple[str, ...]:
+        return OBJECTIVES if isinstance(self.victim, TargetLogitsVictim) else ("ce",)
+
+    def objective_loss(self, objective: str, pixels: torch.Tensor, prompts: Sequence[str], targets: Sequence[str],
+                       kind: TaskKind) -> torch.Tensor:
+        if objective not in self.objectives():
+            raise ValueError(f"{type(self.victim).__name__} does not expose its logits (TargetLogitsVictim): "
+                             f"only cross-entropy can be attacked through it, not {objective!r}")
+
+        def per_draw(purified: torch.Tensor, tiled_prompts: list[str], tiled_targets: list[str]) -> torch.Tensor:
+            extra = soft_prompt_kwargs(self.defense, purified, tiled_prompts)
+            if objective == "ce":
+                return self.victim.loss(purified, tiled_prompts, tiled_targets, kind, **extra)
+            assert isinstance(self.victim, TargetLogitsVictim)
+            return from_logits(objective, *self.victim.target_logits(purified, tiled_prompts, tiled_targets, kind, **extra))
+
         prompts = self.defense.rewrite(prompts)
         if self.route.grafted and torch.is_grad_enabled():
-            return self._grafted_loss(pixels, prompts, targets, kind)
+            return self._grafted_loss(pixels, prompts, targets, per_draw)
         n, draws = pixels.shape[0], self.route.eot
         per_call = min(draws, self.eot_batch or draws)
         total = pixels.new_zeros(n)
@@ -133,15 +153,13 @@ class DefendedTarget:
             k = min(per_call, draws - done)
             # k copies of every image, each purified with its own noise: k EOT draws in one batch
             tiled = pixels.repeat(k, 1, 1, 1) if k > 1 else pixels
-            purified = self._purify(tiled)
-            extra = soft_prompt_kwargs(self.defense, purified, list(prompts) * k)
-            losses = self.victim.loss(purified, list(prompts) * k, list(targets) * k, kind, **extra)
+            losses = per_draw(self._purify(tiled), list(prompts) * k, list(targets) * k)
             total = total + losses.view(k, n).sum(dim=0)
             done += k
         return total / draws
 
     def _grafted_loss(self, pixels: torch.Tensor, prompts: Sequence[str], targets: Sequence[str],
-                      kind: TaskKind) -> torch.Tensor:
+                      per_draw: Callable[[torch.Tensor, list[str], list[str]], torch.Tensor]) -> torch.Tensor:
         """The EOT mean of the loss, with the gradient J_0^T mean(g_i) (see the module docstring):
         the first draw's purification keeps its graph, the others run without one, and the victim's
         gradient at every draw's purified image is averaged onto the first draw's."""
@@ -157,8 +175,7 @@ class DefendedTarget:
                 rest = k - 1 if done == 0 else k
                 others = self._purify(pixels.detach().repeat(rest, 1, 1, 1)) if rest else anchor.detach()[:0]
             purified = (torch.cat([anchor.detach(), others]) if done == 0 else others).requires_grad_(True)
-            extra = soft_prompt_kwargs(self.defense, purified, list(prompts) * k)
-            losses = self.victim.loss(purified, list(prompts) * k, list(targets) * k, kind, **extra)
+            losses = per_draw(purified, list(prompts) * k, list(targets) * k)
             (gradient,) = torch.autograd.grad(losses.sum(), purified)
             total = total + losses.detach().view(k, n).sum(dim=0)
             gradient_sum = gradient_sum + gradient.view(k, *anchor.shape).sum(dim=0)

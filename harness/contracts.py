@@ -123,6 +123,23 @@ class CheapFingerprintVictim(Protocol):
 
 
 @runtime_checkable
+class TargetLogitsVictim(Protocol):
+    """A white-box victim that exposes the logits its ``loss`` is computed from, so attacks can
+    use losses other than cross-entropy (:mod:`harness.objectives`: the DLR margin, which keeps a
+    usable gradient where the target token's probability has saturated and cross-entropy stalls;
+    AutoAttack's APGD-DLR). A victim that takes ``soft_prompt`` in ``loss`` takes it here too."""
+
+    def target_logits(
+        self, pixels: torch.Tensor, prompts: Sequence[str], targets: Sequence[str], kind: TaskKind, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits [B, T, V], labels [B, T])``, teacher-forced exactly as ``loss``: ``labels``
+        holds the target token that position's logits predict, -100 where a position predicts
+        none, and each row's last labelled token is the end-of-text token that ``generate`` stops
+        at. ``loss`` equals the mean cross-entropy over the labelled positions."""
+        ...
+
+
+@runtime_checkable
 class TemplatedVictim(Protocol):
     """A victim that can say what text it sends its model for a task prompt (its template):
     recorded in every row, so that a number can be traced to the exact question asked."""
@@ -375,6 +392,23 @@ class AttackTarget(Protocol):
         ...
 
     def generate(self, pixels: torch.Tensor, prompts: Sequence[str], kind: TaskKind) -> list[str]: ...
+
+
+@runtime_checkable
+class MultiObjectiveTarget(Protocol):
+    """An attack target that raises objectives other than its ``loss`` (cross-entropy) through the
+    same route: the defended model of adaptive attacks, whose DLR margin is averaged over the
+    same EOT draws and differentiated through the same defense route as its loss."""
+
+    def objectives(self) -> tuple[str, ...]:
+        """The objectives it can raise (:data:`harness.objectives.OBJECTIVES` names)."""
+        ...
+
+    def objective_loss(
+        self, objective: str, pixels: torch.Tensor, prompts: Sequence[str], targets: Sequence[str], kind: TaskKind
+    ) -> torch.Tensor:
+        """One value of ``objective`` per sample, as :meth:`AttackTarget.loss` gives cross-entropy."""
+        ...
 
 
 @dataclass

@@ -13,7 +13,7 @@ The protocol is declared here, once. Each default, and why:
   attack of RobustVLM (chs20/RobustVLM: APGD-100 on the text loss) and of AutoAttack's "rand"
   version (APGD with EOT); its step-size schedule needs no tuning per defense. 100 iterations is
   both protocols' budget; Lee & Kim (ICCV 2023) use 200 PGD iterations through purification.
-- ``restarts: 1``: one more APGD run, from a random start, on the samples the first run left
+- ``restarts: 1``: one more APGD run on the samples the first run left
   unbroken, keeping each sample's worst case (AutoAttack runs several attacks and keeps each
   sample's worst; its APGD restarts). On the offline world a random restart breaks questions the
   zero-start run leaves standing, for JPEG and for the CoDefend pipeline
@@ -24,8 +24,17 @@ The protocol is declared here, once. Each default, and why:
   one draw, a sample that draw happened to break was never restarted, though most of its N draws
   answered it (docs/results/attack-strength.md: one question more of 40 on the purifier and on
   DiffPure-DDIM, ~10% more time).
+- ``objectives: [ce, dlr]``: the first run raises the cross-entropy of the reference answer, the
+  restart the DLR margin of its tokens (:mod:`harness.objectives`), from the same start: AutoAttack
+  follows APGD-CE with APGD-DLR, because cross-entropy stalls where the model is sure of its
+  answer. On the offline world's undefended victim (40 questions, APGD-100) a DLR run breaks 3 of
+  the 10 questions cross-entropy runs leave standing from any start, where a second cross-entropy
+  run breaks none (docs/results/attack-strength.md). The restart costs what it did; comparing its
+  examples on cross-entropy costs one forward pass. The convergence re-run's doubled runs
+  alternate the two. A victim that does not expose its logits
+  (:class:`~harness.contracts.TargetLogitsVictim`) gets cross-entropy runs, with a warning.
   A suite that sets other ``params`` of the standard attack keeps these defaults for the keys it
-  does not set (``params: {steps: 20}`` still restarts once).
+  does not set (``params: {steps: 20}`` still restarts once, with DLR).
 - ``eot: 20``: AutoAttack "rand" and DiffPure's own adaptive evaluation average 20 draws per
   gradient; Lee & Kim recommend EOT 20 for diffusion purification. Deterministic defenses get 1.
 - ``draws: 10``: DiffHammer (NeurIPS 2024) evaluates by resubmission: a sample is robust only if
@@ -73,7 +82,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 STANDARD_ATTACK = "apgd"
 """Registry name of the standard adaptive attack (the kernel names it; it never imports it)."""
 
-STANDARD_PARAMS: dict[str, Any] = {"steps": 100, "restarts": 1}
+STANDARD_PARAMS: dict[str, Any] = {"steps": 100, "restarts": 1, "objectives": ["ce", "dlr"]}
 """The standard attack's parameters (a suite's ``params`` override them key by key)."""
 
 STANDARD_LABEL = "adaptive"

@@ -35,10 +35,12 @@ from harness.contracts import (
     Defense,
     Sample,
     TaskKind,
+    TargetLogitsVictim,
     TemplatedVictim,
     ThreatModel,
     check_defense_declarations,
 )
+from harness.objectives import cross_entropy
 from harness.runner import CellError, check_defense_output, check_threat_model
 
 __all__ = ["ContractError", "FakeVictim", "check_attack", "check_defense", "check_task", "check_victim"]
@@ -323,6 +325,15 @@ def check_victim(victim: Any, *, images: Sequence[np.ndarray] | None = None, kin
         raise ContractError(f"victim '{name}': loss is the same for different target texts: score the targets' tokens")
     if isinstance(victim, TemplatedVictim) and prompts[0] not in victim.prompt_text(prompts[0], kind):
         raise ContractError(f"victim '{name}': prompt_text must contain the task prompt it wraps")
+    if isinstance(victim, TargetLogitsVictim):
+        with torch.no_grad():
+            logits, labels = victim.target_logits(pixels, prompts, ["red"] * len(images), kind)
+        if logits.ndim != 3 or tuple(labels.shape) != tuple(logits.shape[:2]) or not (labels != -100).any(dim=1).all():
+            raise ContractError(f"victim '{name}': target_logits must return logits [B, T, V] and labels [B, T] that "
+                                f"label each target's tokens, got {tuple(logits.shape)} and {tuple(labels.shape)}")
+        if not torch.allclose(cross_entropy(logits, labels), loss.detach(), rtol=1e-4, atol=1e-5):
+            raise ContractError(f"victim '{name}': loss must be the mean cross-entropy of target_logits' labelled "
+                                "positions (attacks raise other objectives of the same logits)")
 
 
 def check_task(task: Any, split: str, *, n: int = 4, seed: int = 0) -> list[Sample]:

@@ -107,7 +107,7 @@ def test_an_adaptive_node_is_priced_like_the_suite_estimate_through_a_surrogate_
                                if n.stage == "rows" and "adaptive@linf-8 | diffpure" in n.label)
     # per step and draw: the victim plus 50 (or 2) network evaluations forward, again backward;
     # the judgements (2 runs x 3 draws) generate through all 50 steps either way
-    apgd = plugins.attacks.create("apgd", {"steps": 2, "restarts": 1})
+    apgd = plugins.attacks.create("apgd", {"steps": 2, "restarts": 1, "objectives": ["ce", "dlr"]})
     forward, backward = apgd.passes_per_sample()
     exact = forward * 2 * (1 + 50) + backward * (2 + 50 * 2)
     surrogate = forward * 2 * (1 + 2) + backward * (2 + 2 * 2)

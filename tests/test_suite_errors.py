@@ -310,10 +310,12 @@ def test_quickstart_validates_with_cells_and_pass_estimate(capsys, monkeypatch) 
     # defenses; adaptive: 16 samples per task x APGD-20 per defense, restarted once (at most twice
     # the runs), x EOT 2 x (1 + 2 UNet calls) through diffpure and the purifier, and a judgement
     # per run (a generation per judging draw: 4 through the two stochastic defenses); the re-run
-    # at 40 steps, 3 restarts and EOT 4 on 4, judged over 4 draws of the two stochastic defenses
-    assert ("estimated passes: 63404 attack forward + 58800 attack backward + 3560 defense + "
-            "3128 generation = 128892") in out
-    assert "standard adaptive protocol: apgd {'steps': 20, 'restarts': 1}, EOT 2 (stochastic defenses)" in out
+    # at 40 steps, 3 restarts and EOT 4 on 4, judged over 4 draws of the two stochastic defenses;
+    # a DLR run's examples are compared on cross-entropy: one forward pass (x EOT) per DLR restart
+    assert ("estimated passes: 64268 attack forward + 58800 attack backward + 3560 defense + "
+            "3128 generation = 129756") in out
+    assert ("standard adaptive protocol: apgd {'steps': 20, 'restarts': 1, 'objectives': ['ce', 'dlr']}, "
+            "EOT 2 (stochastic defenses)") in out
     assert "work graph: 204 nodes (3 train, 1 victim, 16 attack, 128 rows, 56 score), executor local {'workers': 2}" in out
     assert "gradient routes: none: exact; jpeg: bpda-approximate; diffpure: exact, EOT 2; codefend-purifier: exact, EOT 2" in out
     assert err.strip() == ""

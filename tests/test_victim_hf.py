@@ -171,7 +171,8 @@ def test_paper_suite_validates_here(run_cli) -> None:
     # the GPU-hour estimate counts the adaptive protocol's EOT passes and the trainings, at a stated rate
     time_line = next(line for line in result.stdout.splitlines() if line.startswith("estimated time: "))
     assert "GPU-hours at 12.5 ms per pass" in time_line and "of training" in time_line
-    assert "standard adaptive protocol: apgd {'steps': 100, 'restarts': 1}, EOT 20" in result.stdout
+    assert ("standard adaptive protocol: apgd {'steps': 100, 'restarts': 1, 'objectives': ['ce', 'dlr']}, EOT 20"
+            in result.stdout)
     assert "hf-llava | vqav2[data/vqav2]:val2014 | ensemble@linf@8/255 | codefend" in result.stdout
 
 

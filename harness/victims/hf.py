@@ -34,9 +34,9 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from harness.contracts import TaskKind
+from harness.objectives import cross_entropy
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -348,6 +348,10 @@ class HFImageTextToText:
         return tokenizer.encode(target, add_special_tokens=False) + [tokenizer.eos_token_id]
 
     def loss(self, pixels: torch.Tensor, prompts: Sequence[str], targets: Sequence[str], kind: TaskKind = "vqa") -> torch.Tensor:
+        return cross_entropy(*self.target_logits(pixels, prompts, targets, kind))
+
+    def target_logits(self, pixels: torch.Tensor, prompts: Sequence[str], targets: Sequence[str],
+                      kind: TaskKind = "vqa") -> tuple[torch.Tensor, torch.Tensor]:
         self.load()
         inputs = self.prompt_inputs(prompts, kind)
         prefixes = [i["input_ids"] for i in inputs]
@@ -368,10 +372,8 @@ class HFImageTextToText:
             input_ids=input_ids.to(device), attention_mask=attention.to(device), pixel_values=self._normalise(pixels),
             use_cache=False, **self._side_inputs(inputs, device),
         ).logits.float()
-        # position j predicts token j + 1: shift so only target tokens are scored
-        token_loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:].to(device), ignore_index=-100, reduction="none")
-        counts = (labels[:, 1:] != -100).sum(dim=1).clamp(min=1).to(device)
-        return token_loss.sum(dim=1) / counts
+        # position j predicts token j + 1
+        return logits[:, :-1], labels[:, 1:].to(device)
 
     @torch.no_grad()
     def generate(self, pixels: torch.Tensor, prompts: Sequence[str], kind: TaskKind = "vqa") -> list[str]:

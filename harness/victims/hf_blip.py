@@ -26,9 +26,9 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from harness.contracts import TaskKind
+from harness.objectives import cross_entropy
 from harness.victims.hf import (DTYPES, _missing, checkpoint_layers, checkpointing_setting, normalise, resize_and_crop,
                                wants_checkpointing)
 
@@ -163,6 +163,10 @@ class HFBlip:
         return [bos, *self._tokenizer.encode(self.caption_prompt, add_special_tokens=False)]
 
     def loss(self, pixels: torch.Tensor, prompts: Sequence[str], targets: Sequence[str], kind: TaskKind = "vqa") -> torch.Tensor:
+        return cross_entropy(*self.target_logits(pixels, prompts, targets, kind))
+
+    def target_logits(self, pixels: torch.Tensor, prompts: Sequence[str], targets: Sequence[str],
+                      kind: TaskKind = "vqa") -> tuple[torch.Tensor, torch.Tensor]:
         self.load()
         self._check_kind(kind)
         context, context_mask = self._context(pixels, prompts, kind)
@@ -183,8 +187,8 @@ class HFBlip:
             input_ids=ids, attention_mask=attention,
             encoder_hidden_states=context, encoder_attention_mask=context_mask, return_dict=True, use_cache=False,
         ).logits.float()
-        token_loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none")
-        return token_loss.sum(dim=1) / (labels[:, 1:] != -100).sum(dim=1).clamp(min=1)
+        # position j predicts token j + 1
+        return logits[:, :-1], labels[:, 1:]
 
     @torch.no_grad()
     def generate(self, pixels: torch.Tensor, prompts: Sequence[str], kind: TaskKind = "vqa") -> list[str]:

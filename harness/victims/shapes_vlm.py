@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from harness.contracts import Preparation, Sample, TaskKind
+from harness.objectives import cross_entropy
 from harness.plugins import PluginsUser
 from harness.paths import CheckpointNotFound, codefend_home, publish_checkpoint
 from harness import reproducible
@@ -287,6 +288,12 @@ class ShapesVLM(PluginsUser):
         self, pixels: torch.Tensor, prompts: Sequence[str], targets: Sequence[str], kind: TaskKind = "vqa",
         soft_prompt: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        return cross_entropy(*self.target_logits(pixels, prompts, targets, kind, soft_prompt=soft_prompt))
+
+    def target_logits(
+        self, pixels: torch.Tensor, prompts: Sequence[str], targets: Sequence[str], kind: TaskKind = "vqa",
+        soft_prompt: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         sequences = [self._sequence_ids(p, t) for p, t in zip(prompts, targets)]
         input_ids, labels, attention = _teacher_forcing_batch(sequences, self.tokenizer.pad_token_id)
         input_ids, labels, attention = (t.to(pixels.device) for t in (input_ids, labels, attention))
@@ -294,7 +301,7 @@ class ShapesVLM(PluginsUser):
             logits = self.model(
                 pixel_values=self._normalise(pixels), decoder_input_ids=input_ids, decoder_attention_mask=attention
             ).logits
-            return _per_sample_cross_entropy(logits, labels)
+            return logits, labels
         m = soft_prompt.shape[-2]
         logits = self.model(
             pixel_values=self._normalise(pixels),
@@ -302,8 +309,7 @@ class ShapesVLM(PluginsUser):
             decoder_attention_mask=torch.cat([attention[:, :1].expand(-1, m), attention], dim=1),
         ).logits
         # the soft tokens predict nothing: drop their positions (the one after [BOS] included)
-        logits = torch.cat([logits[:, :1], logits[:, 1 + m :]], dim=1)
-        return _per_sample_cross_entropy(logits, labels)
+        return torch.cat([logits[:, :1], logits[:, 1 + m :]], dim=1), labels
 
     @torch.no_grad()
     def generate(
@@ -437,12 +443,6 @@ def _teacher_forcing_batch(
     return input_ids, labels, attention
 
 
-def _per_sample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    token_loss = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=-100, reduction="none")
-    counts = (labels != -100).sum(dim=1).clamp(min=1)
-    return token_loss.sum(dim=1) / counts
-
-
 # -- training -----------------------------------------------------------------------------------
 
 
@@ -545,7 +545,7 @@ def train_shapes_vlm(
                 decoder_input_ids=input_ids[rows, :width],
                 decoder_attention_mask=attention[rows, :width],
             ).logits
-            per_sequence.append(_per_sample_cross_entropy(logits, labels[rows, :width]))
+            per_sequence.append(cross_entropy(logits, labels[rows, :width]))
         loss = torch.cat(per_sequence).mean()
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
