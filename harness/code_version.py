@@ -112,7 +112,7 @@ def _source_version(key: str, compute: Callable[[], str]) -> str:
     return "src:" + _source_hashes[key]
 
 
-ROW_MAKING_MODULES = ("adaptive", "contracts", "image_quality", "labels", "records", "reproducible", "runner")
+ROW_MAKING_MODULES = ("adaptive", "contracts", "image_quality", "labels", "objectives", "records", "reproducible", "runner")
 """The kernel modules (of :mod:`harness`) whose code makes a row's content."""
 
 def kernel_code_version(package_dir: Path | None = None) -> str:

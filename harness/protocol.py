@@ -27,10 +27,11 @@ The protocol is declared here, once. Each default, and why:
 - ``objectives: [ce, dlr]``: the first run raises the cross-entropy of the reference answer, the
   restart the DLR margin of its tokens (:mod:`harness.objectives`), from the same start: AutoAttack
   follows APGD-CE with APGD-DLR, because cross-entropy stalls where the model is sure of its
-  answer. On the offline world's undefended victim (40 questions, APGD-100) a DLR run breaks 3 of
-  the 10 questions cross-entropy runs leave standing from any start, where a second cross-entropy
-  run breaks none (docs/results/attack-strength.md). The restart costs what it did; comparing its
-  examples on cross-entropy costs one forward pass. The convergence re-run's doubled runs
+  answer. On the offline world (40 questions, docs/results/attack-strength.md) the undefended
+  victim's score falls from 0.2425 (APGD-100 on cross-entropy, with one or four random restarts)
+  to 0.2000 with a DLR restart, JPEG's (APGD-20) from 0.2025 to 0.1775; through the stochastic
+  purifiers it finds what a cross-entropy restart finds, within one question. The restart costs
+  what it did; comparing its examples on cross-entropy costs one forward pass. The convergence re-run's doubled runs
   alternate the two. A victim that does not expose its logits
   (:class:`~harness.contracts.TargetLogitsVictim`) gets cross-entropy runs, with a warning.
   A suite that sets other ``params`` of the standard attack keeps these defaults for the keys it
