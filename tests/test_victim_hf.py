@@ -134,6 +134,22 @@ def test_pgd_runs_end_to_end_through_the_runner(tiny_llava: Path, trained_home, 
 
 # -- BLIP-2 ---------------------------------------------------------------------------------------------
 
+def _check_target_logits(victim, pixels: torch.Tensor, prompts: list[str], targets: list[str], kind: str,
+                         tokenizer, end_id: int) -> None:
+    """``target_logits`` labels each target's tokens and then the end token generation stops at,
+    ``loss`` is their cross-entropy, and the DLR margin of them has a gradient (the standard
+    attack's restart raises it)."""
+    from harness.objectives import cross_entropy, dlr
+
+    x = pixels.detach().clone().requires_grad_(True)
+    logits, labels = victim.target_logits(x, prompts, targets, kind)
+    for row, target in zip(labels, targets):
+        assert row[row != -100].tolist() == tokenizer.encode(target, add_special_tokens=False) + [end_id]
+    assert torch.allclose(cross_entropy(logits, labels), victim.loss(x, prompts, targets, kind))
+    (grad,) = torch.autograd.grad(dlr(logits, labels).sum(), x)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
 def test_blip2_adapter_templates_gradients_and_generation(tmp_path: Path) -> None:
     from harness.victims.hf import HFBlip2
 
@@ -150,6 +166,9 @@ def test_blip2_adapter_templates_gradients_and_generation(tmp_path: Path) -> Non
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
     outputs = victim.generate(pixels.detach(), ["what colour is the shape ?"] * 2, "vqa")
     assert len(outputs) == 2 and all(isinstance(o, str) for o in outputs)
+    tokenizer = victim._processor.tokenizer
+    _check_target_logits(victim, pixels, ["what colour is the shape ?"] * 2, ["red", "a blue circle"], "vqa",
+                         tokenizer, tokenizer.eos_token_id)
     with pytest.raises(ValueError, match="expects a blip-2 or instructblip checkpoint"):
         HFBlip2(model_id=str(build_tiny_llava(tmp_path / "llava"))).load()
 
@@ -191,6 +210,8 @@ def test_blip_adapter_one_template_gradients_generation(head: str, kind: str, pr
     loss = victim.loss(pixels, [prompt] * 2, ["red", "a blue circle"], kind)
     (grad,) = torch.autograd.grad(loss.sum(), pixels)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    _check_target_logits(victim, pixels, [prompt] * 2, ["red", "a blue circle"], kind, victim._tokenizer,
+                         victim._model.config.text_config.sep_token_id)
 
     decoder = victim._model.text_decoder
     seen: list[list[int]] = []
