@@ -165,7 +165,7 @@ def test_a_ray_worker_killed_mid_task_is_retried_to_the_same_rows_and_board(
     _assert_same_rows_and_board(out, local_run)
 
 
-def test_a_killed_ray_run_leaves_no_process_of_its_local_ray_after_a_second(
+def test_a_killed_ray_run_leaves_no_process_of_its_local_ray_within_seconds(
         trained_home, codefend_cmd, tmp_path: Path) -> None:
     """The local Ray a run starts dies with it: raylet and GCS by Ray's own fate sharing, and
     the agents and idle workers (which notice their raylet's death seconds to a minute late) by
@@ -182,9 +182,14 @@ def test_a_killed_ray_run_leaves_no_process_of_its_local_ray_after_a_second(
         assert any("raylet" in " ".join(p.cmdline()) for p in tree), [p.cmdline()[:2] for p in tree]
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
-        time.sleep(1.0)
-        alive = [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        assert not alive, f"outlived the killed run by a second: {[' '.join(p.cmdline())[:60] for p in alive]}"
+        # the guard looks every 0.2 s; 3 s leaves room for a loaded machine (1 s failed under a
+        # 2-worker suite sharing 2 cores), and is still far below Ray's own seconds-to-a-minute
+        gone_by = time.monotonic() + 3.0
+        alive = tree
+        while alive and time.monotonic() < gone_by:
+            time.sleep(0.1)
+            alive = [p for p in tree if _running(p)]
+        assert not alive, f"outlived the killed run by 3 s: {[' '.join(p.cmdline())[:60] for p in alive]}"
     finally:
         if process.poll() is None:
             process.kill()
@@ -322,3 +327,10 @@ def test_a_rerun_with_every_row_stored_starts_no_worker(local_run: Path, tmp_pat
         store.close()
     assert (summary.computed_rows, summary.reused_rows, summary.failures) == (0, ROWS, [])
     assert _rows(tmp_path / "store.sqlite") == _rows(local_run / "store.sqlite")
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
