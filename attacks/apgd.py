@@ -131,6 +131,11 @@ class APGD(Attack):
     def _run_objective(self, run: int) -> str:
         return self.objectives[run % len(self.objectives)]
 
+    @property
+    def _sign(self) -> float:
+        """The objective is sign·loss: a targeted attack lowers its target's loss."""
+        return -1.0 if self.target_text is not None else 1.0
+
     def passes_per_sample(self) -> tuple[int, int]:
         # the last iterate's gradient is never used: one backward pass is saved
         runs = 1 + self.restarts
@@ -150,7 +155,7 @@ class APGD(Attack):
         generator: torch.Generator,
         progress: Any = None,
     ) -> AttackResult:
-        functions = {o: self._loss_function(target, o) for o in self.objectives}
+        functions = {o: self._loss_function(target, o) for o in map(self._run_objective, range(1 + self.restarts))}
         first = self.objectives[0]
         best, best_objective, losses = self._run(functions[first], batch, threat, generator, progress,
                                                  self.random_start, batch.seeds)
@@ -168,14 +173,13 @@ class APGD(Attack):
             sub = _sub_batch(batch, active, restart)
             objective_name = self._run_objective(restart)
             # an objective's first run starts where the first run did; its repeats from random points
-            repeat = restart >= len(self.objectives) or self.objectives.index(objective_name) != restart
+            repeat = self.objectives.index(objective_name) != restart
             pixels, objective, _ = self._run(functions[objective_name], sub, threat, generator, progress,
                                              self.random_start or repeat, sub.seeds)
             if objective_name != first:
                 # examples are compared on the first run's objective
-                sign = -1.0 if self.target_text is not None else 1.0
                 with torch.no_grad():
-                    objective = sign * functions[first](pixels, sub.prompts, self._texts(sub), sub.kind)
+                    objective = self._sign * functions[first](pixels, sub.prompts, self._texts(sub), sub.kind)
                 result.forward_passes += 1
             new_scores = batch.judge(target, pixels, active)
             for j, i in enumerate(active):
@@ -213,8 +217,7 @@ class APGD(Attack):
         # No shortcut at eps = 0: the step size (factor·eps) is 0 and every iterate is projected onto
         # the clean pixels, so the real algorithm runs and returns them exactly.
         norm, eps, n = threat.norm, threat.eps, clean.shape[0]
-        texts = self._texts(batch)
-        sign = -1.0 if self.target_text is not None else 1.0
+        texts, sign = self._texts(batch), self._sign
 
         def evaluate(x: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
             """Victim loss [B] at ``x`` and, if asked, the gradient of the objective sign·loss."""

@@ -33,9 +33,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from harness.contracts import (BPDAApproximation, ConditionalPromptDefense, Defense, SurrogateProcessDefense, TargetLogitsVictim,
-                               TaskKind, Victim, check_defense_declarations)
-from harness.objectives import OBJECTIVES, from_logits
+from harness.contracts import BPDAApproximation, ConditionalPromptDefense, Defense, SurrogateProcessDefense, TaskKind, Victim, check_defense_declarations
+from harness.objectives import victim_objective, victim_objectives
 
 
 @dataclass
@@ -127,20 +126,13 @@ class DefendedTarget:
         return self.objective_loss("ce", pixels, prompts, targets, kind)
 
     def objectives(self) -> tuple[str, ...]:
-        return OBJECTIVES if isinstance(self.victim, TargetLogitsVictim) else ("ce",)
+        return victim_objectives(self.victim)
 
     def objective_loss(self, objective: str, pixels: torch.Tensor, prompts: Sequence[str], targets: Sequence[str],
                        kind: TaskKind) -> torch.Tensor:
-        if objective not in self.objectives():
-            raise ValueError(f"{type(self.victim).__name__} does not expose its logits (TargetLogitsVictim): "
-                             f"only cross-entropy can be attacked through it, not {objective!r}")
-
         def per_draw(purified: torch.Tensor, tiled_prompts: list[str], tiled_targets: list[str]) -> torch.Tensor:
-            extra = soft_prompt_kwargs(self.defense, purified, tiled_prompts)
-            if objective == "ce":
-                return self.victim.loss(purified, tiled_prompts, tiled_targets, kind, **extra)
-            assert isinstance(self.victim, TargetLogitsVictim)
-            return from_logits(objective, *self.victim.target_logits(purified, tiled_prompts, tiled_targets, kind, **extra))
+            return victim_objective(self.victim, objective, purified, tiled_prompts, tiled_targets, kind,
+                                    **soft_prompt_kwargs(self.defense, purified, tiled_prompts))
 
         prompts = self.defense.rewrite(prompts)
         if self.route.grafted and torch.is_grad_enabled():

@@ -24,7 +24,7 @@ and gradient route included). None when it cannot.
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Sequence, get_args
+from typing import Any, Callable, Literal, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +68,24 @@ def from_logits(objective: str, logits: torch.Tensor, labels: torch.Tensor) -> t
     raise ValueError(f"unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
 
 
+def victim_objectives(victim: object) -> tuple[str, ...]:
+    """The objectives an attack can raise on ``victim``: every one when it exposes its logits,
+    else cross-entropy (its ``loss``) alone."""
+    return OBJECTIVES if isinstance(victim, TargetLogitsVictim) else ("ce",)
+
+
+def victim_objective(victim: Any, objective: str, pixels: torch.Tensor, prompts: Sequence[str],
+                     targets: Sequence[str], kind: TaskKind, **kwargs: Any) -> torch.Tensor:
+    """``objective`` of ``victim``'s teacher-forced output, per sample (``kwargs``, such as a
+    ``soft_prompt``, go to the victim)."""
+    if objective == "ce":
+        return victim.loss(pixels, prompts, targets, kind, **kwargs)
+    if objective not in victim_objectives(victim):
+        raise ValueError(f"{type(victim).__name__} does not expose its logits (TargetLogitsVictim): "
+                         f"only cross-entropy can be attacked through it, not {objective!r}")
+    return from_logits(objective, *victim.target_logits(pixels, prompts, targets, kind, **kwargs))
+
+
 def objective_function(target: AttackTarget, objective: str) -> LossFunction | None:
     """``target``'s loss function for ``objective`` (per sample, raised by the attack), or None
     when ``target`` cannot give it (a victim that does not expose its logits)."""
@@ -77,6 +95,6 @@ def objective_function(target: AttackTarget, objective: str) -> LossFunction | N
         if objective not in target.objectives():
             return None
         return lambda pixels, prompts, targets, kind: target.objective_loss(objective, pixels, prompts, targets, kind)
-    if isinstance(target, TargetLogitsVictim):
-        return lambda pixels, prompts, targets, kind: from_logits(objective, *target.target_logits(pixels, prompts, targets, kind))
+    if objective in victim_objectives(target):
+        return lambda pixels, prompts, targets, kind: victim_objective(target, objective, pixels, prompts, targets, kind)
     return None
