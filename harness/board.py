@@ -107,18 +107,40 @@ class BoardRow:
     ones all rows faced, the standard adaptive attack among them, plus its own N-draw
     evaluation), averaged. Without an adaptive evaluation it is the shared worst case."""
     robust_samples: dict[str, float] = field(default_factory=dict)
-    converged: bool | None = None
-    """Whether the standard adaptive score held when steps and EOT were multiplied (None: not
-    checked)."""
-    convergence: PairedComparison | None = None
-    """The larger-budget re-run against the standard attack, on the re-run's samples."""
-    convergence_reference: str | None = None
-    """The condition the re-run was compared with: the standard attack's N-draw evaluation when
-    the re-run is judged over N draws (stochastic defenses), else the standard attack."""
+    convergence: dict[str, "ConvergenceCheck"] = field(default_factory=dict)
+    """threat model -> the convergence check of the standard adaptive attack under it (a threat
+    the re-run did not cover has none)."""
     versus_next: PairedComparison | None = None
     """This row against the next one down, on their robust (ranking) scores."""
     provenance: dict = field(default_factory=dict)
     """run ids, seeds, victim fingerprints, defense params and a digest of the rows behind it."""
+
+    @property
+    def converged(self) -> bool | None:
+        """Whether the standard adaptive score held, under every threat model its convergence
+        re-run covered, when steps, runs and EOT were multiplied (None: never checked)."""
+        return all(check.converged for check in self.convergence.values()) if self.convergence else None
+
+
+@dataclass(frozen=True)
+class ConvergenceCheck:
+    """Carlini's "run to convergence" for one defense under one threat model: the larger-budget
+    re-run of the standard attack against the standard attack, on the re-run's samples."""
+
+    threat: str
+    rerun: str
+    """The re-run's condition."""
+    reference: str
+    """The condition it is compared with: the standard attack's N-draw evaluation when the re-run
+    is judged over N draws (stochastic defenses), else the standard attack."""
+    comparison: PairedComparison
+    """re-run minus reference, paired on the re-run's samples."""
+    half_width: float
+    """Half the width of the reference's interval: the largest fall that still counts as converged."""
+
+    @property
+    def converged(self) -> bool:
+        return self.comparison.mean_difference >= -self.half_width
 
 
 @dataclass

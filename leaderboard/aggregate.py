@@ -16,7 +16,7 @@ from harness.adaptive import GradientRoute
 from harness.records import ResultRow
 from harness.store import Store
 from harness.board import (  # noqa: F401 - re-exported: the board's types are the kernel's
-    FLAG_CODES, Board, BoardRow, Condition, DefendedExample, Example, Flag, Score, Table,
+    FLAG_CODES, Board, BoardRow, Condition, ConvergenceCheck, DefendedExample, Example, Flag, Score, Table,
 )
 from leaderboard.stats import Interval, PairedComparison, bootstrap_ci, paired_comparison
 
@@ -155,10 +155,10 @@ def _no_adaptive_reason(store: Store, table: Table) -> str:
 
 
 def _check_convergence(table: Table, row: BoardRow) -> None:
-    """Carlini's 'run to convergence': the re-run with more steps and EOT must not find more than
-    the standard attack's interval half-width. A re-run judged over N draws is compared with the
-    standard attack's N-draw evaluation (what the ranking uses for stochastic defenses), one
-    judged on one draw with the standard attack itself."""
+    """Carlini's 'run to convergence', per threat model: the re-run with more steps, runs and EOT
+    must not find more than the standard attack's interval half-width. A re-run judged over N
+    draws is compared with the standard attack's N-draw evaluation (what the ranking uses for
+    stochastic defenses), one judged on one draw with the standard attack itself."""
     for condition, detail in table.details.items():
         if detail.role != "convergence" or condition not in row.samples:
             continue
@@ -171,10 +171,9 @@ def _check_convergence(table: Table, row: BoardRow) -> None:
         interval = row.scores[reference].ci
         if comparison is None or interval is None:
             continue
-        half_width = (interval.high - interval.low) / 2
-        row.convergence, row.convergence_reference = comparison, reference
-        moved = comparison.mean_difference < -half_width
-        row.converged = (row.converged is not False) and not moved
+        row.convergence[detail.threat] = ConvergenceCheck(
+            threat=detail.threat, rerun=condition, reference=reference, comparison=comparison,
+            half_width=(interval.high - interval.low) / 2)
 
 
 def _examples(store: Store, table: Table, rows: list[ResultRow], limit: int = 3) -> list[Example]:
@@ -386,13 +385,12 @@ def sanity_flags(table: Table, rows: list[ResultRow]) -> list[Flag]:
                                       "possible gradient masking", defense, s_condition))
     # 6. the standard adaptive attack must have converged (more steps and EOT find no more)
     for row in table.rows:
-        if row.converged is False and row.convergence is not None:
-            reference = row.convergence_reference
-            assert reference is not None  # set with row.convergence
-            rerun = next(c for c, d in details.items() if d.role == "convergence" and c in row.samples)
-            flags.append(Flag("not-converged", f"{rerun} lowers {reference} by {-row.convergence.mean_difference:.3f} on "
-                              f"{row.convergence.n} samples, more than its interval's half-width: the adaptive number "
-                              "overstates robustness; raise adaptive.params.steps / adaptive.params.restarts / adaptive.eot", row.defense, reference))
+        for check in row.convergence.values():
+            if not check.converged:
+                flags.append(Flag("not-converged", f"{check.rerun} lowers {check.reference} by "
+                                  f"{-check.comparison.mean_difference:.3f} on {check.comparison.n} samples, more than "
+                                  "its interval's half-width: the adaptive number overstates robustness; raise "
+                                  "adaptive.params.steps / adaptive.params.restarts / adaptive.eot", row.defense, check.reference))
     # 5. a gradient attack's loss must rise
     for condition, detail in details.items():
         if detail.access != "white-box" or condition == CLEAN or (detail.bounded and detail.eps == 0):

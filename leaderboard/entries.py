@@ -58,7 +58,8 @@ def _entry(board: Board, table: Table, row: BoardRow, threat: str) -> dict[str, 
         "clean": _score(clean),
         "robust": _score(robust),
         "robust_basis": "adaptive" if adaptive else "oblivious-only",
-        "converged": row.converged,
+        # None where no convergence re-run covered this threat model: not checked is not converged
+        "converged": row.convergence[threat].converged if threat in row.convergence else None,
         "attacks": [
             {
                 "condition": c,

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from leaderboard.aggregate import CLEAN, Board, Score, Table
-from leaderboard.markdown import _CORPUS_NAMES, _DECIMALS, _describe, _versus
+from leaderboard.markdown import _CORPUS_NAMES, _DECIMALS, _converged, _describe, _versus
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
@@ -155,7 +155,7 @@ def _table_html(table: Table) -> list[str]:
             cells.append(_score_cell(row.scores.get(c), table.metric, marks))
         cells.append(_score_cell(row.robust, table.metric))
         cells.append(_score_cell(row.worst_case, table.metric))
-        converged = {True: "yes", False: "NO", None: "–"}[row.converged]
+        converged = _converged(row, table)
         cells.append(f'<td data-value="{converged}">{converged}</td>')
         versus = row.versus_next
         cells.append(f'<td data-value="{versus.mean_difference if versus else ""}">{html.escape(_versus(versus, table.metric))}</td>')

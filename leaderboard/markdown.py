@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-from harness.board import MIN_SAMPLES, Board, Condition, Score
+from harness.board import MIN_SAMPLES, Board, BoardRow, Condition, Score, Table
 
 # Papers report CIDEr x100 (already scaled by the task) with one decimal; accuracies with three.
 _DECIMALS = {"cider": 1, "bleu4": 3, "rouge_l": 3, "meteor": 3}
@@ -70,7 +70,11 @@ def _describe(c: Condition, literal: Callable[[object], str] | None = None) -> s
     name = _code if literal is None else literal
     literal = literal or _md
     how = c.mode
-    if c.mode == "oblivious" and c.access == "white-box" and c.role == "suite":
+    if c.role == "clean-n-draw":
+        how = "no attack"  # clean images: neither oblivious nor adaptive
+    elif c.role == "probe":
+        how = "on the undefended victim only"  # where oblivious and adaptive are the same attack
+    elif c.mode == "oblivious" and c.access == "white-box" and c.role == "suite":
         how = "oblivious: transfer from the undefended victim for every defense but none"
     if c.routes:
         how += " (" + "; ".join(f"{literal(defense)}: {route}" for defense, route in c.routes.items()) + ")"
@@ -85,6 +89,31 @@ def _describe(c: Condition, literal: Callable[[object], str] | None = None) -> s
         rates = ", ".join(f"{literal(d)} {rate:.0%}" for d, rate in c.target_success.items())
         text += f"; targeted '{literal(c.target_text)}', output contains it: {rates}"
     return text
+
+
+def _converged(row: BoardRow, table: Table) -> str:
+    """The 'converged' cell: yes / NO / – (not checked), naming the threat models the re-run
+    covered when it did not cover all the table ranks on (a threat it skipped was never checked)."""
+    text = {True: "yes", False: "NO", None: "–"}[row.converged]
+    ranked = {d.threat for c, d in table.details.items() if c != "clean" and d.ranked and d.bounded}
+    if row.convergence and set(row.convergence) != ranked:
+        text += f" ({', '.join(sorted(row.convergence))} only)"
+    return text
+
+
+def _convergence_notes(table: Table) -> list[str]:
+    """What each convergence check compared: the re-run against its reference on the re-run's
+    samples (the two columns differ in their samples, so they cannot be read off the table)."""
+    notes = []
+    for row in table.rows:
+        for check in row.convergence.values():
+            notes.append(f"{_md(row.defense)}: {_md(check.rerun)} − {_md(check.reference)} = "
+                         f"{check.comparison.mean_difference:+.3f} on its {check.comparison.n} samples "
+                         f"(limit −{check.half_width:.3f}): {'held' if check.converged else 'NOT converged'}")
+    if not notes:
+        return []
+    return ["Convergence check (the re-run against the number it checks, paired on the re-run's samples; it fails "
+            "when the score falls by more than the half-width of that number's interval): " + "; ".join(notes) + ".", ""]
 
 
 def _cost_table(table) -> list[str]:
@@ -178,7 +207,7 @@ def render_markdown(board: Board) -> str:
                 + (" ⚑" if table.flags_for(row.defense, c) else "")
                 for c in table.conditions
             ]
-            check = ([{True: "yes", False: "NO ⚑", None: "–"}[row.converged]] if converged else [])
+            check = [_converged(row, table) + (" ⚑" if row.converged is False else "")] if converged else []
             lines.append("| " + " | ".join([_md(row.defense), *cells, "**" + _fmt(row.robust, table.metric) + "**",
                                             _fmt(row.worst_case, table.metric), *check,
                                             _versus(row.versus_next, table.metric)]) + " |")
@@ -204,6 +233,7 @@ def render_markdown(board: Board) -> str:
             "bootstrap, or McNemar's exact test for 0/1 scores).",
             "",
         ]
+        lines += _convergence_notes(table)
         if any(row.seen for row in table.rows):
             lines += ["° the defense was trained on this attack (same plugin, defining parameters, norm and ε), or on a "
                       "member of this ensemble: not held out.", ""]

@@ -301,3 +301,60 @@ def test_a_store_whose_runs_predate_declared_rows_says_its_board_mixes_them(stor
     _fill(store, {"none": {"clean": {"s3": 1.0}}})
     store.finish_run("run-2", "finished")
     assert "This store's 2 runs predate declared rows" in render_markdown(build_board(store))
+
+
+def test_convergence_is_claimed_only_for_the_threat_models_its_re_run_covered(tmp_path: Path) -> None:
+    # the standard attack ran at 4/255 and 8/255, the convergence re-run only at 8/255 (as in
+    # suites/codefend-cpu.yaml): the 4/255 entry must say "not checked", not "converged"
+    scores = {
+        "a": {"adaptive": {"s1": 1.0, "s2": 1.0, "s3": 1.0, "s4": 1.0}, "adaptive-2x": {"s1": 1.0, "s2": 1.0}},
+        "b": {"adaptive": {"s1": 1.0, "s2": 1.0, "s3": 1.0, "s4": 1.0}, "adaptive-2x": {"s1": 0.0, "s2": 0.0}},
+    }
+    roles = {"adaptive": "standard", "adaptive-2x": "convergence"}
+    store = Store(tmp_path / "store.sqlite")
+    rows, scored = [], {}
+    for defense, by_condition in scores.items():
+        for condition, by_sample in by_condition.items():
+            for threat, eps in (("linf-4", 4 / 255), ("linf-8", 8 / 255)):
+                if condition == "adaptive-2x" and threat == "linf-4":
+                    continue
+                for sample, value in by_sample.items():
+                    row = _row(defense, condition, sample)
+                    row.update(fingerprint=f"{defense}|{condition}|{threat}|{sample}", threat=threat, eps=eps,
+                               adversarial_key=f"adv|{condition}|{threat}|{sample}")
+                    row["record"] = {"attack": {"name": "apgd", "access": "white-box", "mode": "adaptive",
+                                                "gradient": "exact", "eot": 1, "role": roles[condition]}}
+                    rows.append(row)
+                    scored[row["fingerprint"]] = ({"vqa_accuracy": value}, value)
+    store.commit_chunk([ResultRow.model_validate(r) for r in rows], {})
+    store.set_scores(scored)
+    board = build_board(store)
+    (table,) = board.tables
+    by_defense = {row.defense: row for row in table.rows}
+    assert set(by_defense["a"].convergence) == {"linf-8"}
+    assert by_defense["a"].converged is True and by_defense["b"].converged is False
+    check = by_defense["b"].convergence["linf-8"]
+    assert (check.rerun, check.reference, check.comparison.mean_difference) == ("adaptive-2x@linf-8", "adaptive@linf-8", -1.0)
+    converged = {(e["defense"], e["threat_model"]["name"]): e["converged"] for e in board_entries(board)}
+    assert converged == {("a", "linf-4"): None, ("a", "linf-8"): True, ("b", "linf-4"): None, ("b", "linf-8"): False}
+    markdown = render_markdown(board)
+    assert "yes (linf-8 only)" in markdown and "NO (linf-8 only) ⚑" in markdown
+    assert "adaptive-2x@linf-8 − adaptive@linf-8 = -1.000 on its 2 samples" in markdown
+    (flag,) = [f for f in table.flags if f.code == "not-converged"]
+    assert flag.defense == "b" and "adaptive-2x@linf-8 lowers adaptive@linf-8 by 1.000" in flag.message
+
+
+def test_diagnostic_columns_are_described_for_what_they_are_not_as_oblivious_attacks() -> None:
+    from harness.board import Condition
+    from leaderboard.markdown import _describe
+
+    probe = Condition(name="adaptive@probe-large", access="white-box", mode="oblivious", routes={}, bounded=True,
+                      eps=64 / 255, max_linf=64 / 255, threat="probe-large", role="probe")
+    clean_draws = Condition(name="clean-N10", access="none", mode="oblivious", routes={}, bounded=False, eps=0.0,
+                            max_linf=0.0, role="clean-n-draw", draws=10)
+    transfer = Condition(name="pgd@linf-8", access="white-box", mode="oblivious", routes={}, bounded=True,
+                         eps=EPS, max_linf=EPS, threat="linf-8")
+    assert "white-box, on the undefended victim only, ε=64/255" in _describe(probe)
+    assert "none, no attack, unbounded, 10 draws" in _describe(clean_draws)
+    assert "oblivious: transfer from the undefended victim for every defense but none" in _describe(transfer)
+    assert "oblivious" not in _describe(probe) + _describe(clean_draws)

@@ -158,8 +158,9 @@ def test_the_convergence_check_judges_the_number_the_board_ranks_on(protocol_run
     assert {r.record.attack.draws for r in rerun if r.defense == "coin-flip"} == {4}
     assert {r.record.attack.draws for r in rerun if r.defense != "coin-flip"} == {1}
     coin = next(r for r in table.rows if r.defense == "coin-flip")
-    assert coin.convergence_reference == "adaptive-N4@linf-8"
-    assert coin.convergence is not None and coin.convergence.n == 6
+    check = coin.convergence["linf-8"]
+    assert check.reference == "adaptive-N4@linf-8" and check.rerun == "adaptive-2x@linf-8"
+    assert check.comparison.n == 6
     # coin-flip blanks ~half its draws: over 4 draws nearly every re-run sample falls, as in its N-draw number
     assert sum(coin.samples["adaptive-2x@linf-8"].values()) <= sum(coin.samples["adaptive@linf-8"][s]
                                                                    for s in coin.samples["adaptive-2x@linf-8"])
