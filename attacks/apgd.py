@@ -155,11 +155,18 @@ class APGD(Attack):
         generator: torch.Generator,
         progress: Any = None,
     ) -> AttackResult:
-        functions = {o: self._loss_function(target, o) for o in map(self._run_objective, range(1 + self.restarts))}
+        raised = {o: objective_function(target, o) for o in map(self._run_objective, range(1 + self.restarts))}
+        unavailable = [o for o, function in raised.items() if function is None]
+        if unavailable:
+            warnings.warn(f"apgd: the attack target {type(target).__name__} cannot give the {', '.join(map(repr, unavailable))} "
+                          "objective (its victim does not expose its logits: harness.contracts.TargetLogitsVictim); "
+                          "those runs raise cross-entropy instead, a weaker attack (the board flags it)", stacklevel=2)
+        functions: dict[str, LossFunction] = {o: function or target.loss for o, function in raised.items()}
         first = self.objectives[0]
         best, best_objective, losses = self._run(functions[first], batch, threat, generator, progress,
                                                  self.random_start, batch.seeds)
-        result = AttackResult(pixels=best, forward_passes=self.steps + 1, backward_passes=self.steps, losses=losses)
+        result = AttackResult(pixels=best, forward_passes=self.steps + 1, backward_passes=self.steps, losses=losses,
+                              objectives_unavailable=unavailable)
         if not self.restarts:
             return result
         n = best.shape[0]
@@ -198,16 +205,6 @@ class APGD(Attack):
 
     def _texts(self, batch: AttackBatch) -> list[str]:
         return [self.target_text] * len(batch.prompts) if self.target_text is not None else list(batch.targets)
-
-    @staticmethod
-    def _loss_function(target: AttackTarget, objective: str) -> LossFunction:
-        function = objective_function(target, objective)
-        if function is None:
-            warnings.warn(f"apgd: the attack target {type(target).__name__} cannot give the {objective!r} objective "
-                          "(its victim does not expose its logits: harness.contracts.TargetLogitsVictim); "
-                          "those runs raise cross-entropy instead, a weaker attack", stacklevel=3)
-            return target.loss
-        return function
 
     def _run(self, loss_function: LossFunction, batch: AttackBatch, threat: ThreatModel,
              generator: torch.Generator, progress: Any, random: bool, seeds: list[int] | None

@@ -143,6 +143,8 @@ class Ensemble(PluginsUser, Attack):
                 result.backward_passes += run.backward_passes
                 result.queries += run.queries + len(active) * batch.judging_draws
                 result.losses.extend(run.losses[-1:])
+                result.objectives_unavailable += [o for o in run.objectives_unavailable
+                                                  if o not in result.objectives_unavailable]
                 if run.losses:
                     starts, ends = starts + run.losses[0] * len(active), ends + run.losses[-1] * len(active)
                     weight += len(active)

@@ -54,7 +54,7 @@ class Score:
 
 #: Every sanity flag's code (the JSON schema's enum must list exactly these: tests check it).
 FLAG_CODES = ("eps0-not-clean", "score-rises-with-eps", "large-eps-not-broken", "gradient-masking",
-              "loss-did-not-rise", "not-converged")
+              "loss-did-not-rise", "not-converged", "objective-unavailable")
 
 
 @dataclass(frozen=True)

@@ -468,6 +468,10 @@ class AttackResult:
     """(mean loss at the start, mean loss at the end) of like-for-like runs, for attacks whose
     ``losses`` chain several runs against different texts (ensembles); None: ``losses[0]`` and
     ``losses[-1]`` compare like with like."""
+    objectives_unavailable: list[str] = field(default_factory=list)
+    """Objectives the attack was asked to raise that its target could not give (a victim that
+    does not expose its logits: :class:`TargetLogitsVictim`), and which it replaced with
+    cross-entropy: the attack was weaker than declared, and the board flags it."""
 
 
 class Attack:

@@ -33,7 +33,8 @@ The protocol is declared here, once. Each default, and why:
   purifiers it finds what a cross-entropy restart finds, within one question. The restart costs
   what it did; comparing its examples on cross-entropy costs one forward pass. The convergence re-run's doubled runs
   alternate the two. A victim that does not expose its logits
-  (:class:`~harness.contracts.TargetLogitsVictim`) gets cross-entropy runs, with a warning.
+  (:class:`~harness.contracts.TargetLogitsVictim`) gets cross-entropy runs, with a warning, and
+  the board flags its adaptive rows ``objective-unavailable``: weaker than the protocol declares.
   A suite that sets other ``params`` of the standard attack keeps these defaults for the keys it
   does not set (``params: {steps: 20}`` still restarts once, with DLR).
 - ``eot: 20``: AutoAttack "rand" and DiffPure's own adaptive evaluation average 20 draws per

@@ -113,6 +113,9 @@ class AttackCost(BaseModel):
     queries: int = Field(0, description="output queries of the batch (query attacks)")
     loss_first: float | None = Field(None, description="mean attack loss at the start (like-for-like for ensembles)")
     loss_last: float | None = Field(None, description="mean attack loss at the end: the loss-rise check compares them")
+    objectives_unavailable: list[str] = Field(
+        default_factory=list, description="objectives the attack was declared with that its target could not give "
+                                          "(replaced by cross-entropy: a weaker attack, flagged on the board)")
 
 
 class RowImages(BaseModel):

@@ -326,6 +326,7 @@ def _attack_chunk(chunk: Chunk, victim: Victim, task: Task, attack: Any, attack_
             "queries": result.queries,
             "loss_first": first,
             "loss_last": last,
+            "objectives_unavailable": result.objectives_unavailable,
         }
         for i in todo:
             key = chunk.adversarial_keys[i]

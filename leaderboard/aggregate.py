@@ -391,6 +391,20 @@ def sanity_flags(table: Table, rows: list[ResultRow]) -> list[Flag]:
                                   f"{-check.comparison.mean_difference:.3f} on {check.comparison.n} samples, more than "
                                   "its interval's half-width: the adaptive number overstates robustness; raise "
                                   "adaptive.params.steps / adaptive.params.restarts / adaptive.eot", row.defense, check.reference))
+    # 7. an attack must have raised the objectives it was declared with
+    unavailable: dict[tuple[str, str | None], set[str]] = defaultdict(set)
+    for r in rows:
+        condition = condition_of(r)
+        # the N-draw rows judge the standard attack's own examples: its flag covers them
+        if (r.record.attack_cost is not None and r.record.attack_cost.objectives_unavailable
+                and condition in details and details[condition].role != "n-draw"):
+            # an oblivious example is the undefended victim's, shared by every defense: one flag
+            defense = r.defense if details[condition].mode == "adaptive" else None
+            unavailable[(condition, defense)].update(r.record.attack_cost.objectives_unavailable)
+    for (condition, defense), missing in sorted(unavailable.items(), key=lambda item: (item[0][0], item[0][1] or "")):
+        flags.append(Flag("objective-unavailable", f"{condition}: the attack could not raise {', '.join(sorted(missing))} "
+                          "(the victim does not expose its logits: TargetLogitsVictim) and raised cross-entropy "
+                          "instead: a weaker attack than declared", defense, condition))
     # 5. a gradient attack's loss must rise
     for condition, detail in details.items():
         if detail.access != "white-box" or condition == CLEAN or (detail.bounded and detail.eps == 0):

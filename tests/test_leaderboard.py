@@ -358,3 +358,26 @@ def test_diagnostic_columns_are_described_for_what_they_are_not_as_oblivious_att
     assert "none, no attack, unbounded, 10 draws" in _describe(clean_draws)
     assert "oblivious: transfer from the undefended victim for every defense but none" in _describe(transfer)
     assert "oblivious" not in _describe(probe) + _describe(clean_draws)
+
+
+def test_an_attack_weaker_than_declared_is_flagged_once_per_defense_it_went_through(tmp_path: Path) -> None:
+    # a third-party victim without logits: the standard attack's DLR restart raised cross-entropy
+    store = Store(tmp_path / "store.sqlite")
+    rows, scored = [], {}
+    for defense in ("none", "jpeg"):
+        for condition, mode in (("adaptive", "adaptive"), ("apgd", "oblivious")):
+            for sample in ("s1", "s2"):
+                row = _row(defense, condition, sample)
+                row["record"] = {"attack": {"name": "apgd", "access": "white-box", "mode": mode,
+                                            "role": "standard" if mode == "adaptive" else "suite"},
+                                 "attack_cost": {"forward_passes": 3, "objectives_unavailable": ["dlr"]}}
+                rows.append(row)
+                scored[row["fingerprint"]] = ({"vqa_accuracy": 1.0}, 1.0)
+    store.commit_chunk([ResultRow.model_validate(r) for r in rows], {})
+    store.set_scores(scored)
+    board = build_board(store)
+    flags = [(f.defense, f.condition) for f in board.tables[0].flags if f.code == "objective-unavailable"]
+    assert flags == [("jpeg", "adaptive@linf-8"), ("none", "adaptive@linf-8"), (None, "apgd@linf-8")]
+    assert "could not raise dlr" in render_markdown(board)
+    entry = next(e for e in board_entries(board) if e["defense"] == "jpeg")
+    assert {f["code"] for f in entry["flags"]} == {"objective-unavailable"}

@@ -137,8 +137,9 @@ def test_a_target_without_logits_warns_and_raises_cross_entropy(tiny_victim, bat
     target = Recording(tiny_victim, logits=False)
     assert objective_function(target, "dlr") is None
     with pytest.warns(UserWarning, match="cannot give the 'dlr' objective.*TargetLogitsVictim"):
-        _run(APGD(steps=2, objectives=["dlr"]), target, batch.attack_batch(4), LINF8)
+        result = _run(APGD(steps=2, objectives=["dlr"]), target, batch.attack_batch(4), LINF8)
     assert {c[0] for c in target.calls} == {"ce"}
+    assert result.objectives_unavailable == ["dlr"]  # recorded with the rows: the board flags it
 
 
 def test_objectives_are_checked_and_the_standard_attack_adds_dlr() -> None:
@@ -150,3 +151,42 @@ def test_objectives_are_checked_and_the_standard_attack_adds_dlr() -> None:
     assert AdaptiveProtocol(params={"steps": 20}).params == {"steps": 20, "restarts": 1, "objectives": ["ce", "dlr"]}
     # an objective's first run starts where the first run did; its repeats from random points
     assert APGD(restarts=3, objectives=["ce", "dlr"]).passes_per_sample() == (4 * 101 + 2, 4 * 100)
+
+
+# -- through a run: a victim without logits gets a weaker attack, and the board says so ----------
+
+import sys  # noqa: E402
+
+from harness.hookspecs import hookimpl  # noqa: E402
+from harness.testing import FakeVictim  # noqa: E402
+
+from suite_helpers import suite_run  # noqa: E402
+
+
+@hookimpl
+def register_victims(register):
+    register("logitless-victim", FakeVictim, description="a victim that exposes no logits (test)")
+
+
+def test_the_standard_attack_through_a_victim_without_logits_is_flagged_weaker_on_the_board(tmp_path) -> None:
+    from leaderboard.aggregate import build_board
+
+    suite = """\
+name: logitless
+seed: 0
+victims: [{name: logitless-victim}]
+tasks: [{name: vqav2, data: shapes, split: test, n: 4}]
+threat_models: {linf-8: {norm: linf, eps: 8/255}}
+attacks: [{name: none}]
+defenses: [{name: none}]
+adaptive: {params: {steps: 2}, samples: 4, convergence: {enabled: false}}
+"""
+    with pytest.warns(UserWarning, match="cannot give the 'dlr' objective"):
+        with suite_run(sys.modules[__name__], "logitless-test", suite, tmp_path) as (summary, store):
+            assert not summary.failures
+            rows = [r for r in store.results() if r.attack == "adaptive"]
+            board = build_board(store)
+    assert rows and all(r.record.attack_cost.objectives_unavailable == ["dlr"] for r in rows)
+    flags = [f for f in board.tables[0].flags if f.code == "objective-unavailable"]
+    (flag,) = flags
+    assert (flag.defense, flag.condition) == ("none", "adaptive@linf-8")
