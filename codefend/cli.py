@@ -20,10 +20,10 @@ import yaml
 from harness.contracts import DataError
 from harness.plugins import HOOK_KINDS, Plugins, get_plugins, load_plugins, plugin_specs_from_env, use_plugins
 from harness.registry import RegistryError
-from harness.store import StoreBusy
+from harness.store import StoreError
 from harness.suite import SuiteError
 
-USER_ERRORS = (SuiteError, RegistryError, FileNotFoundError, DataError, StoreBusy)
+USER_ERRORS = (SuiteError, RegistryError, FileNotFoundError, DataError, StoreError)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -115,7 +115,11 @@ def digest_json(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-class StoreBusy(Exception):
+class StoreError(Exception):
+    """The file is not a result store this harness can read (not SQLite, or another schema)."""
+
+
+class StoreBusy(StoreError):
     """Another process is running a suite into this store (one writer per store at a time)."""
 
 
@@ -124,18 +128,26 @@ class Store:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, timeout=30.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        with self._db:
-            self._db.executescript(_SCHEMA)
-            found = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            if found is None:
-                self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(found[0]) != SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"{self.path} was written with store schema {found[0]}, this harness reads {SCHEMA_VERSION}; "
-                    "use a new --out folder or the harness version that wrote it"
-                )
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            with self._db:
+                self._db.executescript(_SCHEMA)
+                found = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+                if found is None:
+                    self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                elif int(found[0]) != SCHEMA_VERSION:
+                    raise StoreError(
+                        f"{self.path} was written with store schema {found[0]}, this harness reads {SCHEMA_VERSION}; "
+                        "use a new --out folder or the harness version that wrote it"
+                    )
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise StoreError(f"{self.path} is not a result store ({exc}): pass the store.sqlite of a results folder "
+                             "written by `codefend run`, or a new --out folder") from None
+        except StoreError:
+            self._db.close()
+            raise
 
     def close(self) -> None:
         self._db.close()

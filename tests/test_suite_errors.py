@@ -474,3 +474,24 @@ def test_a_device_is_checked_against_the_executor_the_command_line_chooses(tmp_p
     code, out, err = _run_main(["validate", str(path), "--executor", "ray"], capsys, monkeypatch)
     assert code == 0, err
     assert "executor ray" in out
+
+
+def test_a_file_that_is_not_a_result_store_is_one_error_line_not_a_traceback(tmp_path: Path, capsys, monkeypatch) -> None:
+    import sqlite3
+
+    garbage = tmp_path / "garbage" / "store.sqlite"
+    garbage.parent.mkdir()
+    garbage.write_text("not a database\n")
+    code, _, err = _run_main(["leaderboard", str(garbage)], capsys, monkeypatch)
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith("error: ") and "is not a result store" in err and "codefend run" in err
+    assert garbage.read_text() == "not a database\n"  # the user's file is left as it was
+    # a store written by another schema version of the harness
+    other = tmp_path / "other" / "store.sqlite"
+    other.parent.mkdir()
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+        db.execute("INSERT INTO meta VALUES ('schema_version', '999')")
+    code, _, err = _run_main(["leaderboard", str(other)], capsys, monkeypatch)
+    assert code == 2 and "Traceback" not in err
+    assert "written with store schema 999" in err and "new --out folder" in err
