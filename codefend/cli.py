@@ -93,9 +93,11 @@ def cmd_validate(args: argparse.Namespace, plugins: Plugins) -> int:
     for i, task in enumerate(suite.tasks):
         instance = plugins.tasks.create(task.name, task.factory_params())
         try:
-            # with n given, one sample proves the split is there (the count is n, or the split's size)
-            found = len(instance.samples(task.split, 1 if task.n is not None else None, suite.seed))
-            counts[i] = task.n if task.n is not None and found else found
+            # what a run gets: n, or fewer where the split has no more (or malformed samples are skipped)
+            counts[i] = len(instance.samples(task.split, task.n, suite.seed))
+            if task.n is not None and counts[i] < task.n:
+                notes.append(f"tasks[{i}]: n = {task.n}, but {task.label} gives {counts[i]} samples: "
+                             f"a run evaluates those {counts[i]}")
         except FileNotFoundError as exc:
             if task.data_is_present():  # the data is here, so the split (or a file of it) is what is missing
                 raise SuiteError(args.suite, f"tasks[{i}].split", f"{' '.join(str(exc).split())[:600]}") from None

@@ -706,6 +706,8 @@ class _Driver:
         self.victim_fp: dict[str, str] = {}
         self.cell_data: dict[int, dict[str, Any]] = {}
         self.samples_cache: dict[tuple[str, int | None], list[Sample]] = {}
+        self.short_tasks: set[tuple[str, int]] = set()
+        """(task label, n) pairs whose samples fell short of n: warned about once."""
         self.samples_lock = threading.Lock()
         self.samples_failure: Exception | None = None
         self.skipped_samples: dict[str, list[dict[str, str]]] = {}
@@ -885,6 +887,12 @@ class _Driver:
             if victim_key(cell.victim) != key:
                 continue
             samples = self._samples(cell)
+            planned = self.graph.sample_counts[index]
+            if len(samples) < planned and (cell.task.label, planned) not in self.short_tasks:
+                self.short_tasks.add((cell.task.label, planned))
+                warnings.warn(f"{cell.task.label}: {planned} samples asked (n), the task gave {len(samples)} "
+                              f"(its split '{cell.task.split}' has no more, or malformed ones were left out): "
+                              f"its cells run on those {len(samples)}, and the board's n says so")
             code = code_versions(self.plugins, cell)
             fingerprints = [result_fingerprint(cell, self.victim_fp[key], s, code) for s in samples]
             # the board shows exactly this run's rows, reused ones included (harness.store)
@@ -895,13 +903,19 @@ class _Driver:
         for node_id, node in self.graph.nodes.items():
             if node.stage == "rows" and node.cells[0] in self.cell_data and self.state[node_id] == "waiting":
                 data = self.cell_data[node.cells[0]]
-                if all(data["fingerprints"][i] in data["existing"] for i in self.graph.chunk_positions(node.cells[0], node.chunk)):
+                if all(data["fingerprints"][i] in data["existing"] for i in self._positions(node.cells[0], node.chunk)):
                     self._finish(node_id)
         for node_id, node in self.graph.nodes.items():
             if node.stage == "score" and node.cells[0] in self.cell_data and self.state[node_id] == "waiting":
                 data = self.cell_data[node.cells[0]]
                 if len(data["existing"]) == len(data["fingerprints"]) and all(data["existing"].values()):
                     self._finish(node_id)
+
+    def _positions(self, index: int, chunk: int) -> list[int]:
+        """The positions of a chunk's samples that the task gave: fewer than planned where the
+        split has fewer than ``n`` samples, or malformed ones were left out (``on_bad_sample: skip``)."""
+        given = len(self.cell_data[index]["samples"])
+        return [i for i in self.graph.chunk_positions(index, chunk) if i < given]
 
     def _chunk(self, index: int, positions: list[int]) -> Chunk:
         cell, data = self.graph.cells[index], self.cell_data[index]
@@ -921,7 +935,10 @@ class _Driver:
         if not any(self.state[d] == "waiting" for d in self.dependents[node.id]):
             return None
         index = max(node.cells, key=lambda i: self.graph.sample_counts[i])
-        chunk = self._chunk(index, list(self.graph.chunk_positions(index, node.chunk)))
+        positions = self._positions(index, node.chunk)
+        if not positions:
+            return None
+        chunk = self._chunk(index, positions)
         if all(k is None or k in chunk.cached_adversarial for k in chunk.adversarial_keys):
             return None
         return chunk
@@ -929,7 +946,7 @@ class _Driver:
     def _rows_chunk(self, node: Any) -> Chunk | None:
         index = node.cells[0]
         data = self.cell_data[index]
-        pending = [i for i in self.graph.chunk_positions(index, node.chunk) if data["fingerprints"][i] not in data["existing"]]
+        pending = [i for i in self._positions(index, node.chunk) if data["fingerprints"][i] not in data["existing"]]
         return self._chunk(index, pending) if pending else None
 
     def _score(self, node: Any) -> None:

@@ -308,6 +308,30 @@ adaptive: {{enabled: false, reason: a test of data handling}}
     assert {entry["skipped_samples"] for entry in json.loads(JSONReporter()(board))} in ({1}, set())
 
 
+def test_skipped_samples_and_an_n_beyond_the_split_run_on_what_the_task_gave(tmp_path: Path) -> None:
+    """n = 5 of a 3-question split, one of them malformed and skipped, and the standard attack on
+    a subset of 4: the run once crashed with an IndexError on the chunk positions it planned for n.
+    Every cell runs on the 2 samples the task gives, with a warning, and the board's n is 2."""
+    root = _write_vqa(tmp_path / "vqa")
+    _three_answers(root)
+    with pytest.warns(UserWarning, match="5 samples asked \\(n\\), the task gave 2"):
+        board, store = _run(tmp_path, f"""\
+name: short
+seed: 0
+victims: [{{name: fake-victim}}]
+tasks: [{{name: vqav2, data: {root}, split: {SPLIT}, n: 5, params: {{on_bad_sample: skip}}}}]
+threat_models: {{linf-8: {{norm: linf, eps: 8/255}}}}
+attacks: [{{name: none}}]
+defenses: [{{name: none}}]
+adaptive: {{params: {{steps: 2, restarts: 0}}, samples: 4, convergence: {{enabled: false}}}}
+""")
+    store.close()
+    (table,) = board.tables
+    (row,) = table.rows
+    assert {c: s.n for c, s in row.scores.items()} == {"clean": 2, "clean-N10": 2, "adaptive@linf-8": 2, "adaptive-N10@linf-8": 2}
+    assert sorted(row.samples["adaptive@linf-8"]) == ["10", "30"]
+
+
 WEIRD_IDS = ["dollar-$x$-sign", "angle-<img src=x onerror=alert(1)>", "pipe-a|b", "newline-a\nb"]
 
 
