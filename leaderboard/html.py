@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from leaderboard.aggregate import CLEAN, Board, Score, Table
-from leaderboard.markdown import _CORPUS_NAMES, _DECIMALS, _converged, _describe, _versus
+from leaderboard.markdown import CONVERGENCE_NOTE, _CORPUS_NAMES, _DECIMALS, _converged, _convergence_checks, _describe, _versus
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
@@ -233,6 +233,8 @@ def render_html(board: Board) -> str:
                      "is over attacks that never saw the defenses and is not a robustness claim.")
         parts.append(f'<p class="note">{basis} [low, high]: 95% bootstrap interval of the mean. ° the defense was trained on '
                      "this attack; ◦ on this attack at another ε. ⚑ a sanity flag (listed below). Click a header to sort.</p>")
+        if checks := _convergence_checks(table, literal=str):
+            parts.append(f'<p class="note">{html.escape(CONVERGENCE_NOTE + "; ".join(checks))}.</p>')
         notes = [_describe(table.details[c], literal=str) for c in table.conditions if c != CLEAN]
         if notes:
             parts.append("<ul class=\"note\">" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")

@@ -101,19 +101,19 @@ def _converged(row: BoardRow, table: Table) -> str:
     return text
 
 
-def _convergence_notes(table: Table) -> list[str]:
+CONVERGENCE_NOTE = ("Convergence check (the re-run against the number it checks, paired on the re-run's samples; it "
+                    "fails when the score falls by more than the half-width of that number's interval): ")
+
+
+def _convergence_checks(table: Table, literal: Callable[[object], str] | None = None) -> list[str]:
     """What each convergence check compared: the re-run against its reference on the re-run's
-    samples (the two columns differ in their samples, so they cannot be read off the table)."""
-    notes = []
-    for row in table.rows:
-        for check in row.convergence.values():
-            notes.append(f"{_md(row.defense)}: {_md(check.rerun)} − {_md(check.reference)} = "
-                         f"{check.comparison.mean_difference:+.3f} on its {check.comparison.n} samples "
-                         f"(limit −{check.half_width:.3f}): {'held' if check.converged else 'NOT converged'}")
-    if not notes:
-        return []
-    return ["Convergence check (the re-run against the number it checks, paired on the re-run's samples; it fails "
-            "when the score falls by more than the half-width of that number's interval): " + "; ".join(notes) + ".", ""]
+    samples (the two columns differ in their samples, so they cannot be read off the table).
+    Names go through ``literal`` (markdown escaping unless given)."""
+    literal = literal or _md
+    return [f"{literal(row.defense)}: {literal(check.rerun)} − {literal(check.reference)} = "
+            f"{check.comparison.mean_difference:+.3f} on its {check.comparison.n} samples "
+            f"(limit −{check.half_width:.3f}): {'held' if check.converged else 'NOT converged'}"
+            for row in table.rows for check in row.convergence.values()]
 
 
 def _cost_table(table) -> list[str]:
@@ -233,7 +233,8 @@ def render_markdown(board: Board) -> str:
             "bootstrap, or McNemar's exact test for 0/1 scores).",
             "",
         ]
-        lines += _convergence_notes(table)
+        if checks := _convergence_checks(table):
+            lines += [CONVERGENCE_NOTE + "; ".join(checks) + ".", ""]
         if any(row.seen for row in table.rows):
             lines += ["° the defense was trained on this attack (same plugin, defining parameters, norm and ε), or on a "
                       "member of this ensemble: not held out.", ""]

@@ -340,6 +340,9 @@ def test_convergence_is_claimed_only_for_the_threat_models_its_re_run_covered(tm
     markdown = render_markdown(board)
     assert "yes (linf-8 only)" in markdown and "NO (linf-8 only) ⚑" in markdown
     assert "adaptive-2x@linf-8 − adaptive@linf-8 = -1.000 on its 2 samples" in markdown
+    from leaderboard.html import render_html
+
+    assert "adaptive-2x@linf-8 − adaptive@linf-8 = -1.000 on its 2 samples (limit −0.000): NOT converged" in render_html(board)
     (flag,) = [f for f in table.flags if f.code == "not-converged"]
     assert flag.defense == "b" and "adaptive-2x@linf-8 lowers adaptive@linf-8 by 1.000" in flag.message
 
