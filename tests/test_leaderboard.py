@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -63,6 +64,32 @@ def _fill(store: Store, scores: dict, *, task: str = TASK, metric: str = "vqa_ac
                 scored[row["fingerprint"]] = ({metric: value}, value)
     store.commit_chunk([ResultRow.model_validate(r) for r in rows], {})
     store.set_scores(scored)
+
+
+def _adaptive_store(path: Path, scores: dict, threats: dict[str, float] | None = None,
+                    skip: Callable[[str, str], bool] = lambda condition, threat: False) -> Store:
+    """A store of standard-attack rows (``adaptive``) and convergence re-run rows
+    (``adaptive-2x``): defense -> condition -> sample -> score, under each of ``threats``
+    (name -> ε; default linf-8) but the (condition, threat) pairs ``skip`` leaves out."""
+    roles = {"adaptive": "standard", "adaptive-2x": "convergence"}
+    store = Store(path)
+    rows, scored = [], {}
+    for defense, by_condition in scores.items():
+        for condition, by_sample in by_condition.items():
+            for threat, eps in (threats or {"linf-8": EPS}).items():
+                if skip(condition, threat):
+                    continue
+                for sample, value in by_sample.items():
+                    row = _row(defense, condition, sample)
+                    row.update(fingerprint=f"{defense}|{condition}|{threat}|{sample}", threat=threat, eps=eps,
+                               adversarial_key=f"adv|{condition}|{threat}|{sample}")
+                    row["record"] = {"attack": {"name": "apgd", "access": "white-box", "mode": "adaptive",
+                                                "gradient": "exact", "eot": 1, "role": roles[condition]}}
+                    rows.append(row)
+                    scored[row["fingerprint"]] = ({"vqa_accuracy": value}, value)
+    store.commit_chunk([ResultRow.model_validate(r) for r in rows], {})
+    store.set_scores(scored)
+    return store
 
 
 @pytest.fixture
@@ -242,20 +269,7 @@ def test_the_convergence_re_run_lowers_the_ranking_where_it_broke_more_without_n
         "a": {"adaptive": {"s1": 1.0, "s2": 1.0, "s3": 1.0, "s4": 1.0}, "adaptive-2x": {"s1": 0.0, "s2": 0.0, "s9": 0.0}},
         "b": {"adaptive": {"s1": 1.0, "s2": 1.0, "s3": 1.0, "s4": 0.0}, "adaptive-2x": {"s1": 1.0, "s2": 1.0, "s9": 0.0}},
     }
-    roles = {"adaptive": "standard", "adaptive-2x": "convergence"}
-    store = Store(tmp_path / "store.sqlite")
-    rows, scored = [], {}
-    for defense, by_condition in scores.items():
-        for condition, by_sample in by_condition.items():
-            for sample, value in by_sample.items():
-                row = _row(defense, condition, sample)
-                row["record"] = {"attack": {"name": "apgd", "access": "white-box", "mode": "adaptive",
-                                            "gradient": "exact", "eot": 1, "role": roles[condition]}}
-                rows.append(row)
-                scored[row["fingerprint"]] = ({"vqa_accuracy": value}, value)
-    store.commit_chunk([ResultRow.model_validate(r) for r in rows], {})
-    store.set_scores(scored)
-    board = build_board(store)
+    board = build_board(_adaptive_store(tmp_path / "store.sqlite", scores))
     (table,) = board.tables
     by_defense = {row.defense: row for row in table.rows}
     a, b = by_defense["a"], by_defense["b"]
@@ -310,25 +324,8 @@ def test_convergence_is_claimed_only_for_the_threat_models_its_re_run_covered(tm
         "a": {"adaptive": {"s1": 1.0, "s2": 1.0, "s3": 1.0, "s4": 1.0}, "adaptive-2x": {"s1": 1.0, "s2": 1.0}},
         "b": {"adaptive": {"s1": 1.0, "s2": 1.0, "s3": 1.0, "s4": 1.0}, "adaptive-2x": {"s1": 0.0, "s2": 0.0}},
     }
-    roles = {"adaptive": "standard", "adaptive-2x": "convergence"}
-    store = Store(tmp_path / "store.sqlite")
-    rows, scored = [], {}
-    for defense, by_condition in scores.items():
-        for condition, by_sample in by_condition.items():
-            for threat, eps in (("linf-4", 4 / 255), ("linf-8", 8 / 255)):
-                if condition == "adaptive-2x" and threat == "linf-4":
-                    continue
-                for sample, value in by_sample.items():
-                    row = _row(defense, condition, sample)
-                    row.update(fingerprint=f"{defense}|{condition}|{threat}|{sample}", threat=threat, eps=eps,
-                               adversarial_key=f"adv|{condition}|{threat}|{sample}")
-                    row["record"] = {"attack": {"name": "apgd", "access": "white-box", "mode": "adaptive",
-                                                "gradient": "exact", "eot": 1, "role": roles[condition]}}
-                    rows.append(row)
-                    scored[row["fingerprint"]] = ({"vqa_accuracy": value}, value)
-    store.commit_chunk([ResultRow.model_validate(r) for r in rows], {})
-    store.set_scores(scored)
-    board = build_board(store)
+    board = build_board(_adaptive_store(tmp_path / "store.sqlite", scores, {"linf-4": 4 / 255, "linf-8": 8 / 255},
+                                        skip=lambda condition, threat: condition == "adaptive-2x" and threat == "linf-4"))
     (table,) = board.tables
     by_defense = {row.defense: row for row in table.rows}
     assert set(by_defense["a"].convergence) == {"linf-8"}
