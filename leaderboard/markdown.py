@@ -91,12 +91,21 @@ def _describe(c: Condition, literal: Callable[[object], str] | None = None) -> s
     return text
 
 
+def _ranked_threats(table: Table) -> set[str]:
+    """The bounded threat models of a table's ranked columns."""
+    return {d.threat for c, d in table.details.items() if c != "clean" and d.ranked and d.bounded}
+
+
+def _threats_without_adaptive(table: Table) -> list[str]:
+    """The ranked threat models no standard adaptive attack covered."""
+    return sorted(_ranked_threats(table) - {d.threat for d in table.details.values() if d.role == "standard"})
+
+
 def _converged(row: BoardRow, table: Table) -> str:
     """The 'converged' cell: yes / NO / – (not checked), naming the threat models the re-run
     covered when it did not cover all the table ranks on (a threat it skipped was never checked)."""
     text = {True: "yes", False: "NO", None: "–"}[row.converged]
-    ranked = {d.threat for c, d in table.details.items() if c != "clean" and d.ranked and d.bounded}
-    if row.convergence and set(row.convergence) != ranked:
+    if row.convergence and set(row.convergence) != _ranked_threats(table):
         text += f" ({', '.join(sorted(row.convergence))} only)"
     return text
 
@@ -221,6 +230,10 @@ def render_markdown(board: Board) -> str:
                 "undefended victim, never the headline. 'worst case' adds the attacks only some rows faced.",
                 "",
             ]
+            if unattacked := _threats_without_adaptive(table):
+                lines += [f"**No adaptive evaluation at {', '.join(map(_md, unattacked))}**: the standard adaptive attack "
+                          "did not run under that threat model (the suite's `adaptive.threats`), so its columns are "
+                          "oblivious only and are no robustness claim there.", ""]
         else:
             lines += [
                 f"**No adaptive evaluation** on this table ({_md(table.no_adaptive_reason)}): '{headline}' is the worst case "

@@ -68,8 +68,8 @@ def _fill(store: Store, scores: dict, *, task: str = TASK, metric: str = "vqa_ac
 
 def _adaptive_store(path: Path, scores: dict, threats: dict[str, float] | None = None,
                     skip: Callable[[str, str], bool] = lambda condition, threat: False) -> Store:
-    """A store of standard-attack rows (``adaptive``) and convergence re-run rows
-    (``adaptive-2x``): defense -> condition -> sample -> score, under each of ``threats``
+    """A store of standard-attack rows (``adaptive``), convergence re-run rows (``adaptive-2x``)
+    and oblivious ones (any other condition): defense -> condition -> sample -> score, under each of ``threats``
     (name -> ε; default linf-8) but the (condition, threat) pairs ``skip`` leaves out."""
     roles = {"adaptive": "standard", "adaptive-2x": "convergence"}
     store = Store(path)
@@ -83,8 +83,9 @@ def _adaptive_store(path: Path, scores: dict, threats: dict[str, float] | None =
                     row = _row(defense, condition, sample)
                     row.update(fingerprint=f"{defense}|{condition}|{threat}|{sample}", threat=threat, eps=eps,
                                adversarial_key=f"adv|{condition}|{threat}|{sample}")
-                    row["record"] = {"attack": {"name": "apgd", "access": "white-box", "mode": "adaptive",
-                                                "gradient": "exact", "eot": 1, "role": roles[condition]}}
+                    row["record"] = {"attack": {"name": "apgd", "access": "white-box", "role": roles.get(condition, "suite"),
+                                                **({"mode": "adaptive", "gradient": "exact", "eot": 1}
+                                                   if condition in roles else {"mode": "oblivious"})}}
                     rows.append(row)
                     scored[row["fingerprint"]] = ({"vqa_accuracy": value}, value)
     store.commit_chunk([ResultRow.model_validate(r) for r in rows], {})
@@ -381,3 +382,11 @@ def test_an_attack_weaker_than_declared_is_flagged_once_per_defense_it_went_thro
     assert "could not raise dlr" in render_markdown(board)
     entry = next(e for e in board_entries(board) if e["defense"] == "jpeg")
     assert {f["code"] for f in entry["flags"]} == {"objective-unavailable"}
+
+
+def test_a_threat_model_the_standard_attack_skipped_is_said_to_have_no_adaptive_evaluation(tmp_path: Path) -> None:
+    scores = {d: {"adaptive": {"s1": 1.0, "s2": 0.0}, "pgd": {"s1": 1.0, "s2": 1.0}} for d in ("a", "b")}
+    store = _adaptive_store(tmp_path / "store.sqlite", scores, {"linf-4": 4 / 255, "linf-8": 8 / 255},
+                            skip=lambda condition, threat: condition == "adaptive" and threat == "linf-4")
+    markdown = render_markdown(build_board(store))
+    assert "**No adaptive evaluation at linf-4**" in markdown and "linf-8**" not in markdown
