@@ -116,7 +116,7 @@ def digest_json(value: Any) -> str:
 
 
 class StoreError(Exception):
-    """The file is not a result store this harness can read (not SQLite, or another schema)."""
+    """A result store this harness cannot use: not SQLite, another schema, or busy (below)."""
 
 
 class StoreBusy(StoreError):
@@ -141,13 +141,12 @@ class Store:
                         f"{self.path} was written with store schema {found[0]}, this harness reads {SCHEMA_VERSION}; "
                         "use a new --out folder or the harness version that wrote it"
                     )
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, StoreError) as exc:
             self._db.close()
+            if isinstance(exc, StoreError):
+                raise
             raise StoreError(f"{self.path} is not a result store ({exc}): pass the store.sqlite of a results folder "
                              "written by `codefend run`, or a new --out folder") from None
-        except StoreError:
-            self._db.close()
-            raise
 
     def close(self) -> None:
         self._db.close()

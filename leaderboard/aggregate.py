@@ -330,8 +330,17 @@ def sanity_flags(table: Table, rows: list[ResultRow]) -> list[Flag]:
         return comparison if comparison and comparison.mean_difference < 0 and comparison.significant else None
 
     outputs: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
+    # (condition, defense, or None for a shared oblivious attack) -> objectives its attack could not raise
+    unavailable: dict[tuple[str, str | None], set[str]] = defaultdict(set)
     for r in rows:
-        outputs[(r.defense, condition_of(r))][r.sample_id] = r.output
+        condition = condition_of(r)
+        outputs[(r.defense, condition)][r.sample_id] = r.output
+        # the N-draw rows judge the standard attack's own examples: its flag covers them
+        if (r.record.attack_cost is not None and r.record.attack_cost.objectives_unavailable
+                and condition in details and details[condition].role != "n-draw"):
+            # an oblivious example is the undefended victim's, shared by every defense: one flag
+            defense = r.defense if details[condition].mode == "adaptive" else None
+            unavailable[(condition, defense)].update(r.record.attack_cost.objectives_unavailable)
     for defense, row in by_defense.items():
         clean = row.scores.get(CLEAN)
         # 1. an attack at eps = 0 must reproduce the clean score
@@ -392,15 +401,6 @@ def sanity_flags(table: Table, rows: list[ResultRow]) -> list[Flag]:
                                   "its interval's half-width: the adaptive number overstates robustness; raise "
                                   "adaptive.params.steps / adaptive.params.restarts / adaptive.eot", row.defense, check.reference))
     # 7. an attack must have raised the objectives it was declared with
-    unavailable: dict[tuple[str, str | None], set[str]] = defaultdict(set)
-    for r in rows:
-        condition = condition_of(r)
-        # the N-draw rows judge the standard attack's own examples: its flag covers them
-        if (r.record.attack_cost is not None and r.record.attack_cost.objectives_unavailable
-                and condition in details and details[condition].role != "n-draw"):
-            # an oblivious example is the undefended victim's, shared by every defense: one flag
-            defense = r.defense if details[condition].mode == "adaptive" else None
-            unavailable[(condition, defense)].update(r.record.attack_cost.objectives_unavailable)
     for (condition, defense), missing in sorted(unavailable.items(), key=lambda item: (item[0][0], item[0][1] or "")):
         flags.append(Flag("objective-unavailable", f"{condition}: the attack could not raise {', '.join(sorted(missing))} "
                           "(the victim does not expose its logits: TargetLogitsVictim) and raised cross-entropy "
