@@ -6,10 +6,13 @@ with more than one thread is not reproducible run to run by default: the offline
 trained twice for 40 steps with 2 threads, came out with different weights each time (with 1
 thread, the same). :func:`deterministic` turns on PyTorch's deterministic algorithms for the
 duration of a training (measured cost on 2 CPU cores: none, 58.5 s vs 57.3 s for 300 victim
-steps), so the same seed, thread count and machine give bit-identical weights.
+steps) and runs it on one CPU thread, so the same seed and machine give bit-identical weights
+whoever trains: a run with two workers (one thread each) and a benchmark in one process (two
+threads) once trained the same purifier key to weights 5e-4 apart, which flipped a question of
+the board's 10-draw number (docs/results/codefend-cpu.md).
 
-Different thread counts or machines may still round differently (the blocking of a matrix
-product follows them): a checkpoint's training record says which it was trained with.
+Machines may still round differently (the blocking of a matrix product follows the CPU's
+instruction set): a checkpoint's training record says what it was trained with.
 
 This module is part of the kernel: it imports no plugin package.
 """
@@ -28,7 +31,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 @contextlib.contextmanager
 def deterministic() -> Iterator[None]:
-    """PyTorch's deterministic algorithms inside the block (the previous setting after it).
+    """PyTorch's deterministic algorithms, on one CPU thread, inside the block (the previous
+    settings after it).
 
     ``warn_only``: an op with no deterministic implementation (some CUDA backward kernels) warns
     instead of failing the training.
@@ -36,10 +40,14 @@ def deterministic() -> Iterator[None]:
     # cuBLAS reads this when its first handle is made: set it before any CUDA work
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     was_on, was_warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    threads = torch.get_num_threads()
     torch.use_deterministic_algorithms(True, warn_only=True)
+    # a CPU matrix product's blocking, hence its rounding, follows the thread count
+    torch.set_num_threads(1)
     try:
         yield
     finally:
+        torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(was_on, warn_only=was_warn_only)
 
 
