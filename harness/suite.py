@@ -75,7 +75,8 @@ class VictimSpec(_Strict):
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
     """What each of its work-graph nodes needs (load, attacks, rows)."""
     train_resources: ResourceSpec | None = None
-    """What its training needs, if not ``resources`` (e.g. more threads while nothing else can run)."""
+    """What its training needs, if not ``resources`` (GPUs, memory: a training runs on one CPU
+    thread whatever ``threads`` says, :func:`harness.reproducible.deterministic`)."""
 
 
 class TaskSpec(_Strict):
