@@ -35,7 +35,10 @@ through one defense, on the first ``--n`` test samples of the offline world (VQA
   them and the attack's own result fails the most draws;
 - ``grafted``: DiffHammer's gradient grafting (the suite option ``adaptive: {grafting: true}``):
   the EOT draws' gradients at the purified images, averaged, go back through one draw's
-  purification (one backward pass through the purifier per step instead of one per draw).
+  purification (one backward pass through the purifier per step instead of one per draw);
+- ``prompt-detached`` (a defense with a per-sample prompt: ``codefend``): the prefix generator's
+  prompt follows the purified image forward, but the gradient reaches the pixels through the
+  image path only (does the generator's gradient mask the image's?).
 
 ``union`` is the per-question worst over all of them (the board's robust column works the same
 way over its conditions). Flags change the budget (``--steps``, ``--eot``), attack through a
@@ -58,11 +61,11 @@ from typing import Sequence
 import torch
 
 from harness.adaptive import DefendedTarget, GradientRoute, gradient_route, soft_prompt_kwargs
-from harness.contracts import AttackBatch, TaskKind, ThreatModel
+from harness.contracts import AttackBatch, ConditionalPromptDefense, TaskKind, ThreatModel
 from harness.plugins import get_plugins
 
 VARIANTS = ("standard", "softmax-draws", "targeted", "restart", "all-references", "softmin-references", "bpda", "step2",
-            "grafted", "lowfreq", "one-draw-judged", "iterate-judged")
+            "grafted", "lowfreq", "one-draw-judged", "iterate-judged", "prompt-detached")
 
 
 class SoftmaxOverDraws(DefendedTarget):
@@ -174,6 +177,29 @@ class RecordingIterates:
             better = scores < best
             chosen[better], best = candidate[better], torch.where(better, scores, best)
         return chosen
+
+
+class PromptDetached(DefendedTarget):
+    """The per-sample prompt follows the purified image forward, but no gradient flows through it:
+    does the prefix generator's gradient mask the image path's (Athalye et al.: attack the parts
+    separately when the whole is hard to optimise)?"""
+
+    def objective_loss(self, objective: str, pixels: torch.Tensor, prompts: Sequence[str], targets: Sequence[str],
+                       kind: TaskKind) -> torch.Tensor:
+        defense = self.defense
+        if not isinstance(defense, ConditionalPromptDefense):
+            raise SystemExit("the prompt-detached variant needs a defense with a per-sample prompt (codefend)")
+        make = type(defense).soft_prompts
+
+        def detached(pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor | None:
+            soft = make(defense, pixels, prompts)
+            return None if soft is None else soft.detach()
+
+        defense.soft_prompts = detached  # type: ignore[method-assign]
+        try:
+            return super().objective_loss(objective, pixels, prompts, targets, kind)
+        finally:
+            del defense.soft_prompts
 
 
 class IdentityBackward(DefendedTarget):
@@ -289,6 +315,8 @@ def main() -> None:
             target = defended(through=dataclasses.replace(route, grafted=route.eot > 1))
         elif variant == "iterate-judged":
             target = RecordingIterates(defended(), len(samples))
+        elif variant == "prompt-detached":
+            target = defended(PromptDetached)
         attack = plugins.attacks.create("apgd", params)
         judging_draws = (1 if variant == "one-draw-judged" or not defense.stochastic
                          else args.judging_draws or args.draws)
