@@ -55,7 +55,11 @@ def paired_comparison(a: dict[str, float], b: dict[str, float]) -> PairedCompari
         return PairedComparison(len(common), 0.0, interval, 1.0, "paired-bootstrap")
     rng = np.random.default_rng(SEED)
     means = diff[rng.integers(0, diff.size, size=(RESAMPLES, diff.size))].mean(axis=1)
-    p = float(min(1.0, 2 * min((means <= 0).mean(), (means >= 0).mean())))
+    # (k + 1) / (R + 1) (Davison & Hinkley 1997, eq. 4.11): R resamples cannot tell a p below
+    # 2 / (R + 1); a raw k / R of 0 printed "p<1e-4" for a difference whose 95% interval came
+    # within 0.02 of zero
+    tail = min(int((means <= 0).sum()), int((means >= 0).sum()))
+    p = float(min(1.0, 2 * (tail + 1) / (RESAMPLES + 1)))
     # the interval from the same resamples as p: two independent draws could disagree at the
     # boundary (an interval excluding 0 beside p = 0.051)
     low, high = np.quantile(means, [(1 - CONFIDENCE) / 2, 1 - (1 - CONFIDENCE) / 2])

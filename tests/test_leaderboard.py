@@ -137,7 +137,7 @@ def test_markdown_shows_worst_case_and_sorts_by_it(store: Store) -> None:
     assert _table_lines(markdown) == [
         "| defense | clean | A@linf-8 | B@linf-8 | robust (oblivious only) | worst case | vs next row |",
         "|---|---:|---:|---:|---:|---:|---:|",
-        "| none | 1.000 ±0.000 | 0.300 ±0.000 | 0.300 ±0.000 | **0.300 ±0.000** | 0.300 ±0.000 | +0.300 (p<1e-4, n=2: too few to tell) |",
+        "| none | 1.000 ±0.000 | 0.300 ±0.000 | 0.300 ±0.000 | **0.300 ±0.000** | 0.300 ±0.000 | +0.300 (p=0.001, n=2: too few to tell) |",
         "| jpeg | 1.000 ±0.000 | 0.500 ±0.500 | 0.500 ±0.500 | **0.000 ±0.000** | 0.000 ±0.000 | – |",
     ]
 
@@ -241,6 +241,17 @@ def test_adaptive_columns_name_the_gradient_route_per_defense(tmp_path: Path) ->
     store.set_scores(scored)
     text = render_markdown(build_board(store))
     assert "adaptive (jpeg: bpda-identity; none: exact)" in text
+
+
+def test_a_bootstrap_p_value_never_claims_more_than_its_resamples_can_tell() -> None:
+    """However large the difference, 2,000 resamples cannot give a p below 2/2001: a p of 0 once
+    printed "p<1e-4" beside a difference whose interval reached within 0.02 of zero."""
+    from leaderboard.stats import RESAMPLES, paired_comparison
+
+    far_apart = paired_comparison({str(i): 1.0 + 0.01 * i for i in range(30)}, {str(i): 0.0 for i in range(30)})
+    assert far_apart.test == "paired-bootstrap" and far_apart.interval.low > 0.9
+    assert far_apart.p_value == pytest.approx(2 / (RESAMPLES + 1))
+    assert far_apart.significant
 
 
 def test_a_paired_comparison_s_interval_p_value_and_verdict_agree() -> None:
