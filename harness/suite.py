@@ -209,7 +209,9 @@ class DefenseSpec(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
     train_resources: ResourceSpec | None = None
-    """What its trainings (against the victim, or of a backbone) need, if not ``resources``."""
+    """What its trainings (against the victim, or of a backbone) need, if not ``resources``
+    (GPUs, memory: a training runs on one CPU thread whatever ``threads`` says,
+    :func:`harness.reproducible.deterministic`)."""
 
     @property
     def label(self) -> str:
